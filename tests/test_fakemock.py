@@ -1,0 +1,261 @@
+"""Tests for the mock stand-in tests/fakemock/mock (run as real subprocesses)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+FAKEMOCK = Path(__file__).parent / "fakemock" / "mock"
+CFG = "fedora-40-x86_64"
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "FAKEMOCK_ROOT_DIR": str(tmp_path / "lib"),
+        "FAKEMOCK_LOG": str(tmp_path / "fakemock.jsonl"),
+        "FAKEMOCK_SLEEP": "0",
+    }
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def srpm(tmp_path: Path) -> Path:
+    path = tmp_path / "hello-2.0-3.fc40.src.rpm"
+    path.write_bytes(b"not really an rpm")
+    return path
+
+
+def run(args: list[str], env: dict[str, str], **extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(FAKEMOCK), *args], env={**env, **extra}, capture_output=True, text=True, timeout=30
+    )
+
+
+def start(
+    args: list[str], env: dict[str, str], procs: list[subprocess.Popen[str]], **extra: str
+) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [str(FAKEMOCK), *args],
+        env={**env, **extra},
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    procs.append(proc)
+    return proc
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met before the deadline")
+        time.sleep(0.01)
+
+
+def lock_is_free(lockfile: Path) -> bool:
+    fd = os.open(lockfile, os.O_RDWR)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def log_records(env: dict[str, str]) -> list[dict]:
+    return [json.loads(line) for line in Path(env["FAKEMOCK_LOG"]).read_text().splitlines()]
+
+
+def test_unknown_option_is_rejected(env: dict[str, str], srpm: Path) -> None:
+    res = run(["-r", CFG, "--bogus", "--rebuild", str(srpm)], env)
+    assert res.returncode == 5
+    assert "ERROR:" in res.stderr and "--bogus" in res.stderr
+
+
+def test_bad_scrub_value_is_an_argparse_error(env: dict[str, str]) -> None:
+    res = run(["-r", CFG, "--scrub=everything"], env)
+    assert res.returncode == 2
+    assert "invalid choice" in res.stderr
+
+
+def test_missing_root_option_is_a_config_error(env: dict[str, str], srpm: Path) -> None:
+    res = run(["--rebuild", str(srpm)], env)
+    assert res.returncode == 3
+    assert "Non-existing Mock config 'default'" in res.stderr
+
+
+def test_buildsrpm_writes_srpm_and_logs(env: dict[str, str], tmp_path: Path) -> None:
+    spec = tmp_path / "whatever.spec"
+    spec.write_text("Summary: x\nName:    hello\nVersion: 2.0\n")
+    (tmp_path / "src").mkdir()
+    out = tmp_path / "out"
+    res = run(
+        [
+            "-r",
+            CFG,
+            "--uniqueext",
+            "s1",
+            "--resultdir",
+            str(out),
+            "--buildsrpm",
+            "--spec",
+            str(spec),
+            "--sources",
+            str(tmp_path / "src"),
+        ],
+        env,
+    )
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "build.log",
+        "hello-1.0-1.src.rpm",
+        "root.log",
+        "state.log",
+    ]
+    lib = tmp_path / "lib"
+    assert not (lib / f"{CFG}-s1").exists()  # cleanup_on_success with a separate --resultdir
+    assert (lib / f"{CFG}-bootstrap-s1" / "buildroot.lock").exists()
+    assert (lib / "cache" / CFG).is_dir()
+    assert "INFO: Done(" in res.stderr
+
+
+def test_rebuild_writes_rpm(env: dict[str, str], srpm: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    res = run(
+        ["-r", CFG, "--uniqueext=r1", "--resultdir=" + str(out), "-N", "--rebuild", str(srpm)], env
+    )
+    assert res.returncode == 0, res.stderr
+    assert (out / "hello-1.0-1.x86_64.rpm").is_file()
+    assert (out / "hello-1.0-1.src.rpm").is_file()
+    assert (tmp_path / "lib" / f"{CFG}-r1" / "root").is_dir()  # -N keeps the root
+    [rec] = log_records(env)
+    assert rec["argv"][-1] == str(srpm) and rec["exit"] == 0 and rec["root"] == f"{CFG}-r1"
+
+
+@pytest.mark.parametrize(
+    ("name", "extra", "code"),
+    [
+        ("hello-1-1.src.rpm", {"FAKEMOCK_FAIL": "1"}, 30),
+        ("willfail-1-1.src.rpm", {}, 30),
+        ("hello-1-1.src.rpm", {"FAKEMOCK_EXIT": "1"}, 1),
+    ],
+)
+def test_injected_failures(
+    env: dict[str, str], tmp_path: Path, name: str, extra: dict[str, str], code: int
+) -> None:
+    (tmp_path / name).write_bytes(b"x")
+    out = tmp_path / "out"
+    res = run(["-r", CFG, "--resultdir", str(out), str(tmp_path / name)], env, **extra)
+    assert res.returncode == code
+    assert "ERROR:" in res.stderr
+    assert (out / "build.log").exists() and not list(out.glob("*.rpm"))
+
+
+def test_lock_collision_exits_60(
+    env: dict[str, str], srpm: Path, tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    args = ["-r", CFG, "--uniqueext", "u1", "--rebuild", str(srpm)]
+    first = start([*args, "--resultdir", str(tmp_path / "a")], env, procs, FAKEMOCK_SLEEP="30")
+    wait_for((tmp_path / "lib" / f"{CFG}-u1" / "root" / ".initialized").exists)
+    res = run([*args, "--resultdir", str(tmp_path / "b")], env)
+    assert res.returncode == 60
+    assert "ERROR: Build root is locked by another process." in res.stderr
+    assert first.poll() is None
+
+
+def test_sigterm_exits_143_and_releases_lock(
+    env: dict[str, str], srpm: Path, tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    root = tmp_path / "lib" / f"{CFG}-t1"
+    proc = start(
+        [
+            "-r",
+            CFG,
+            "--uniqueext",
+            "t1",
+            "--resultdir",
+            str(tmp_path / "out"),
+            "--rebuild",
+            str(srpm),
+        ],
+        env,
+        procs,
+        FAKEMOCK_SLEEP="30",
+    )
+    wait_for((root / "root" / ".initialized").exists)
+    assert not lock_is_free(root / "buildroot.lock")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=5) == 143
+    assert "Received signal SIGTERM" in proc.stderr.read()
+    assert lock_is_free(root / "buildroot.lock")
+    assert root.is_dir()  # signals skip cleanup_on_failure, as in mock
+    [rec] = log_records(env)
+    assert rec["signal"] == "SIGTERM" and rec["exit"] == 143
+
+
+def test_sigint_exits_7(
+    env: dict[str, str], srpm: Path, tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    proc = start(
+        ["-r", CFG, "--uniqueext", "i1", "--rebuild", str(srpm)], env, procs, FAKEMOCK_SLEEP="30"
+    )
+    wait_for((tmp_path / "lib" / f"{CFG}-i1" / "root" / ".initialized").exists)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=5) == 7
+    assert "Exiting on user interrupt" in proc.stderr.read()
+
+
+def init_roots(env: dict[str, str], *exts: str) -> Path:
+    for ext in exts:
+        assert run(["-r", CFG, "--uniqueext", ext, "--init"], env).returncode == 0
+    return Path(env["FAKEMOCK_ROOT_DIR"])
+
+
+def test_scrub_chroot_removes_only_that_root(env: dict[str, str]) -> None:
+    lib = init_roots(env, "a", "b")
+    res = run(["-r", CFG, "--uniqueext", "a", "--scrub=chroot"], env)
+    assert res.returncode == 0, res.stderr
+    assert not (lib / f"{CFG}-a").exists()
+    for kept in (f"{CFG}-bootstrap-a", f"{CFG}-b", f"{CFG}-bootstrap-b", f"cache/{CFG}"):
+        assert (lib / kept).is_dir(), kept
+
+
+def test_scrub_all_also_removes_shared_cache(env: dict[str, str]) -> None:
+    lib = init_roots(env, "a", "b")
+    res = run(["-r", CFG, "--uniqueext", "a", "--scrub", "all"], env)
+    assert res.returncode == 0, res.stderr
+    for gone in (f"{CFG}-a", f"{CFG}-bootstrap-a", f"cache/{CFG}", f"cache/{CFG}-bootstrap"):
+        assert not (lib / gone).exists(), gone
+    assert (lib / f"{CFG}-b").is_dir() and (lib / f"{CFG}-bootstrap-b").is_dir()
+
+
+def test_scrub_of_busy_root_exits_60(
+    env: dict[str, str], procs: list[subprocess.Popen[str]]
+) -> None:
+    lib = Path(env["FAKEMOCK_ROOT_DIR"])
+    start(["-r", CFG, "--uniqueext", "c", "--init"], env, procs, FAKEMOCK_SLEEP="30")
+    wait_for((lib / f"{CFG}-c" / "root" / ".initialized").exists)
+    res = run(["-r", CFG, "--uniqueext", "c", "--scrub=chroot"], env)
+    assert res.returncode == 60
+    assert (lib / f"{CFG}-c").is_dir()

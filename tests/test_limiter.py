@@ -1,0 +1,412 @@
+"""The build-slot limiter against a real redis-server, one test (or more) per promise."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+
+from reqpmd.concurrency import (
+    BuildConcurrencyLimiter,
+    RedisUnavailable,
+    SlotLost,
+    SlotNameInUse,
+    SlotTimeout,
+)
+from reqpmd.errors import InvalidArgument, WaitCancelled
+from reqpmd.redis_server import RedisServer
+from tests.conftest import fresh_start
+from tests.workers import Worker, wait_until
+
+MakeWorker = Callable[..., Worker]
+
+
+@pytest.fixture
+def workers(redis_server: RedisServer) -> Iterator[MakeWorker]:
+    started: list[Worker] = []
+
+    def make(**kwargs: object) -> Worker:
+        w = Worker(redis_server.socket_path, **kwargs)  # type: ignore[arg-type]
+        started.append(w)
+        return w
+
+    yield make
+    for w in started:
+        w.close()
+
+
+MakeLimiter = Callable[..., BuildConcurrencyLimiter]
+
+
+@pytest.fixture
+def make_limiter() -> Iterator[MakeLimiter]:
+    """Limiters that release what they hold (and stop their heartbeats) after the test."""
+    made: list[BuildConcurrencyLimiter] = []
+
+    def make(client: redis.Redis, **kwargs: object) -> BuildConcurrencyLimiter:
+        kwargs.setdefault("max_concurrent", 1)
+        lim = BuildConcurrencyLimiter(client, **kwargs)  # type: ignore[arg-type]
+        made.append(lim)
+        return lim
+
+    yield make
+    for lim in made:
+        lim.close()
+
+
+# -- basics ------------------------------------------------------------------------
+
+
+def test_acquire_release_and_reads(rclient: redis.Redis, make_limiter: MakeLimiter) -> None:
+    lim = make_limiter(rclient, max_concurrent=2, host="h1")
+    with lim.acquire("build_19", timeout=5) as slot:
+        assert lim.get_active_builds() == ["build_19"]
+        assert lim.get_active_count() == 1
+        [info] = lim.get_slots()
+        assert (info.name, info.host, info.token) == ("build_19", "h1", slot.token)
+        assert info.lease_expires_at - info.acquired_at == pytest.approx(60, abs=1)
+    assert lim.get_active_builds() == []
+
+
+def test_try_acquire_respects_the_limit(rclient: redis.Redis, make_limiter: MakeLimiter) -> None:
+    lim = make_limiter(rclient, max_concurrent=2)
+    assert lim.try_acquire("a") is not None
+    assert lim.try_acquire("b") is not None
+    assert lim.try_acquire("c") is None
+    assert lim.get_waiting() == []  # a failed try leaves no trace in the queue
+    assert lim.release("a") is True
+    assert lim.try_acquire("c") is not None
+
+
+def test_name_held_by_another_owner_is_refused(
+    rclient: redis.Redis, make_limiter: MakeLimiter
+) -> None:
+    lim = make_limiter(rclient, max_concurrent=3)
+    other = make_limiter(rclient, max_concurrent=3)
+    assert lim.try_acquire("build_1")
+    with pytest.raises(SlotNameInUse):
+        other.try_acquire("build_1")
+
+
+def test_bad_arguments_are_refused_and_change_nothing(
+    rclient: redis.Redis, make_limiter: MakeLimiter
+) -> None:
+    lim = make_limiter(rclient)
+    for bad in ("", "has space", "x" * 201):
+        with pytest.raises(InvalidArgument):
+            lim.try_acquire(bad)
+    with pytest.raises(InvalidArgument, match="priority"):
+        lim.try_acquire("ok", priority=10_000)
+    with pytest.raises(InvalidArgument, match="max_concurrent"):
+        make_limiter(rclient, max_concurrent=0).try_acquire("ok")
+    assert rclient.keys("*") == [] or lim.get_active_count() == 0
+
+
+def test_slot_timeout_message_names_wait_busy_count_and_setting(
+    rclient: redis.Redis, make_limiter: MakeLimiter
+) -> None:
+    lim = make_limiter(rclient, max_concurrent=1)
+    assert lim.try_acquire("holder")
+    with pytest.raises(SlotTimeout) as err:
+        lim.wait_for_slot("late", timeout=0.3)
+    assert isinstance(err.value, TimeoutError)
+    msg = str(err.value)
+    assert msg.startswith("Could not acquire build slot after 0.3")
+    assert "1/1 slots busy (max_concurrent_builds=1)" in msg
+    assert "reqpmctl slots release" in msg
+    assert lim.get_waiting() == []  # the timed-out waiter left the queue
+
+
+def test_timeout_none_waits_until_released(rclient: redis.Redis, make_limiter: MakeLimiter) -> None:
+    lim = make_limiter(rclient)
+    assert lim.try_acquire("holder")
+    got: list[int] = []
+    t = threading.Thread(target=lambda: got.append(lim.wait_for_slot("w", timeout=None).token))
+    t.start()
+    wait_until(lambda: [w.name for w in lim.get_waiting()] == ["w"])
+    lim.release("holder")
+    t.join(10)
+    assert got and got[0] > 0
+
+
+def test_cancel_event_withdraws_a_waiter(rclient: redis.Redis, make_limiter: MakeLimiter) -> None:
+    lim = make_limiter(rclient)
+    assert lim.try_acquire("holder")
+    cancel = threading.Event()
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            lim.wait_for_slot("w", timeout=None, cancel=cancel)
+        except WaitCancelled as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=wait)
+    t.start()
+    wait_until(lambda: lim.get_waiting())
+    cancel.set()
+    t.join(5)
+    assert errors and lim.get_waiting() == []
+
+
+# -- 1. safety -----------------------------------------------------------------------
+
+
+def test_never_more_holders_than_the_limit_across_processes(
+    workers: MakeWorker, rclient: redis.Redis
+) -> None:
+    """Six processes on three 'hosts' churn through slots; an independent counter,
+    incremented while holding, must never pass the limit."""
+    procs = [workers(max_concurrent=3, host=f"host{i % 3}") for i in range(6)]
+    for w in procs:
+        w.send("churn 15 0.005 observed")
+    results = [w.expect(lambda m: m["cmd"] == "churn", timeout=120) for w in procs]
+    max_seen = max(r["max_seen"] for r in results)
+    assert max_seen <= 3
+    assert max_seen == 3  # contention was real: the limit was reached
+    assert BuildConcurrencyLimiter(rclient).get_active_count() == 0
+
+
+# -- 2. leases ----------------------------------------------------------------------
+
+
+def test_killed_holder_frees_its_slot_within_its_lease(workers: MakeWorker) -> None:
+    holder = workers(lease=2)
+    holder.send("acquire a")
+    holder.granted("a")
+    waiter = workers(lease=2)
+    waiter.send("acquire b")
+    time.sleep(0.2)  # let the waiter queue; it must not be granted while a is alive
+    assert waiter.poll(lambda m: m["cmd"] == "acquire") is None
+    killed_at = time.monotonic()
+    holder.kill9()
+    granted = waiter.granted("b", timeout=10)
+    assert granted["t"] - killed_at <= 2 + 1
+
+
+def test_heartbeat_keeps_a_slot_past_its_lease(
+    rclient: redis.Redis, make_limiter: MakeLimiter
+) -> None:
+    lim = make_limiter(rclient, lease_ttl=1)
+    slot = lim.wait_for_slot("long", timeout=5)
+    other = make_limiter(rclient, lease_ttl=1)
+    with pytest.raises(SlotTimeout):
+        other.wait_for_slot("late", timeout=2.5)  # 2.5 leases: renewals kept 'long'
+    assert not slot.lost.is_set()
+    assert lim.get_active_builds() == ["long"]
+    lim.release("long")
+
+
+def test_holder_that_misses_renewals_learns_it_lost_the_slot(
+    rclient: redis.Redis, make_limiter: MakeLimiter
+) -> None:
+    lim = make_limiter(rclient, lease_ttl=1, auto_renew=False)
+    slot = lim.wait_for_slot("sleepy", timeout=5)
+    other = make_limiter(rclient, lease_ttl=1)
+    other.wait_for_slot("next", timeout=5)  # granted only once sleepy's lease ran out
+    with pytest.raises(SlotLost):
+        lim.renew("sleepy")
+    assert slot.lost.is_set()
+
+
+def test_force_released_holder_is_told_at_next_renewal(
+    rclient: redis.Redis, make_limiter: MakeLimiter
+) -> None:
+    lim = make_limiter(rclient, auto_renew=False)
+    lim.wait_for_slot("stuck", timeout=5)
+    assert make_limiter(rclient).force_release("stuck") is True
+    assert make_limiter(rclient).force_release("stuck") is False
+    with pytest.raises(SlotLost):
+        lim.renew("stuck")
+
+
+def test_on_lost_callback_runs_from_the_heartbeat(
+    rclient: redis.Redis, make_limiter: MakeLimiter
+) -> None:
+    lim = make_limiter(rclient, lease_ttl=1)
+    lost = threading.Event()
+    lim.wait_for_slot("victim", timeout=5, on_lost=lambda slot: lost.set())
+    make_limiter(rclient).force_release("victim")
+    assert lost.wait(5)
+
+
+# -- 3. fairness ----------------------------------------------------------------------
+
+
+def test_first_come_first_served_with_priority_across_processes(
+    workers: MakeWorker, rclient: redis.Redis, make_limiter: MakeLimiter
+) -> None:
+    observer = make_limiter(rclient)
+    holder = workers()
+    holder.send("acquire h")
+    holder.granted("h")
+    procs = {}
+    for n in ["a", "b", "c", "d"]:
+        procs[n] = workers(host=f"host-{n}")
+        procs[n].send(f"acquire {n} {5 if n == 'd' else 0}")
+        # arrival order is settled before the next one queues
+        wait_until(lambda n=n: n in [w.name for w in observer.get_waiting()])
+    assert [w.name for w in observer.get_waiting()] == ["d", "a", "b", "c"]
+    holder.send("release h")
+    served: list[str] = []
+    for expected in ["d", "a", "b", "c"]:  # priority first, then arrival
+        procs[expected].granted(expected)
+        served.append(expected)
+        for other, proc in procs.items():
+            if other not in served:
+                assert proc.poll(lambda m: m["cmd"] == "acquire") is None
+        procs[expected].send(f"release {expected}")
+    assert served == ["d", "a", "b", "c"]
+
+
+def test_dead_waiter_does_not_block_the_queue(
+    workers: MakeWorker, rclient: redis.Redis, make_limiter: MakeLimiter
+) -> None:
+    lim = make_limiter(rclient, lease_ttl=60)
+    assert lim.try_acquire("holder")
+    dead = workers(lease=1)
+    dead.send("acquire dead")
+    wait_until(lambda: [w.name for w in lim.get_waiting()] == ["dead"])
+    live = workers(lease=60)
+    live.send("acquire live")
+    wait_until(lambda: [w.name for w in lim.get_waiting()] == ["dead", "live"])
+    dead.kill9()
+    wait_until(lambda: [w.name for w in lim.get_waiting()] == ["live"], timeout=5)
+    released_at = time.monotonic()
+    lim.release("holder")
+    assert live.granted("live")["t"] - released_at < 1
+
+
+# -- 4. fast hand-over ------------------------------------------------------------------
+
+
+def test_hand_over_is_notified_not_polled(
+    workers: MakeWorker, rclient: redis.Redis, make_limiter: MakeLimiter
+) -> None:
+    """With a 60 s lease the waiter's safety poll is 5 s away: only the pub/sub
+    notification can make the hand-over this fast."""
+    lim = make_limiter(rclient, lease_ttl=60)
+    assert lim.try_acquire("holder")
+    waiter = workers(lease=60)
+    waiter.send("acquire next")
+    wait_until(lambda: lim.get_waiting())
+    time.sleep(0.3)  # make sure the waiter is past its first poll and listening
+    released_at = time.monotonic()
+    lim.release("holder")
+    assert waiter.granted("next")["t"] - released_at < 1.0
+
+
+# -- 5. fencing -----------------------------------------------------------------------
+
+
+def test_tokens_increase_with_every_grant(rclient: redis.Redis, make_limiter: MakeLimiter) -> None:
+    lim = make_limiter(rclient, max_concurrent=2)
+    tokens = []
+    for i in range(10):
+        slot = lim.try_acquire(f"b{i}")
+        assert slot is not None
+        tokens.append(slot.token)
+        lim.release(f"b{i}")
+    assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)
+
+
+# -- 6. Redis restarts ------------------------------------------------------------------
+
+
+def test_restart_that_loses_data_admits_nobody_new_until_survivors_are_back(
+    workers: MakeWorker, redis_server: RedisServer
+) -> None:
+    a = workers(max_concurrent=2, lease=2, host="ha")
+    b = workers(max_concurrent=2, lease=2, host="hb")
+    a.send("acquire a")
+    b.send("acquire b")
+    token_a = a.granted("a")["token"]
+    b.granted("b")
+    redis_server.kill()  # no persistence: every key is gone
+    redis_server.start()
+    c = workers(max_concurrent=2, lease=2, host="hc")
+    c.send("acquire c")
+    obs = redis_server.client()
+    lim = BuildConcurrencyLimiter(obs, max_concurrent=2, lease_ttl=2)
+    # Survivors re-register within the grace period; c waits all along.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        assert lim.get_active_count() <= 2
+        assert c.poll(lambda m: m["cmd"] == "acquire") is None
+        if sorted(lim.get_active_builds()) == ["a", "b"]:
+            break
+        time.sleep(0.02)
+    assert sorted(lim.get_active_builds()) == ["a", "b"]
+    assert {s.name: s.token for s in lim.get_slots()}["a"] == token_a
+    time.sleep(2.5)  # past the grace period: still no room for c
+    assert c.poll(lambda m: m["cmd"] == "acquire") is None
+    assert a.call("renew a")["ok"]
+    a.send("release a")
+    token_c = c.granted("c")["token"]
+    assert token_c > token_a  # fencing tokens keep growing across the restart
+
+
+def test_restart_with_persistence_keeps_slots(short_tmp: object, make_limiter: MakeLimiter) -> None:
+    server = RedisServer(short_tmp / "persist", persist=True)  # type: ignore[operator]
+    server.start()
+    fresh_start(server)
+    try:
+        lim = make_limiter(server.client(socket_timeout=2), lease_ttl=5, auto_renew=False)
+        slot = lim.wait_for_slot("kept", timeout=5)
+        server.restart(crash=False)
+        lim.renew("kept")  # AOF kept the record: plain renewal
+        assert lim.get_active_builds() == ["kept"]
+        assert lim.in_restart_grace() > 0  # a new server: no new grants for a while
+        assert lim.try_acquire("new") is None
+        assert slot.token > 0
+    finally:
+        server.kill()
+
+
+# -- 7. lowering the limit ---------------------------------------------------------------
+
+
+def test_lowering_the_limit_keeps_holders_and_delays_new_grants(
+    rclient: redis.Redis, make_limiter: MakeLimiter
+) -> None:
+    limit = {"n": 3}
+    lim = make_limiter(rclient, max_concurrent=lambda: limit["n"])
+    for n in ("a", "b", "c"):
+        assert lim.try_acquire(n)
+    limit["n"] = 1
+    for n in ("a", "b", "c"):
+        lim.renew(n)  # nobody is evicted
+    got: list[str] = []
+    t = threading.Thread(target=lambda: got.append(lim.wait_for_slot("d", timeout=10).name))
+    t.start()
+    wait_until(lambda: lim.get_waiting())
+    lim.release("a")
+    lim.release("b")
+    time.sleep(0.3)
+    assert got == []  # 1 holder left, limit 1: no room
+    lim.release("c")
+    t.join(5)
+    assert got == ["d"]
+
+
+# -- 8. Redis unreachable -------------------------------------------------------------------
+
+
+def test_unreachable_redis_raises_a_clear_error_and_holders_survive_a_short_outage(
+    redis_server: RedisServer,
+    make_limiter: MakeLimiter,
+) -> None:
+    lim = make_limiter(redis_server.client(socket_timeout=1), lease_ttl=5, auto_renew=False)
+    slot = lim.wait_for_slot("holder", timeout=5)
+    redis_server.kill()
+    with pytest.raises(RedisUnavailable):
+        lim.try_acquire("other")
+    with pytest.raises(RedisUnavailable):
+        lim.renew("holder")
+    assert not slot.lost.is_set()
+    redis_server.start()  # back within the lease (data lost: re-registers in the grace)
+    lim.renew("holder")
+    assert lim.get_active_builds() == ["holder"]
