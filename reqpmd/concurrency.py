@@ -423,7 +423,8 @@ class BuildConcurrencyLimiter:
 
     # -- reading -------------------------------------------------------------------
 
-    def _read(self) -> tuple[list[SlotInfo], list[WaiterInfo]]:
+    def snapshot(self) -> tuple[list[SlotInfo], list[WaiterInfo]]:
+        """Holders and waiters (in queue order) read in one atomic step."""
         _, _, holders, waiters = self._run(self._snapshot)
         slots = []
         for i in range(0, len(holders), 3):
@@ -460,7 +461,7 @@ class BuildConcurrencyLimiter:
         return slots, queue
 
     def get_slots(self) -> list[SlotInfo]:
-        return self._read()[0]
+        return self.snapshot()[0]
 
     def get_active_builds(self) -> list[str]:
         return [s.name for s in self.get_slots()]
@@ -469,7 +470,7 @@ class BuildConcurrencyLimiter:
         return len(self.get_slots())
 
     def get_waiting(self) -> list[WaiterInfo]:
-        return self._read()[1]
+        return self.snapshot()[1]
 
     def declare_no_survivors(self) -> None:
         """End the restart grace period now.

@@ -55,3 +55,21 @@ class InvalidArgument(ReqpmError):
     """A caller passed a value outside its allowed range."""
 
     code = "invalid"
+
+
+class PermissionDenied(ReqpmError):
+    """The caller's role may not do this; the message names the role needed."""
+
+    code = "permission"
+
+
+class NotFound(ReqpmError):
+    """No such build, slot or setting."""
+
+    code = "not_found"
+
+
+class BadRequest(ReqpmError):
+    """A control request that is malformed (not a bad value: that is InvalidArgument)."""
+
+    code = "bad_request"

@@ -1,0 +1,202 @@
+"""The control socket: accept, read one request at a time, check who asks, answer.
+
+Identity comes from the kernel (SO_PEERCRED and SO_PEERGROUPS), never from the
+request. A client that sends garbage, too much, too slowly, or hangs up gets an error
+reply or a closed connection; it never holds up other clients (one thread per
+connection, a cap on connections, a deadline per request).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import logging
+import os
+import pwd
+import socket
+import stat
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reqpmd import protocol
+from reqpmd.errors import BadRequest, ReqpmError
+
+log = logging.getLogger(__name__)
+
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+REQUEST_TIMEOUT = 10.0  # seconds a client may take to send one request
+MAX_CLIENTS = 64
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+    groups: frozenset[int]
+    admin: bool
+
+    @property
+    def user(self) -> str:
+        try:
+            return pwd.getpwuid(self.uid).pw_name
+        except KeyError:
+            return str(self.uid)
+
+    @property
+    def role(self) -> str:
+        return "admin" if self.admin else "user"
+
+
+@dataclass
+class Request:
+    op: str
+    args: dict[str, Any]
+    peer: Peer
+    fds: list[int]
+
+
+Handler = Callable[[Request], Any]
+
+
+def peer_of(conn: socket.socket, admin_group: str) -> Peer:
+    pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                        struct.calcsize("3i")))
+    groups: set[int] = {gid}
+    try:
+        raw = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 1024)
+        groups.update(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+    except OSError:
+        pass
+    try:
+        admin_gid: int | None = grp.getgrnam(admin_group).gr_gid
+    except KeyError:
+        admin_gid = None
+    admin = uid == 0 or (admin_gid is not None and admin_gid in groups)
+    return Peer(pid, uid, gid, frozenset(groups), admin)
+
+
+def bind_socket(path: Path, group: str) -> socket.socket:
+    """Bind the control socket, replacing a stale one (but never a live daemon's)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise RuntimeError(f"{path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink()  # stale: nobody listens
+        else:
+            raise RuntimeError(f"another reqpmd is listening on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o117)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    try:
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+    except KeyError:
+        log.warning("socket_group %r does not exist; %s keeps group %d", group, path,
+                    os.getgid())
+    except PermissionError as exc:
+        log.warning("cannot give %s to group %r: %s", path, group, exc)
+    os.chmod(path, 0o660)
+    sock.listen(64)
+    return sock
+
+
+class ControlServer:
+    def __init__(self, sock: socket.socket, handler: Handler,
+                 admin_group: Callable[[], str]) -> None:
+        self.sock = sock
+        self.handler = handler
+        self.admin_group = admin_group
+        self._active = threading.BoundedSemaphore(MAX_CLIENTS)
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._accept_loop, name="control-accept",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closing.set()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+    def _accept_loop(self) -> None:
+        while not self._closing.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                if self._closing.is_set():
+                    return
+                continue
+            if not self._active.acquire(blocking=False):
+                with contextlib.suppress(OSError):
+                    conn.sendall(_error("unavailable", "too many clients; try again"))
+                conn.close()
+                continue
+            threading.Thread(target=self._serve, args=(conn,), name="control-client",
+                             daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        reader = protocol.LineReader(conn)
+        try:
+            conn.settimeout(REQUEST_TIMEOUT)
+            peer = peer_of(conn, self.admin_group())
+            while not self._closing.is_set():
+                try:
+                    frame = reader.read()
+                except protocol.FrameError as exc:
+                    conn.sendall(_error("bad_request", str(exc)))
+                    return
+                if frame is None:
+                    return
+                line, fds = frame
+                try:
+                    reply = self._answer(line, fds, peer)
+                finally:
+                    for fd in fds:
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
+                conn.sendall(reply)
+        except (OSError, TimeoutError):
+            pass  # slow, vanished or half-closed client: just drop it
+        finally:
+            reader.close_fds()
+            conn.close()
+            self._active.release()
+
+    def _answer(self, line: bytes, fds: list[int], peer: Peer) -> bytes:
+        try:
+            obj = protocol.decode(line)
+            if obj.get("v") != protocol.VERSION:
+                raise BadRequest(f"unsupported protocol version {obj.get('v')!r}; this daemon "
+                                 f"speaks {protocol.VERSION}")
+            op, args = obj.get("op"), obj.get("args", {})
+            if not isinstance(op, str) or not isinstance(args, dict):
+                raise BadRequest("a request needs a string 'op' and an object 'args'")
+            result = self.handler(Request(op, args, peer, fds))
+            return protocol.encode({"v": protocol.VERSION, "ok": True, "result": result})
+        except protocol.FrameError as exc:
+            return _error("bad_request", str(exc))
+        except ReqpmError as exc:
+            return _error(exc.code, str(exc))
+        except Exception as exc:
+            log.exception("control request failed")
+            return _error("failed", f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _error(code: str, message: str) -> bytes:
+    return protocol.encode({"v": protocol.VERSION, "ok": False,
+                            "error": {"code": code, "message": message}})

@@ -1,0 +1,93 @@
+"""Changing the config file the way an admin would: only the changed values, in place.
+
+Comments and key order stay as the admin wrote them; a key that is only present as a
+commented-out default (``# key: value``) is set on that line; a key that is absent is
+appended. The write is atomic: temp file in the same directory, same owner and mode,
+fsync, rename, fsync of the directory. The result is parsed back before it replaces
+the file, so a write can never leave a config that means something else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reqpmd.settings import parse_text
+
+
+def render(value: Any) -> str:
+    """A value as a YAML scalar (``true``, ``6``, ``'0755'``...)."""
+    if isinstance(value, Path):
+        value = str(value)
+    return str(yaml.safe_dump([value], default_flow_style=True).strip()[1:-1])
+
+
+def edit_text(text: str, changes: Mapping[str, Any]) -> str:
+    lines = text.splitlines(keepends=True)
+    for key, value in changes.items():
+        rendered = render(value)
+        active = re.compile(rf"^{re.escape(key)}[ \t]*:[ \t]*(?P<value>[^#\n]*?)"
+                            rf"(?P<comment>[ \t]+#.*)?(?P<eol>\r?\n?)$")
+        commented = re.compile(rf"^#[ \t]?{re.escape(key)}[ \t]*:.*?(?P<eol>\r?\n?)$")
+        for i, line in enumerate(lines):
+            m = active.match(line)
+            if m:
+                lines[i] = f"{key}: {rendered}{m.group('comment') or ''}{m.group('eol')}"
+                break
+        else:
+            for i, line in enumerate(lines):
+                m = commented.match(line)
+                if m:
+                    lines[i] = f"{key}: {rendered}{m.group('eol') or chr(10)}"
+                    break
+            else:
+                if lines and not lines[-1].endswith("\n"):
+                    lines[-1] += "\n"
+                lines.append(f"{key}: {rendered}\n")
+    return "".join(lines)
+
+
+def write_changes(path: Path, changes: Mapping[str, Any]) -> None:
+    text = path.read_text() if path.exists() else ""
+    new_text = edit_text(text, changes)
+    raw, _ = parse_text(new_text, str(path))
+    for key, value in changes.items():
+        want = str(value) if isinstance(value, Path) else value
+        if raw.get(key) != want:
+            raise RuntimeError(f"refusing to write {path}: {key} would read back as "
+                               f"{raw.get(key)!r}, not {want!r}")
+    atomic_write(path, new_text.encode())
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    try:
+        st: os.stat_result | None = path.stat()
+    except FileNotFoundError:
+        st = None
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            if st is not None:
+                os.fchmod(f.fileno(), st.st_mode & 0o7777)
+                with contextlib.suppress(PermissionError):
+                    os.fchown(f.fileno(), st.st_uid, st.st_gid)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

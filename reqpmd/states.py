@@ -1,0 +1,51 @@
+"""Build states and the transitions allowed between them.
+
+queued -> waiting (for a slot) -> building -> succeeded | failed | cancelled | timed_out.
+A build goes back to queued when it must run again (daemon stopped or crashed mid-build,
+mock reported a locked root). Final states are final: a retry is a new run of the same
+id that starts from queued again, and only an explicit retry may leave a final state.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class State(StrEnum):
+    QUEUED = "queued"
+    WAITING = "waiting"
+    BUILDING = "building"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL
+
+
+FINAL = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED, State.TIMED_OUT})
+ACTIVE = frozenset({State.WAITING, State.BUILDING})
+
+ALLOWED: dict[State, frozenset[State]] = {
+    State.QUEUED: frozenset({State.WAITING, State.CANCELLED, State.FAILED}),
+    State.WAITING: frozenset(
+        {State.BUILDING, State.QUEUED, State.CANCELLED, State.TIMED_OUT, State.FAILED}
+    ),
+    State.BUILDING: frozenset(FINAL | {State.QUEUED}),
+    # an explicit retry by a user
+    State.SUCCEEDED: frozenset({State.QUEUED}),
+    State.FAILED: frozenset({State.QUEUED}),
+    State.CANCELLED: frozenset({State.QUEUED}),
+    State.TIMED_OUT: frozenset({State.QUEUED}),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A bug: code tried to move a build along an edge the state machine does not have."""
+
+
+def check(old: State, new: State) -> None:
+    if new not in ALLOWED[old]:
+        raise IllegalTransition(f"build cannot go from {old} to {new}")

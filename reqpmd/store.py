@@ -1,0 +1,290 @@
+"""The durable build queue and history: SQLite in state_dir.
+
+WAL with synchronous=FULL, so a commit is on disk when it returns: a submission's id is
+only handed out after its row and its input files are fsynced. One connection guarded
+by a lock: the daemon writes little and rarely, and one writer keeps SQLite simple.
+Every state change goes through ``transition``, which asserts the edge is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from reqpmd import states
+from reqpmd.errors import NotFound
+from reqpmd.states import State
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS builds (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    state         TEXT    NOT NULL,
+    chroot        TEXT    NOT NULL,
+    kind          TEXT    NOT NULL,          -- 'srpm' or 'spec'
+    source        TEXT    NOT NULL,          -- the SRPM or spec file name
+    priority      INTEGER NOT NULL DEFAULT 0,
+    submitted_by  INTEGER NOT NULL,
+    submitted_name TEXT   NOT NULL DEFAULT '',
+    submitted_at  REAL    NOT NULL,
+    waiting_at    REAL,
+    started_at    REAL,
+    finished_at   REAL,
+    exit_code     INTEGER,
+    error         TEXT,
+    result_dir    TEXT,
+    log_path      TEXT,
+    runs          INTEGER NOT NULL DEFAULT 0, -- times mock was started for it
+    retries       INTEGER NOT NULL DEFAULT 0, -- re-queues after crashes / locked roots
+    pid           INTEGER,                    -- mock's process group leader while running
+    pid_started   REAL,                       -- its start time, to tell it from a reused pid
+    slot_token    INTEGER
+);
+CREATE INDEX IF NOT EXISTS builds_state ON builds(state, priority, id);
+CREATE TABLE IF NOT EXISTS settings_history (
+    id     INTEGER PRIMARY KEY AUTOINCREMENT,
+    at     REAL NOT NULL,
+    uid    INTEGER NOT NULL,
+    user   TEXT NOT NULL,
+    key    TEXT NOT NULL,
+    old    TEXT,
+    new    TEXT
+);
+"""
+
+_TIMESTAMP_FOR = {
+    State.WAITING: "waiting_at",
+    State.BUILDING: "started_at",
+    State.SUCCEEDED: "finished_at",
+    State.FAILED: "finished_at",
+    State.CANCELLED: "finished_at",
+    State.TIMED_OUT: "finished_at",
+}
+
+
+@dataclass(frozen=True)
+class Build:
+    id: int
+    state: State
+    chroot: str
+    kind: str
+    source: str
+    priority: int
+    submitted_by: int
+    submitted_name: str
+    submitted_at: float
+    waiting_at: float | None
+    started_at: float | None
+    finished_at: float | None
+    exit_code: int | None
+    error: str | None
+    result_dir: str | None
+    log_path: str | None
+    runs: int
+    retries: int
+    pid: int | None
+    pid_started: float | None
+    slot_token: int | None
+
+    @property
+    def slot_name(self) -> str:
+        return f"build_{self.id}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+_COLUMNS = [f.name for f in fields(Build)]
+
+
+class Store:
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(state_dir)
+        self.builds_dir = self.state_dir / "builds"
+        self.builds_dir.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(
+            self.state_dir / "reqpm.db", check_same_thread=False, isolation_level=None
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.RLock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- builds ----------------------------------------------------------------------
+
+    def build_dir(self, build_id: int) -> Path:
+        return self.builds_dir / str(build_id)
+
+    def submit(
+        self,
+        *,
+        chroot: str,
+        kind: str,
+        source: str,
+        files: Mapping[str, bytes],
+        priority: int,
+        uid: int,
+        user: str = "",
+    ) -> int:
+        """Queue a build; it is on disk (row and input files) before the id is returned."""
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO builds (state, chroot, kind, source, priority, submitted_by,"
+                " submitted_name, submitted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (State.QUEUED, chroot, kind, source, priority, uid, user, time.time()),
+            )
+            build_id = int(cur.lastrowid or 0)
+            bdir = self.build_dir(build_id)
+            shutil.rmtree(bdir, ignore_errors=True)  # left by a submission that rolled back
+            inputs = bdir / "input"
+            inputs.mkdir(parents=True)
+            for name, data in files.items():
+                target = inputs / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                _write_synced(target, data)
+                _fsync_dir(target.parent)
+            _fsync_dir(bdir)
+            _fsync_dir(self.builds_dir)
+            db.execute(
+                "UPDATE builds SET result_dir = ?, log_path = ? WHERE id = ?",
+                (str(bdir / "result"), str(bdir / "build.log"), build_id),
+            )
+        return build_id
+
+    def get(self, build_id: int) -> Build:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM builds WHERE id = ?", (build_id,)
+            ).fetchone()
+        if row is None:
+            raise NotFound(f"no build {build_id}")
+        return _build(row)
+
+    def recent(self, state: State | None = None, limit: int = 50) -> list[Build]:
+        query = f"SELECT {', '.join(_COLUMNS)} FROM builds"
+        args: tuple[Any, ...] = ()
+        if state is not None:
+            query += " WHERE state = ?"
+            args = (state,)
+        query += " ORDER BY id DESC LIMIT ?"
+        with self._lock:
+            rows = self._db.execute(query, (*args, limit)).fetchall()
+        return [_build(r) for r in rows]
+
+    def in_states(self, *wanted: State) -> list[Build]:
+        marks = ", ".join("?" for _ in wanted)
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM builds WHERE state IN ({marks})"
+                " ORDER BY priority DESC, id",
+                wanted,
+            ).fetchall()
+        return [_build(r) for r in rows]
+
+    def count(self, state: State) -> int:
+        with self._lock:
+            return int(
+                self._db.execute("SELECT COUNT(*) FROM builds WHERE state = ?", (state,))
+                .fetchone()[0]
+            )
+
+    def next_queued(self, exclude: set[int] | frozenset[int] = frozenset()) -> Build | None:
+        for build in self.in_states(State.QUEUED):
+            if build.id not in exclude:
+                return build
+        return None
+
+    def transition(self, build_id: int, new: State, **changes: Any) -> Build:
+        """Move a build to ``new`` (asserting the edge is allowed) and set ``changes``."""
+        unknown = set(changes) - set(_COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown build fields {sorted(unknown)}")
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM builds WHERE id = ?", (build_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no build {build_id}")
+            states.check(State(row[0]), new)
+            stamp = _TIMESTAMP_FOR.get(new)
+            if stamp and stamp not in changes:
+                changes[stamp] = time.time()
+            if new == State.QUEUED:  # a re-run starts from a clean slate
+                for key in ("waiting_at", "started_at", "finished_at", "exit_code", "pid",
+                            "pid_started", "slot_token"):
+                    changes.setdefault(key, None)
+            changes["state"] = new
+            assignments = ", ".join(f"{k} = ?" for k in changes)
+            db.execute(f"UPDATE builds SET {assignments} WHERE id = ?",
+                       (*changes.values(), build_id))
+        return self.get(build_id)
+
+    def update(self, build_id: int, **changes: Any) -> None:
+        """Set fields that are not the state (pid of mock, slot token, ...)."""
+        if "state" in changes or set(changes) - set(_COLUMNS):
+            raise ValueError(f"update() cannot set {sorted(changes)}")
+        with self._tx() as db:
+            assignments = ", ".join(f"{k} = ?" for k in changes)
+            db.execute(f"UPDATE builds SET {assignments} WHERE id = ?",
+                       (*changes.values(), build_id))
+
+    # -- settings audit -----------------------------------------------------------------
+
+    def audit_setting(self, uid: int, user: str, key: str, old: Any, new: Any) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO settings_history (at, uid, user, key, old, new)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (time.time(), uid, user, key, str(old), str(new)),
+            )
+
+    def settings_history(self, limit: int = 100) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT at, uid, user, key, old, new FROM settings_history"
+                " ORDER BY id DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [dict(zip(("at", "uid", "user", "key", "old", "new"), r, strict=True))
+                for r in rows]
+
+
+def _build(row: tuple[Any, ...]) -> Build:
+    values = dict(zip(_COLUMNS, row, strict=True))
+    values["state"] = State(values["state"])
+    return Build(**values)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
