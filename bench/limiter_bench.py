@@ -227,15 +227,20 @@ def _churn_worker(
         conn.send(("ready",))
         if not start.wait(120):
             raise RuntimeError("start signal never came")
-        max_seen = 0
+        max_seen = over = 0
+        waits: list[float] = []
         for k in range(count):
             name = f"w{index}-{k}"
+            t_asked = time.monotonic()
             impl.acquire(name)
-            max_seen = max(max_seen, int(client.incr(counter_key)))
+            waits.append(time.monotonic() - t_asked)
+            holders = int(client.incr(counter_key))
+            max_seen = max(max_seen, holders)
+            over += holders > max_concurrent
             time.sleep(hold)
             client.decr(counter_key)
             impl.release(name)
-        conn.send(("done", time.monotonic(), max_seen))
+        conn.send(("done", time.monotonic(), max_seen, over, waits))
     except Exception as exc:
         _report_error(conn, exc)
     finally:
@@ -415,6 +420,8 @@ class Churn:
     hold: float
     wall: float = 0.0
     max_holders: int = 0
+    over_limit: int = 0  # grants that found more than `limit` holders (itself included)
+    waits: list[float] = field(default_factory=list)  # seconds each acquire blocked
 
     @property
     def grants(self) -> int:
@@ -455,9 +462,13 @@ def bench_churn(env: Env, kind: str, per_process: int, processes: int = 8) -> Ch
     ends: list[float] = []
     budget = 120 + per_process * processes * 1.0  # generous: the baseline polls
     for conn, _ in started:
-        _, t_end, max_seen = expect(conn, "done", max(1.0, t_start + budget - time.monotonic()))
+        _, t_end, max_seen, over, waits = expect(
+            conn, "done", max(1.0, t_start + budget - time.monotonic())
+        )
         ends.append(t_end)
         result.max_holders = max(result.max_holders, int(max_seen))
+        result.over_limit += int(over)
+        result.waits.extend(waits)
     result.wall = max(ends) - t_start
     for _, proc in started:
         env.workers.finish(proc)
@@ -602,14 +613,29 @@ def build_rows(res: Results) -> tuple[list[tuple[str, ...]], list[str]]:
     )
     rows.append(("   grants", str(cr.grants), str(cb.grants), ""))
     rows.append(("   wall time (s)", f"{cr.wall:.2f}", f"{cb.wall:.2f}", ""))
-    rows.append(
-        ("   grants per second", f"{cr.rate:.1f}", f"{cb.rate:.1f}", ratio(cr.rate, cb.rate))
-    )
+    rows.append(("   grants per second", f"{cr.rate:.1f}", f"{cb.rate:.1f}", ""))
     rows.append(
         (
             f"   max holders observed (limit {cr.limit})",
             str(cr.max_holders),
             str(cb.max_holders),
+            "",
+        )
+    )
+    for label, p in (("p50", 50.0), ("p95", 95.0), ("max", 100.0)):
+        rows.append(
+            (
+                f"   time blocked in acquire, {label} (ms)",
+                ms(pct(cr.waits, p)),
+                ms(pct(cb.waits, p)),
+                "",
+            )
+        )
+    rows.append(
+        (
+            "   grants that found > limit holders",
+            str(cr.over_limit),
+            str(cb.over_limit),
             "",
         )
     )
@@ -634,8 +660,12 @@ def build_rows(res: Results) -> tuple[list[tuple[str, ...]], list[str]]:
         f"-> target <= 2x: {'MET' if fast <= 2 else 'NOT MET'}",
         f"baseline/reqpm hand-over: p50 {speedup50:.0f}x, p95 {speedup95:.0f}x "
         f"-> target >= 50x: {'MET' if min(speedup50, speedup95) >= 50 else 'NOT MET'}",
-        f"over-admission: reqpm max {cr.max_holders} holders, baseline max "
-        f"{cb.max_holders} holders (limit {cr.limit})",
+        f"over-admission (limit {cr.limit}): reqpm max {cr.max_holders} holders, "
+        f"{cr.over_limit}/{cr.grants} grants over; baseline max {cb.max_holders} holders, "
+        f"{cb.over_limit}/{cb.grants} grants over",
+        f"contended throughput: reqpm {ratio(cr.rate, cb.rate)} the baseline's grants/s; "
+        f"longest block in acquire: reqpm {ms(max(cr.waits))} ms, "
+        f"baseline {ms(max(cb.waits))} ms",
     ]
     return rows, verdicts
 
@@ -732,6 +762,7 @@ def run(args: argparse.Namespace, server: RedisServer, workers: Workers) -> None
         print(f"  {key + ':':14} {value}")
     print()
     print(text_table(rows))
+    print("baseline/reqpm = the baseline's time divided by reqpm's (> 1: reqpm is faster)")
     print()
     for verdict in verdicts:
         print(verdict)

@@ -84,7 +84,7 @@ class BuildRun:
             return Outcome(State.FAILED, error=problem)
         result_dir = self.build_dir / "result"
         result_dir.mkdir(parents=True, exist_ok=True)
-        timeout_min = int(self.settings.build_timeout_minutes)
+        timeout_min = float(self.settings.build_timeout_minutes)
         deadline = self.clock() + timeout_min * 60 if timeout_min else None
         with open(self.build_dir / "build.log", "ab", buffering=0) as logf:
             outcome = self._steps(logf, result_dir, deadline)

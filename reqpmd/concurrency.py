@@ -71,6 +71,7 @@ MaxConcurrent = int | Callable[[], int]
 _REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 # Cap on how long a waiter trusts notifications alone before it asks Redis again.
 _SAFETY_POLL = 5.0
+_FIRST_BACKOFF = 0.05
 
 
 @dataclass(frozen=True)
@@ -520,17 +521,21 @@ class _Waiter:
 
     def run(self) -> tuple[int, float]:
         """Returns (token, monotonic time the granting request was sent)."""
-        backoff = 0.05
+        backoff = _FIRST_BACKOFF
         while True:
             try:
-                return self._listen()
+                token, sent_at = self._listen()
+                if backoff != _FIRST_BACKOFF:
+                    log.info("waiting for slot %s: Redis reachable again", self.name)
+                return token, sent_at
             except RedisUnavailable as exc:
                 left = self._left()
                 if left is not None and left <= 0:
                     raise RedisUnavailable(
                         f"gave up waiting for slot {self.name!r}: {exc}"
                     ) from exc
-                log.warning("waiting for slot %s: %s; retrying in %.2fs", self.name, exc, backoff)
+                if backoff == _FIRST_BACKOFF:  # once per outage, not once per retry
+                    log.warning("waiting for slot %s: %s; retrying with backoff", self.name, exc)
                 if self._sleep(backoff if left is None else min(backoff, left)):
                     raise WaitCancelled(f"stopped waiting for slot {self.name!r}") from exc
                 backoff = min(backoff * 2, 2.0)

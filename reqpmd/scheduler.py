@@ -34,6 +34,8 @@ from reqpmd.store import Build, Store
 
 log = logging.getLogger(__name__)
 
+MAX_WAITING = 32  # builds of this host queued for a cluster slot at once
+
 
 def slot_name(build_id: int, host_id: str) -> str:
     """Build ids come from each host's own database, so the host makes the name unique."""
@@ -108,7 +110,9 @@ class Scheduler:
                 return
             if not redis_ok:
                 return
-            cap = int(s.host_max_builds) or int(s.max_concurrent_builds)
+            # With a host cap, never wait for more slots than this host may use; without
+            # one, every queued build may wait (bounded: each waiter is a thread).
+            cap = int(s.host_max_builds) or building + MAX_WAITING
             while len(self._flights) < cap:
                 build = self.store.next_queued(exclude=set(self._flights))
                 if build is None:
@@ -134,14 +138,14 @@ class Scheduler:
     def cancel(self, build_id: int, note: str = "cancelled") -> Build:
         """Cancel a queued, waiting or running build. InvalidArgument if it has ended."""
         with self._lock:
+            build = self.store.get(build_id)
+            if build.state.final:
+                raise InvalidArgument(f"build {build_id} has already ended ({build.state})")
             flight = self._flights.get(build_id)
             if flight is not None:
                 flight.stop(StopReason.CANCEL, note)
-                return self.store.get(build_id)
-            build = self.store.get(build_id)
-            if build.state == State.QUEUED:
-                return self.store.transition(build_id, State.CANCELLED, error=note)
-            raise InvalidArgument(f"build {build_id} has already ended ({build.state})")
+                return build
+            return self.store.transition(build_id, State.CANCELLED, error=note)
 
     def retry(self, build_id: int) -> Build:
         with self._lock:

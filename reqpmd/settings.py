@@ -118,7 +118,7 @@ FIELDS: tuple[Field, ...] = (
           "space (GB)", 0, 100000),
     Field("max_load_per_cpu", float, 0.0, "take no new slot while the 1-minute load per CPU "
           "is above this (0 = no load gate)", 0, 1000),
-    Field("build_timeout_minutes", int, 480, "cancel builds running longer (0 = never)",
+    Field("build_timeout_minutes", float, 480.0, "cancel builds running longer (0 = never)",
           0, 10080),
     Field("max_build_retries", int, 3, "re-runs of a build interrupted by a crash or a "
           "locked root before it fails", 0, 20),

@@ -35,7 +35,8 @@ def edit_text(text: str, changes: Mapping[str, Any]) -> str:
         rendered = render(value)
         active = re.compile(rf"^{re.escape(key)}[ \t]*:[ \t]*(?P<value>[^#\n]*?)"
                             rf"(?P<comment>[ \t]+#.*)?(?P<eol>\r?\n?)$")
-        commented = re.compile(rf"^#[ \t]?{re.escape(key)}[ \t]*:.*?(?P<eol>\r?\n?)$")
+        # "#key: value" is a commented-out setting; "# key: text" is documentation
+        commented = re.compile(rf"^#{re.escape(key)}[ \t]*:.*?(?P<eol>\r?\n?)$")
         for i, line in enumerate(lines):
             m = active.match(line)
             if m:

@@ -1,0 +1,290 @@
+"""reqpmd end to end: real daemons, a real redis-server, the mock stand-in, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from reqpmctl.client import ClientError
+from reqpmd.redis_server import RedisServer
+from tests.daemon_harness import FINAL, Reqpmd, max_overlap, wait_for
+
+MakeDaemon = Callable[..., Reqpmd]
+
+
+@pytest.fixture
+def daemons(short_tmp: Path) -> Iterator[MakeDaemon]:
+    started: list[Reqpmd] = []
+
+    def make(name: str = "d1", **kwargs: object) -> Reqpmd:
+        d = Reqpmd(short_tmp / name, **kwargs)  # type: ignore[arg-type]
+        started.append(d)
+        return d
+
+    yield make
+    for d in started:
+        if d.proc is not None and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+
+
+def _rebuilds(d: Reqpmd, build_id: int) -> list[dict[str, object]]:
+    return [r for r in d.mock_runs() if f"build{build_id}" in r["argv"]]
+
+
+def test_spec_build_runs_both_steps_in_its_own_root_then_scrubs(daemons: MakeDaemon) -> None:
+    d = daemons().start()
+    build_id = d.submit()
+    build = d.wait_state(build_id, FINAL)
+    assert build["state"] == "succeeded", (build, d.log())
+    assert build["exit_code"] == 0
+    assert build["started_at"] <= build["finished_at"]
+    runs = _rebuilds(d, build_id)
+    modes = [r["mode"] for r in runs]
+    assert modes == ["buildsrpm", "rebuild", "clean"]
+    for r in runs:
+        argv = r["argv"]
+        assert argv[argv.index("--uniqueext") + 1] == f"build{build_id}"
+        assert argv[argv.index("-r") + 1] == "fedora-42-x86_64"
+    scrub = runs[-1]["argv"]
+    assert "--scrub=chroot" in scrub and "--scrub=bootstrap" in scrub
+    assert "--scrub=all" not in scrub
+    result = Path(build["result_dir"])
+    assert (result / "hello-1.0-1.src.rpm").exists()
+    assert any(p.name.endswith(".x86_64.rpm") for p in result.iterdir())
+    # the unique roots are gone; the cache shared by every build of the config is not
+    assert not (d.mock_root / f"fedora-42-x86_64-build{build_id}").exists()
+    assert not (d.mock_root / f"fedora-42-x86_64-bootstrap-build{build_id}").exists()
+    assert (d.mock_root / "cache" / "fedora-42-x86_64").is_dir()
+    assert (d.mock_root / "cache" / "fedora-42-x86_64-bootstrap").is_dir()
+    log = Path(build["log_path"]).read_text()
+    assert "--rebuild" in log and "Finish: rpmbuild" in log
+    assert "build 1: succeeded" in d.log()
+
+
+def test_srpm_build_runs_only_the_rebuild_step(daemons: MakeDaemon) -> None:
+    d = daemons().start()
+    build_id = d.submit("foo-2.0-1.src.rpm")
+    assert d.wait_state(build_id, FINAL)["state"] == "succeeded"
+    assert [r["mode"] for r in _rebuilds(d, build_id)] == ["rebuild", "clean"]
+
+
+def test_failed_build_is_failed_with_the_exit_code(daemons: MakeDaemon) -> None:
+    d = daemons().start()
+    build_id = d.submit("will-fail-1-1.src.rpm")
+    build = d.wait_state(build_id, FINAL)
+    assert build["state"] == "failed"
+    assert build["exit_code"] == 30
+    assert "exited with 30" in build["error"]
+
+
+def test_parallel_builds_get_distinct_roots_and_never_hit_the_root_lock(
+    daemons: MakeDaemon,
+) -> None:
+    d = daemons(settings={"max_concurrent_builds": 3}, mock_sleep=0.8).start()
+    ids = [d.submit() for _ in range(3)]
+    for i in ids:
+        assert d.wait_state(i, FINAL, timeout=60)["state"] == "succeeded"
+    runs = d.mock_runs()
+    assert max_overlap(runs) == 3  # really in parallel
+    assert not any(r["exit"] == 60 for r in runs)
+    roots = {r["root"] for r in runs if r["mode"] == "rebuild"}
+    assert roots == {f"fedora-42-x86_64-build{i}" for i in ids}
+
+
+def test_limit_holds_across_daemons_sharing_one_redis(
+    daemons: MakeDaemon, redis_server: RedisServer, short_tmp: Path
+) -> None:
+    shared_log = short_tmp / "all-mock.jsonl"
+    common = {"redis_url": redis_server.url, "mock_sleep": 0.6, "mock_log": shared_log,
+              "settings": {"max_concurrent_builds": 2}}
+    a = daemons("a", host_id="host-a", **common).start()
+    b = daemons("b", host_id="host-b", **common).start()
+    ids = [(a, a.submit()) for _ in range(3)] + [(b, b.submit()) for _ in range(3)]
+    seen_max = 0
+    deadline = time.monotonic() + 90
+    while not all(d.build(i)["state"] in FINAL for d, i in ids):
+        assert time.monotonic() < deadline
+        seen_max = max(seen_max, a.call("status")["active_count"])
+        time.sleep(0.05)
+    assert all(d.build(i)["state"] == "succeeded" for d, i in ids)
+    assert max_overlap([r for r in Reqpmd.mock_runs(a)]) == 2
+    assert seen_max <= 2
+    hosts = {h["host_id"] for h in a.call("hosts")}
+    assert hosts == {"host-a", "host-b"}
+
+
+def test_cancel_stops_mock_with_sigint_scrubs_and_frees_the_slot(daemons: MakeDaemon) -> None:
+    d = daemons(mock_sleep=30).start()
+    build_id = d.submit()
+    d.wait_state(build_id, "building")
+    wait_for(lambda: _mock_running(d, build_id))
+    d.call("build.cancel", {"id": build_id})
+    build = d.wait_state(build_id, FINAL, timeout=20)
+    assert build["state"] == "cancelled"
+    runs = _rebuilds(d, build_id)
+    assert runs[0]["exit"] == 7  # mock's exit on SIGINT (KeyboardInterrupt)
+    assert runs[-1]["mode"] == "clean"
+    assert wait_for(lambda: d.call("status")["active_count"] == 0)
+
+
+def _mock_running(d: Reqpmd, build_id: int) -> bool:
+    return (d.mock_root / f"fedora-42-x86_64-build{build_id}").exists()
+
+
+def test_cancel_of_queued_and_waiting_builds(daemons: MakeDaemon) -> None:
+    d = daemons(settings={"max_concurrent_builds": 1}, mock_sleep=30).start()
+    first = d.submit()
+    d.wait_state(first, "building")
+    waiting = d.submit()
+    d.wait_state(waiting, "waiting")
+    d.call("build.cancel", {"id": waiting})
+    assert d.wait_state(waiting, FINAL)["state"] == "cancelled"
+    d.call("settings.set", {"changes": {"host_max_builds": 1}})
+    queued = d.submit()
+    time.sleep(1)  # several ticks: with the host at its cap it stays queued
+    assert d.build(queued)["state"] == "queued"
+    d.call("build.cancel", {"id": queued})
+    assert d.build(queued)["state"] == "cancelled"
+    assert _rebuilds(d, waiting) == [] and _rebuilds(d, queued) == []
+    with pytest.raises(ClientError) as err:
+        d.call("build.cancel", {"id": queued})
+    assert "already ended" in err.value.message
+    assert d.build(first)["state"] == "building"
+
+
+def test_build_timeout_marks_timed_out(daemons: MakeDaemon) -> None:
+    d = daemons(mock_sleep=120, settings={"build_timeout_minutes": 0.02}).start()  # 1.2 s
+    build_id = d.submit("slow-1-1.src.rpm")
+    build = d.wait_state(build_id, FINAL, timeout=30)
+    assert build["state"] == "timed_out"
+    assert "build_timeout_minutes" in build["error"]
+
+
+def test_slot_wait_timeout_ends_timed_out_with_the_limiter_message(
+    daemons: MakeDaemon,
+) -> None:
+    d = daemons(mock_sleep=30, settings={"max_concurrent_builds": 1,
+                                         "slot_wait_timeout": 1}).start()
+    first = d.submit()
+    d.wait_state(first, "building")
+    second = d.submit()
+    build = d.wait_state(second, FINAL, timeout=20)
+    assert build["state"] == "timed_out"
+    assert build["error"].startswith("Could not acquire build slot after")
+    assert "1/1 slots busy (max_concurrent_builds=1)" in build["error"]
+
+
+def test_missing_mock_fails_builds_at_once_and_the_daemon_stays_up(
+    daemons: MakeDaemon,
+) -> None:
+    d = daemons(settings={"mock_command": "/nonexistent/mock"}).start()
+    build = d.wait_state(d.submit(), FINAL)
+    assert build["state"] == "failed"
+    assert "/nonexistent/mock does not exist" in build["error"]
+    assert d.call("ping")["version"]
+
+
+def test_disk_gate_closed_takes_no_slot_and_says_why(daemons: MakeDaemon) -> None:
+    d = daemons(settings={"min_free_disk_gb": 100000}).start()
+    build_id = d.submit()
+    status = wait_for(lambda: (s := d.call("status"))["gates"] and s)
+    disk = [g for g in status["gates"] if g["name"] == "disk"][0]
+    assert not disk["open"] and "GB free <" in disk["detail"]
+    assert "disk gate closed" in status["summary"]
+    time.sleep(1.5)  # several scheduler ticks: the build must stay queued
+    assert d.build(build_id)["state"] == "queued"
+    assert d.mock_runs() == []
+
+
+def test_sighup_with_a_broken_file_keeps_the_running_settings(daemons: MakeDaemon) -> None:
+    d = daemons(settings={"max_concurrent_builds": 3}).start()
+    good = d.config.read_text()
+    d.config.write_text(good.replace("max_concurrent_builds: 3", "max_concurrent_builds: 99"))
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: "reload of" in d.log())
+    assert "max_concurrent_builds: 99 is out of range" in d.log()
+    assert d.call("status")["max_concurrent"] == 3
+    d.config.write_text(good.replace("max_concurrent_builds: 3", "max_concurrent_builds: 5"))
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: d.call("status")["max_concurrent"] == 5)
+
+
+def test_sigterm_stops_builds_cleanly_and_the_next_start_runs_them_again(
+    daemons: MakeDaemon,
+) -> None:
+    d = daemons(mock_sleep=30).start()
+    build_id = d.submit()
+    d.wait_state(build_id, "building")
+    wait_for(lambda: _mock_running(d, build_id))
+    assert d.stop(timeout=30) == 0
+    assert not _mock_running(d, build_id)  # mock was stopped and the root scrubbed
+    d.env["FAKEMOCK_SLEEP"] = "0.2"
+    d.start()
+    build = d.wait_state(build_id, FINAL, timeout=30)
+    assert build["state"] == "succeeded"
+    assert build["retries"] == 0  # a clean stop costs no retry
+
+
+def test_kill9_mid_build_then_restart_loses_nothing_and_never_over_admits(
+    daemons: MakeDaemon,
+) -> None:
+    d = daemons(mock_sleep=60, settings={"max_concurrent_builds": 1}).start()
+    first = d.submit()
+    d.wait_state(first, "building")
+    wait_for(lambda: _mock_running(d, first))
+    queued = d.submit()
+    old_mock = [p for p in psutil.process_iter(["cmdline"])
+                if f"build{first}" in " ".join(p.info["cmdline"] or [])]
+    assert old_mock
+    d.kill9()
+    d.env["FAKEMOCK_SLEEP"] = "0.3"
+    d.start()
+    # the orphaned mock from the old instance is gone before anything new runs
+    wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                             for p in old_mock))
+    for build_id in (first, queued):
+        assert d.wait_state(build_id, FINAL, timeout=60)["state"] == "succeeded"
+    assert d.build(first)["retries"] == 1
+    assert max_overlap(d.mock_runs()) <= 1
+    assert "left running by an earlier instance" in d.log()
+
+
+def test_redis_down_keeps_builds_running_and_accepts_submissions(
+    daemons: MakeDaemon, redis_server: RedisServer
+) -> None:
+    d = daemons(redis_url=redis_server.url, mock_sleep=2,
+                settings={"slot_lease_seconds": 30}).start()
+    running = d.submit()
+    d.wait_state(running, "building")
+    redis_server.kill()
+    wait_for(lambda: "waiting for Redis" in d.call("status")["summary"])
+    queued = d.submit()  # accepted while Redis is down
+    assert d.wait_state(running, FINAL, timeout=30)["state"] == "succeeded"
+    time.sleep(1)
+    assert d.build(queued)["state"] == "queued", d.log()  # no new slot without Redis
+    redis_server.start()
+    assert d.wait_state(queued, FINAL, timeout=60)["state"] == "succeeded"
+    assert d.log().count("unreachable (") == 1  # said once per change, not per retry
+
+
+def test_bad_requests_get_errors_and_the_daemon_stays_up(daemons: MakeDaemon) -> None:
+    import socket
+
+    d = daemons().start()
+    for frame in (b"not json\n", b"[1,2]\n", b'{"v": 99, "op": "status"}\n',
+                  b'{"v": 1, "op": "nope"}\n', b'{"v": 1, "op": "build.show", "args": {"id": "x"}}\n'):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(d.socket))
+        s.sendall(frame)
+        reply = s.recv(65536)
+        s.close()
+        assert b'"ok":false' in reply, (frame, reply)
+    assert d.call("ping")
+    assert os.path.exists(d.socket)
