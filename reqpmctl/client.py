@@ -44,18 +44,27 @@ class Client:
                 sock.connect(self.path)
             except FileNotFoundError:
                 sock.close()
-                raise ClientError("unreachable", f"no socket at {self.path}: is reqpmd "
-                                  "running? (systemctl status reqpmd; --socket PATH or "
-                                  "$REQPM_SOCKET to use another)") from None
+                raise ClientError(
+                    "unreachable",
+                    f"no socket at {self.path}: is reqpmd "
+                    "running? (systemctl status reqpmd; --socket PATH or "
+                    "$REQPM_SOCKET to use another)",
+                ) from None
             except PermissionError:
                 sock.close()
-                raise ClientError("unreachable", f"permission denied on {self.path}: are you "
-                                  "in the socket's group (reqpm)? (id -Gn)") from None
+                raise ClientError(
+                    "unreachable",
+                    f"permission denied on {self.path}: are you "
+                    "in the socket's group (reqpm)? (id -Gn)",
+                ) from None
             except (ConnectionRefusedError, OSError) as exc:
                 sock.close()
-                raise ClientError("unreachable", f"cannot connect to {self.path}: "
-                                  f"{exc.strerror or exc}; is reqpmd running? "
-                                  "(systemctl status reqpmd)") from None
+                raise ClientError(
+                    "unreachable",
+                    f"cannot connect to {self.path}: "
+                    f"{exc.strerror or exc}; is reqpmd running? "
+                    "(systemctl status reqpmd)",
+                ) from None
             self._sock = sock
             self._reader = protocol.LineReader(sock)
         return self._sock
@@ -71,8 +80,9 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def call(self, op: str, args: dict[str, Any] | None = None,
-             fds: list[int] | None = None) -> Any:
+    def call(
+        self, op: str, args: dict[str, Any] | None = None, fds: list[int] | None = None
+    ) -> Any:
         sock = self._connect()
         request = protocol.encode({"v": protocol.VERSION, "op": op, "args": args or {}})
         try:
@@ -81,8 +91,9 @@ class Client:
             frame = self._reader.read()
         except (OSError, protocol.FrameError) as exc:
             self.close()
-            raise ClientError("unreachable", f"connection to reqpmd at {self.path} failed: "
-                              f"{exc}") from None
+            raise ClientError(
+                "unreachable", f"connection to reqpmd at {self.path} failed: {exc}"
+            ) from None
         if frame is None:
             self.close()
             raise ClientError("unreachable", "reqpmd closed the connection")
@@ -92,9 +103,15 @@ class Client:
         error = reply.get("error") or {}
         raise ClientError(str(error.get("code", "failed")), str(error.get("message", reply)))
 
-    def submit(self, *, srpm: Path | None = None, spec: Path | None = None,
-               sources: Path | None = None, chroot: str | None = None,
-               priority: int = 0) -> int:
+    def submit(
+        self,
+        *,
+        srpm: Path | None = None,
+        spec: Path | None = None,
+        sources: Path | None = None,
+        chroot: str | None = None,
+        priority: int = 0,
+    ) -> int:
         """Open the files with our own rights and hand the daemon the descriptors."""
         entries: list[tuple[str, str, Path]] = []
         if srpm is not None:

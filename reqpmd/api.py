@@ -76,8 +76,10 @@ def _build_json(b: Build) -> dict[str, Any]:
 
 def check_file_name(name: Any) -> str:
     if not isinstance(name, str) or name in (".", "..") or not _FILE_NAME.match(name):
-        raise InvalidArgument(f"file name {name!r} is not allowed: 1-255 characters from "
-                              "A-Z a-z 0-9 . _ + ~ @ = , - with no '/' and not '.' or '..'")
+        raise InvalidArgument(
+            f"file name {name!r} is not allowed: 1-255 characters from "
+            "A-Z a-z 0-9 . _ + ~ @ = , - with no '/' and not '.' or '..'"
+        )
     return name
 
 
@@ -87,8 +89,9 @@ def read_fd(fd: int, name: str, budget: list[int]) -> bytes:
     if not stat.S_ISREG(st.st_mode):
         raise InvalidArgument(f"{name}: not a regular file")
     if st.st_size > MAX_FILE_BYTES:
-        raise InvalidArgument(f"{name}: {st.st_size} bytes is over the cap of "
-                              f"{MAX_FILE_BYTES} bytes")
+        raise InvalidArgument(
+            f"{name}: {st.st_size} bytes is over the cap of {MAX_FILE_BYTES} bytes"
+        )
     budget[0] -= st.st_size
     if budget[0] < 0:
         raise InvalidArgument(f"the files of one submission are capped at {MAX_TOTAL_BYTES} bytes")
@@ -111,15 +114,28 @@ def slot_listing(lim: BuildConcurrencyLimiter, max_concurrent: int) -> dict[str,
     return {
         "max_concurrent": max_concurrent,
         "holders": [
-            {"name": s.name, "host": s.host, "pid": s.pid, "token": s.token,
-             "build": s.labels.get("build_id"), "acquired_at": s.acquired_at,
-             "age": max(0.0, now - s.acquired_at), "lease_expires_at": s.lease_expires_at,
-             "lease_left": max(0.0, s.lease_expires_at - now)}
+            {
+                "name": s.name,
+                "host": s.host,
+                "pid": s.pid,
+                "token": s.token,
+                "build": s.labels.get("build_id"),
+                "acquired_at": s.acquired_at,
+                "age": max(0.0, now - s.acquired_at),
+                "lease_expires_at": s.lease_expires_at,
+                "lease_left": max(0.0, s.lease_expires_at - now),
+            }
             for s in holders
         ],
         "waiting": [
-            {"name": w.name, "host": w.host, "priority": w.priority, "position": w.position,
-             "enqueued_at": w.enqueued_at, "build": w.labels.get("build_id")}
+            {
+                "name": w.name,
+                "host": w.host,
+                "priority": w.priority,
+                "position": w.position,
+                "enqueued_at": w.enqueued_at,
+                "build": w.labels.get("build_id"),
+            }
             for w in waiters
         ],
     }
@@ -175,8 +191,9 @@ class Api:
             try:
                 state = State(state)
             except ValueError:
-                raise InvalidArgument(f"state {state!r} is not one of: "
-                                      f"{', '.join(s.value for s in State)}") from None
+                raise InvalidArgument(
+                    f"state {state!r} is not one of: {', '.join(s.value for s in State)}"
+                ) from None
         limit = _int_arg(req.args, "limit", 1, 10000, 50)
         return [_build_json(b) for b in self.d.store.recent(state, limit)]
 
@@ -191,8 +208,12 @@ class Api:
                 data = f.read(_LOG_CHUNK)
         except FileNotFoundError:
             pass
-        return {"data": data.decode(errors="replace"), "offset": offset + len(data),
-                "state": str(build.state), "done": build.state.final and len(data) < _LOG_CHUNK}
+        return {
+            "data": data.decode(errors="replace"),
+            "offset": offset + len(data),
+            "state": str(build.state),
+            "done": build.state.final and len(data) < _LOG_CHUNK,
+        }
 
     def settings_show(self, req: Request) -> dict[str, Any]:
         return self.d.settings.as_dict()
@@ -221,8 +242,10 @@ class Api:
         priority = _int_arg(args, "priority", -MAX_PRIORITY, MAX_PRIORITY, 0)
         files = args.get("files")
         if not isinstance(files, list) or len(files) != len(req.fds) or not files:
-            raise BadRequest("submit needs 'files' [{name, role}] matching the descriptors "
-                             f"sent ({len(req.fds)} received)")
+            raise BadRequest(
+                "submit needs 'files' [{name, role}] matching the descriptors "
+                f"sent ({len(req.fds)} received)"
+            )
         roles = [f.get("role") if isinstance(f, dict) else None for f in files]
         names = [check_file_name(f.get("name")) for f in files]
         if roles.count("srpm") == 1 and len(roles) == 1:
@@ -242,19 +265,30 @@ class Api:
         for name, role, fd in zip(names, roles, req.fds, strict=True):
             target = f"sources/{name}" if role == "source" else name
             contents[target] = read_fd(fd, name, budget)
-        build_id = self.d.store.submit(chroot=chroot, kind=kind, source=main, files=contents,
-                                       priority=priority, uid=req.peer.uid,
-                                       user=req.peer.user)
-        self.d.log_event(build_id, f"submitted by {req.peer.user} (uid {req.peer.uid}): "
-                                   f"{main} for {chroot}, priority {priority}")
+        build_id = self.d.store.submit(
+            chroot=chroot,
+            kind=kind,
+            source=main,
+            files=contents,
+            priority=priority,
+            uid=req.peer.uid,
+            user=req.peer.user,
+        )
+        self.d.log_event(
+            build_id,
+            f"submitted by {req.peer.user} (uid {req.peer.uid}): "
+            f"{main} for {chroot}, priority {priority}",
+        )
         self.d.wake()
         return {"id": build_id}
 
     def _own_build(self, req: Request, verb: str) -> Build:
         build = self.d.store.get(_int_arg(req.args, "id", 1, 2**62))
         if build.submitted_by != req.peer.uid and not req.peer.admin:
-            raise PermissionDenied(f"only the submitter or an admin may {verb} build "
-                                   f"{build.id}; {req.peer.user} is neither")
+            raise PermissionDenied(
+                f"only the submitter or an admin may {verb} build "
+                f"{build.id}; {req.peer.user} is neither"
+            )
         return build
 
     def build_cancel(self, req: Request) -> dict[str, Any]:
@@ -286,8 +320,9 @@ class Api:
             except RedisUnavailable:
                 raise
             if released[name]:
-                self.d.log.warning("slot %s force-released by %s (uid %d)", name,
-                                   req.peer.user, req.peer.uid)
+                self.d.log.warning(
+                    "slot %s force-released by %s (uid %d)", name, req.peer.user, req.peer.uid
+                )
         missing = [n for n, ok in released.items() if not ok]
         if missing and len(missing) == len(names):
             raise NotFound(f"no slot named {', '.join(missing)}")
@@ -297,6 +332,7 @@ class Api:
         if req.args.get("yes") is not True:
             raise BadRequest("slots.clear frees every slot; it needs 'yes': true")
         count = self.d.limiter.clear_all()
-        self.d.log.warning("all %d slots cleared by %s (uid %d)", count, req.peer.user,
-                           req.peer.uid)
+        self.d.log.warning(
+            "all %d slots cleared by %s (uid %d)", count, req.peer.user, req.peer.uid
+        )
         return {"cleared": count}

@@ -98,8 +98,9 @@ class BuildRun:
     def _steps(self, logf: IO[bytes], result_dir: Path, deadline: float | None) -> Outcome:
         b, inputs = self.build, self.build_dir / "input"
         if b.kind == "spec":
-            argv = mock.buildsrpm_argv(self.mock_command, b.chroot, b.id, result_dir,
-                                       inputs / b.source, inputs / "sources")
+            argv = mock.buildsrpm_argv(
+                self.mock_command, b.chroot, b.id, result_dir, inputs / b.source, inputs / "sources"
+            )
             outcome = self._run_step("buildsrpm", argv, logf, deadline)
             if outcome is not None:
                 return outcome
@@ -113,8 +114,9 @@ class BuildRun:
         outcome = self._run_step("rebuild", argv, logf, deadline)
         return outcome or Outcome(State.SUCCEEDED, 0)
 
-    def _run_step(self, step: str, argv: list[str], logf: IO[bytes],
-                  deadline: float | None) -> Outcome | None:
+    def _run_step(
+        self, step: str, argv: list[str], logf: IO[bytes], deadline: float | None
+    ) -> Outcome | None:
         """None when the step succeeded; otherwise how the build ends."""
         if self._stop_reason is not None:
             return self._stopped(None)
@@ -128,8 +130,12 @@ class BuildRun:
         if code == 0:
             return None
         if code == mock.BUILD_ROOT_LOCKED:
-            return Outcome(State.QUEUED, code, "mock: build root is locked by another process "
-                           "(exit 60); the build will be retried")
+            return Outcome(
+                State.QUEUED,
+                code,
+                "mock: build root is locked by another process "
+                "(exit 60); the build will be retried",
+            )
         return Outcome(State.FAILED, code, f"mock --{step} exited with {code}; see build.log")
 
     def _wait(self, proc: Process, deadline: float | None) -> int:
@@ -139,27 +145,32 @@ class BuildRun:
             except subprocess.TimeoutExpired:
                 pass
             if deadline is not None and self.clock() >= deadline:
-                self.stop(StopReason.TIMEOUT,
-                          f"build ran over build_timeout_minutes="
-                          f"{self.settings.build_timeout_minutes}")
+                self.stop(
+                    StopReason.TIMEOUT,
+                    f"build ran over build_timeout_minutes={self.settings.build_timeout_minutes}",
+                )
             if self._stop_event.is_set():
                 return self.stopper.stop(proc)
 
     def _stopped(self, code: int | None) -> Outcome:
         reason = self._stop_reason or StopReason.CANCEL
-        note = self._stop_note or {
-            StopReason.CANCEL: "cancelled",
-            StopReason.TIMEOUT: "timed out",
-            StopReason.REQUEUE: "interrupted; will run again",
-        }[reason]
+        note = (
+            self._stop_note
+            or {
+                StopReason.CANCEL: "cancelled",
+                StopReason.TIMEOUT: "timed out",
+                StopReason.REQUEUE: "interrupted; will run again",
+            }[reason]
+        )
         return Outcome(_STATE_FOR[reason], code, note)
 
     def _scrub(self, logf: IO[bytes]) -> None:
         scrub(self.build, self.build_dir, self.settings, self.runner, logf)
 
 
-def scrub(build: Build, build_dir: Path, settings: Settings, runner: Runner,
-          logf: IO[bytes]) -> None:
+def scrub(
+    build: Build, build_dir: Path, settings: Settings, runner: Runner, logf: IO[bytes]
+) -> None:
     """Delete the build's unique roots (never the shared caches: see reqpmd.mock)."""
     command = Path(settings.mock_command)
     if mock.check_executable(command):
@@ -171,8 +182,9 @@ def scrub(build: Build, build_dir: Path, settings: Settings, runner: Runner,
     try:
         proc = runner(argv, logf, build_dir)
     except OSError as exc:
-        log.warning("build %d: scrub could not start: %s", build.id, exc,
-                    extra={"build_id": build.id})
+        log.warning(
+            "build %d: scrub could not start: %s", build.id, exc, extra={"build_id": build.id}
+        )
         shutil.rmtree(private_cache, ignore_errors=True)
         return
     try:
@@ -182,8 +194,12 @@ def scrub(build: Build, build_dir: Path, settings: Settings, runner: Runner,
     finally:
         shutil.rmtree(private_cache, ignore_errors=True)
     if code != 0:
-        log.warning("build %d: scrub of its mock root exited with %s", build.id, code,
-                    extra={"build_id": build.id})
+        log.warning(
+            "build %d: scrub of its mock root exited with %s",
+            build.id,
+            code,
+            extra={"build_id": build.id},
+        )
 
 
 def _note(logf: IO[bytes], text: str) -> None:

@@ -64,8 +64,9 @@ Handler = Callable[[Request], Any]
 
 
 def peer_of(conn: socket.socket, admin_group: str) -> Peer:
-    pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                        struct.calcsize("3i")))
+    pid, uid, gid = struct.unpack(
+        "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    )
     groups: set[int] = {gid}
     try:
         raw = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 1024)
@@ -104,8 +105,7 @@ def bind_socket(path: Path, group: str) -> socket.socket:
     try:
         os.chown(path, -1, grp.getgrnam(group).gr_gid)
     except KeyError:
-        log.warning("socket_group %r does not exist; %s keeps group %d", group, path,
-                    os.getgid())
+        log.warning("socket_group %r does not exist; %s keeps group %d", group, path, os.getgid())
     except PermissionError as exc:
         log.warning("cannot give %s to group %r: %s", path, group, exc)
     os.chmod(path, 0o660)
@@ -114,15 +114,17 @@ def bind_socket(path: Path, group: str) -> socket.socket:
 
 
 class ControlServer:
-    def __init__(self, sock: socket.socket, handler: Handler,
-                 admin_group: Callable[[], str]) -> None:
+    def __init__(
+        self, sock: socket.socket, handler: Handler, admin_group: Callable[[], str]
+    ) -> None:
         self.sock = sock
         self.handler = handler
         self.admin_group = admin_group
         self._active = threading.BoundedSemaphore(MAX_CLIENTS)
         self._closing = threading.Event()
-        self._thread = threading.Thread(target=self._accept_loop, name="control-accept",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._accept_loop, name="control-accept", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()
@@ -146,8 +148,9 @@ class ControlServer:
                     conn.sendall(_error("unavailable", "too many clients; try again"))
                 conn.close()
                 continue
-            threading.Thread(target=self._serve, args=(conn,), name="control-client",
-                             daemon=True).start()
+            threading.Thread(
+                target=self._serve, args=(conn,), name="control-client", daemon=True
+            ).start()
 
     def _serve(self, conn: socket.socket) -> None:
         reader = protocol.LineReader(conn)
@@ -181,8 +184,10 @@ class ControlServer:
         try:
             obj = protocol.decode(line)
             if obj.get("v") != protocol.VERSION:
-                raise BadRequest(f"unsupported protocol version {obj.get('v')!r}; this daemon "
-                                 f"speaks {protocol.VERSION}")
+                raise BadRequest(
+                    f"unsupported protocol version {obj.get('v')!r}; this daemon "
+                    f"speaks {protocol.VERSION}"
+                )
             op, args = obj.get("op"), obj.get("args", {})
             if not isinstance(op, str) or not isinstance(args, dict):
                 raise BadRequest("a request needs a string 'op' and an object 'args'")
@@ -198,5 +203,6 @@ class ControlServer:
 
 
 def _error(code: str, message: str) -> bytes:
-    return protocol.encode({"v": protocol.VERSION, "ok": False,
-                            "error": {"code": code, "message": message}})
+    return protocol.encode(
+        {"v": protocol.VERSION, "ok": False, "error": {"code": code, "message": message}}
+    )

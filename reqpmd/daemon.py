@@ -45,8 +45,13 @@ REDIS_CHECK_EVERY = 2.0
 
 
 class Daemon:
-    def __init__(self, config_path: Path, initial: Settings, runner: Runner = popen_runner,
-                 gates: Gates | None = None) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        initial: Settings,
+        runner: Runner = popen_runner,
+        gates: Gates | None = None,
+    ) -> None:
         self.config_path = config_path
         self.settings = initial
         self.runner = runner
@@ -107,20 +112,27 @@ class Daemon:
         if self.redis_server is not None:
             # Our private server: nobody else can hold a slot it forgot.
             self.limiter.declare_no_survivors()
-        self.scheduler = Scheduler(self.store, self.limiter, lambda: self.settings, self.runner,
-                                   self.gates)
+        self.scheduler = Scheduler(
+            self.store, self.limiter, lambda: self.settings, self.runner, self.gates
+        )
         recovered = self.scheduler.recover(Stopper(float(s.cancel_grace_seconds)))
         for build_id in recovered:
-            self.log_event(build_id, "left running by an earlier instance; re-queued",
-                           logging.WARNING)
+            self.log_event(
+                build_id, "left running by an earlier instance; re-queued", logging.WARNING
+            )
         inherited = listen_fds()
-        sock = inherited[0] if inherited else bind_socket(Path(s.socket_path),
-                                                          str(s.socket_group))
+        sock = inherited[0] if inherited else bind_socket(Path(s.socket_path), str(s.socket_group))
         self.server = ControlServer(sock, Api(self), lambda: str(self.settings.admin_group))
         self.server.start()
-        log.info("reqpmd %s ready: host %s, socket %s%s, Redis %s, limit %d", __version__,
-                 s.host_id, s.socket_path, " (socket activation)" if inherited else "",
-                 self.redis_label, s.max_concurrent_builds)
+        log.info(
+            "reqpmd %s ready: host %s, socket %s%s, Redis %s, limit %d",
+            __version__,
+            s.host_id,
+            s.socket_path,
+            " (socket activation)" if inherited else "",
+            self.redis_label,
+            s.max_concurrent_builds,
+        )
         self._check_redis(force=True)
         self.notifier.ready()
         try:
@@ -197,8 +209,12 @@ class Daemon:
 
     def _redis_down(self, detail: str, now: float) -> None:
         if self.redis_ok or self.redis_detail == "not connected yet":
-            log.warning("Redis at %s unreachable (%s): running builds go on, submissions are "
-                        "queued, no new slot is taken until it is back", self.redis_label, detail)
+            log.warning(
+                "Redis at %s unreachable (%s): running builds go on, submissions are "
+                "queued, no new slot is taken until it is back",
+                self.redis_label,
+                detail,
+            )
         self.redis_ok, self.redis_detail = False, detail
         self.cluster_active = None
         self._redis_next_check = now + self._redis_backoff
@@ -211,8 +227,11 @@ class Daemon:
         self._next_heartbeat = now + HEARTBEAT_EVERY
         s, flight = self.settings, self.scheduler.in_flight()
         record = {
-            "host_id": s.host_id, "last_seen": time.time(), "version": __version__,
-            "building": flight["building"], "waiting": flight["waiting"],
+            "host_id": s.host_id,
+            "last_seen": time.time(),
+            "version": __version__,
+            "building": flight["building"],
+            "waiting": flight["waiting"],
             "queued": self.store.count(State.QUEUED),
             "max_concurrent_builds": s.max_concurrent_builds,
             "host_max_builds": s.host_max_builds,
@@ -220,8 +239,7 @@ class Daemon:
         }
         # If Redis is gone, the next Redis check reports it.
         with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
-            self.redis.hset(keys.hosts_key(str(s.namespace)), str(s.host_id),
-                            json.dumps(record))
+            self.redis.hset(keys.hosts_key(str(s.namespace)), str(s.host_id), json.dumps(record))
 
     def hosts(self) -> list[dict[str, Any]]:
         try:
@@ -241,11 +259,15 @@ class Daemon:
         flight = self.scheduler.in_flight()
         queued = self.store.count(State.QUEUED)
         if not self.redis_ok:
-            return (f"waiting for Redis at {self.redis_label}: {self.redis_detail}; "
-                    f"{flight['building']} building here, {queued} queued")
+            return (
+                f"waiting for Redis at {self.redis_label}: {self.redis_detail}; "
+                f"{flight['building']} building here, {queued} queued"
+            )
         shut = describe_closed(self.scheduler.last_gates)
-        head = (f"{self.cluster_active}/{s.max_concurrent_builds} slots busy cluster-wide, "
-                f"{flight['building']} building here, {queued} queued")
+        head = (
+            f"{self.cluster_active}/{s.max_concurrent_builds} slots busy cluster-wide, "
+            f"{flight['building']} building here, {queued} queued"
+        )
         return f"{shut}; {head}" if shut else head
 
     def status(self) -> dict[str, Any]:
@@ -294,16 +316,21 @@ class Daemon:
             else:
                 self.store.audit_setting(-1, who, key, before, after)
         self.wake()
-        return {"changed": {k: [str(a), str(b)] for k, (a, b) in diff.items()},
-                "restart_required": sorted(pending)}
+        return {
+            "changed": {k: [str(a), str(b)] for k, (a, b) in diff.items()},
+            "restart_required": sorted(pending),
+        }
 
     def reload(self) -> None:
         self.notifier.reloading()
         try:
             new = settings.load(self.config_path)
         except SettingsInvalid as exc:
-            log.error("reload of %s failed; keeping the running settings: %s",
-                      self.config_path, "; ".join(str(e) for e in exc.errors))
+            log.error(
+                "reload of %s failed; keeping the running settings: %s",
+                self.config_path,
+                "; ".join(str(e) for e in exc.errors),
+            )
         else:
             with self._settings_lock:
                 result = self._apply(new, "SIGHUP reload", None)
@@ -322,24 +349,34 @@ class Daemon:
             if errors:
                 raise InvalidArgument("; ".join(str(e) for e in errors))
             try:
-                values = settings.validate({**raw, **changes},
-                                           base_dir=self.config_path.parent.resolve())
+                values = settings.validate(
+                    {**raw, **changes}, base_dir=self.config_path.parent.resolve()
+                )
             except SettingsInvalid as exc:
                 bad = [e for e in exc.errors if e.key in changes] or exc.errors
                 raise InvalidArgument("; ".join(str(e) for e in bad)) from exc
             settings_file.write_changes(self.config_path, changes)
-            return self._apply(Settings(values, self.config_path),
-                               f"{peer.user} (uid {peer.uid})", peer.uid)
+            return self._apply(
+                Settings(values, self.config_path), f"{peer.user} (uid {peer.uid})", peer.uid
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="reqpmd", description="reqpm build daemon (runs in the "
-                                 "foreground; logs to stderr)")
-    ap.add_argument("--config", type=Path,
-                    default=Path(os.environ.get("REQPM_CONFIG", settings.DEFAULT_CONFIG)),
-                    help="config file (default $REQPM_CONFIG or %(default)s)")
-    ap.add_argument("--check-config", type=Path, metavar="PATH",
-                    help="validate a config file and exit: 0 if valid, 1 listing every problem")
+    ap = argparse.ArgumentParser(
+        prog="reqpmd", description="reqpm build daemon (runs in the foreground; logs to stderr)"
+    )
+    ap.add_argument(
+        "--config",
+        type=Path,
+        default=Path(os.environ.get("REQPM_CONFIG", settings.DEFAULT_CONFIG)),
+        help="config file (default $REQPM_CONFIG or %(default)s)",
+    )
+    ap.add_argument(
+        "--check-config",
+        type=Path,
+        metavar="PATH",
+        help="validate a config file and exit: 0 if valid, 1 listing every problem",
+    )
     ap.add_argument("--version", action="version", version=f"reqpmd {__version__}")
     args = ap.parse_args(argv)
     if args.check_config is not None:

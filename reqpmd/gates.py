@@ -50,19 +50,33 @@ class Gates:
         gates = []
         cap = int(settings.host_max_builds)
         if cap:
-            gates.append(Gate("host_max_builds", building_here < cap,
-                              f"{building_here}/{cap} builds on this host"))
+            gates.append(
+                Gate(
+                    "host_max_builds",
+                    building_here < cap,
+                    f"{building_here}/{cap} builds on this host",
+                )
+            )
         want = float(settings.min_free_disk_gb)
         free = self.disk_free(Path(settings.mock_root_dir)) / GB
-        gates.append(Gate("disk", free >= want,
-                          f"{free:.1f} GB free {'>=' if free >= want else '<'} {want:g} GB "
-                          f"under {settings.mock_root_dir}"))
+        gates.append(
+            Gate(
+                "disk",
+                free >= want,
+                f"{free:.1f} GB free {'>=' if free >= want else '<'} {want:g} GB "
+                f"under {settings.mock_root_dir}",
+            )
+        )
         limit = float(settings.max_load_per_cpu)
         if limit > 0:
             load = self.load()
-            gates.append(Gate("load", load <= limit,
-                              f"load per CPU {load:.2f} {'<=' if load <= limit else '>'} "
-                              f"{limit:g}"))
+            gates.append(
+                Gate(
+                    "load",
+                    load <= limit,
+                    f"load per CPU {load:.2f} {'<=' if load <= limit else '>'} {limit:g}",
+                )
+            )
         return gates
 
 

@@ -37,21 +37,33 @@ def _base(mock: Path, chroot: str, build_id: int) -> list[str]:
     return [str(mock), "-r", chroot, "--uniqueext", uniqueext(build_id)]
 
 
-def buildsrpm_argv(mock: Path, chroot: str, build_id: int, result_dir: Path, spec: Path,
-                   sources: Path) -> list[str]:
-    return [*_base(mock, chroot, build_id), "--resultdir", str(result_dir), "--buildsrpm",
-            "--spec", str(spec), "--sources", str(sources)]
+def buildsrpm_argv(
+    mock: Path, chroot: str, build_id: int, result_dir: Path, spec: Path, sources: Path
+) -> list[str]:
+    return [
+        *_base(mock, chroot, build_id),
+        "--resultdir",
+        str(result_dir),
+        "--buildsrpm",
+        "--spec",
+        str(spec),
+        "--sources",
+        str(sources),
+    ]
 
 
-def rebuild_argv(mock: Path, chroot: str, build_id: int, result_dir: Path,
-                 srpm: Path) -> list[str]:
-    return [*_base(mock, chroot, build_id), "--resultdir", str(result_dir), "--rebuild",
-            str(srpm)]
+def rebuild_argv(mock: Path, chroot: str, build_id: int, result_dir: Path, srpm: Path) -> list[str]:
+    return [*_base(mock, chroot, build_id), "--resultdir", str(result_dir), "--rebuild", str(srpm)]
 
 
 def scrub_argv(mock: Path, chroot: str, build_id: int, private_cache: Path) -> list[str]:
-    return [*_base(mock, chroot, build_id), "--config-opts", f"cache_topdir={private_cache}",
-            "--scrub=chroot", "--scrub=bootstrap"]
+    return [
+        *_base(mock, chroot, build_id),
+        "--config-opts",
+        f"cache_topdir={private_cache}",
+        "--scrub=chroot",
+        "--scrub=bootstrap",
+    ]
 
 
 def check_executable(mock: Path) -> str | None:
@@ -78,8 +90,13 @@ class Runner(Protocol):
 
 def popen_runner(argv: list[str], log: IO[bytes], cwd: Path) -> Process:
     return subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
-        start_new_session=True, close_fds=True,
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=cwd,
+        start_new_session=True,
+        close_fds=True,
     )
 
 

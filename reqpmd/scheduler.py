@@ -93,8 +93,9 @@ class Scheduler:
     def tick(self, redis_ok: bool) -> None:
         """Start what may start now; withdraw waiters while a gate is closed."""
         with self._lock:
-            self._flights = {i: f for i, f in self._flights.items()
-                             if f.thread is None or f.thread.is_alive()}
+            self._flights = {
+                i: f for i, f in self._flights.items() if f.thread is None or f.thread.is_alive()
+            }
             if self.stopping:
                 return
             s = self.settings()
@@ -104,8 +105,12 @@ class Scheduler:
             if shut:
                 for f in self._flights.values():
                     if not f.building and not f.wait_cancel.is_set():
-                        log.info("build %d: leaving the slot queue: %s", f.build_id,
-                                 gates_mod.describe_closed(shut), extra={"build_id": f.build_id})
+                        log.info(
+                            "build %d: leaving the slot queue: %s",
+                            f.build_id,
+                            gates_mod.describe_closed(shut),
+                            extra={"build_id": f.build_id},
+                        )
                         f.stop(StopReason.REQUEUE, "gate closed")
                 return
             if not redis_ok:
@@ -122,8 +127,9 @@ class Scheduler:
     def _launch(self, build: Build) -> None:
         flight = Flight(build.id)
         self.store.transition(build.id, State.WAITING, error=None)
-        flight.thread = threading.Thread(target=self._fly, args=(flight, build),
-                                         name=f"build-{build.id}", daemon=True)
+        flight.thread = threading.Thread(
+            target=self._fly, args=(flight, build), name=f"build-{build.id}", daemon=True
+        )
         self._flights[build.id] = flight
         flight.thread.start()
 
@@ -151,8 +157,9 @@ class Scheduler:
         with self._lock:
             build = self.store.get(build_id)
             if not build.state.final:
-                raise InvalidArgument(f"build {build_id} is {build.state}; only an ended "
-                                      f"build can be retried")
+                raise InvalidArgument(
+                    f"build {build_id} is {build.state}; only an ended build can be retried"
+                )
             return self.store.transition(build_id, State.QUEUED, error=None, retries=0)
 
     def shutdown(self, timeout: float) -> None:
@@ -173,8 +180,11 @@ class Scheduler:
             self._fly_inner(flight, build)
         except Exception:
             log.exception("build %d: internal error", build.id, extra={"build_id": build.id})
-            self._end(build.id, Outcome(State.QUEUED, None, "internal error; will retry"),
-                      count_retry=True)
+            self._end(
+                build.id,
+                Outcome(State.QUEUED, None, "internal error; will retry"),
+                count_retry=True,
+            )
 
     def _fly_inner(self, flight: Flight, build: Build) -> None:
         s = self.settings()
@@ -185,8 +195,9 @@ class Scheduler:
                 timeout=int(s.slot_wait_timeout) or None,
                 priority=build.priority,
                 labels={"build_id": build.id, "host_id": s.host_id},
-                on_lost=lambda lost: flight.stop(StopReason.REQUEUE,
-                                                 "lost its build slot; will run again"),
+                on_lost=lambda lost: flight.stop(
+                    StopReason.REQUEUE, "lost its build slot; will run again"
+                ),
                 cancel=flight.wait_cancel,
             )
         except SlotTimeout as exc:
@@ -208,22 +219,35 @@ class Scheduler:
             try:
                 self.limiter.release(name)
             except RedisUnavailable:
-                log.warning("build %d: could not release slot %s: Redis unreachable; its "
-                            "lease frees it", build.id, name, extra={"build_id": build.id})
+                log.warning(
+                    "build %d: could not release slot %s: Redis unreachable; its lease frees it",
+                    build.id,
+                    name,
+                    extra={"build_id": build.id},
+                )
 
     def _build(self, flight: Flight, build: Build, slot: Slot, s: Settings) -> None:
-        running = self.store.transition(build.id, State.BUILDING, slot_token=slot.token,
-                                        runs=build.runs + 1)
-        log.info("build %d: building %s in %s-%s (slot %s, token %d)", build.id, build.source,
-                 build.chroot, f"build{build.id}", slot.name, slot.token,
-                 extra={"build_id": build.id})
+        running = self.store.transition(
+            build.id, State.BUILDING, slot_token=slot.token, runs=build.runs + 1
+        )
+        log.info(
+            "build %d: building %s in %s-%s (slot %s, token %d)",
+            build.id,
+            build.source,
+            build.chroot,
+            f"build{build.id}",
+            slot.name,
+            slot.token,
+            extra={"build_id": build.id},
+        )
         run = BuildRun(
             running,
             self.store.build_dir(build.id),
             s,
             self.runner,
-            on_started=lambda pid, started: self.store.update(build.id, pid=pid,
-                                                              pid_started=started),
+            on_started=lambda pid, started: self.store.update(
+                build.id, pid=pid, pid_started=started
+            ),
         )
         with flight.lock:
             flight.run = run
@@ -245,9 +269,14 @@ class Scheduler:
             changes.pop("exit_code")
         self.store.transition(build_id, state, **changes)
         level = logging.INFO if state in (State.SUCCEEDED, State.QUEUED) else logging.WARNING
-        log.log(level, "build %d: %s%s", build_id, state,
-                f" ({changes['error']})" if changes.get("error") else "",
-                extra={"build_id": build_id})
+        log.log(
+            level,
+            "build %d: %s%s",
+            build_id,
+            state,
+            f" ({changes['error']})" if changes.get("error") else "",
+            extra={"build_id": build_id},
+        )
 
     # -- start-up ---------------------------------------------------------------------
 
@@ -265,8 +294,10 @@ class Scheduler:
                     scrub(build, bdir, s, self.runner, logf)
             with contextlib.suppress(RedisUnavailable):  # else its lease frees the slot
                 self.limiter.force_release(slot_name(build.id, s.host_id))
-            self._end(build.id, Outcome(State.QUEUED, None,
-                                        "interrupted by a daemon crash; re-queued"),
-                      count_retry=build.state == State.BUILDING)
+            self._end(
+                build.id,
+                Outcome(State.QUEUED, None, "interrupted by a daemon crash; re-queued"),
+                count_retry=build.state == State.BUILDING,
+            )
             recovered.append(build.id)
         return recovered

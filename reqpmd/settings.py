@@ -80,51 +80,147 @@ def _hostname() -> str:
 
 FIELDS: tuple[Field, ...] = (
     # The seed's settings: names, bounds and defaults are a contract.
-    Field("max_concurrent_builds", int, 4, "builds running at once across every host "
-          "sharing the Redis namespace", 1, 20),
+    Field(
+        "max_concurrent_builds",
+        int,
+        4,
+        "builds running at once across every host sharing the Redis namespace",
+        1,
+        20,
+    ),
     Field("cleanup_builds_after_days", int, 30, "days a finished build's files are kept", 1, 365),
     Field("cleanup_repos_after_days", int, 7, "days unused repository clones are kept", 1, 90),
     Field("auto_sync_projects", bool, True, "sync projects from git periodically"),
     Field("sync_interval_hours", int, 6, "hours between project syncs", 1, 24),
-    Field("repository_sync_interval_minutes", int, 30, "minutes between repository metadata "
-          "updates", 5, 1440),
+    Field(
+        "repository_sync_interval_minutes",
+        int,
+        30,
+        "minutes between repository metadata updates",
+        5,
+        1440,
+    ),
     # The daemon's own settings.
-    Field("redis_url", str, "embedded", "'embedded' (a private redis-server in state_dir) or a "
-          "redis://, rediss:// or unix:// URL shared by all hosts", pattern=_URL_RE,
-          pattern_doc="'embedded' or a redis://, rediss:// or unix:// URL", restart=True),
-    Field("namespace", str, "reqpm", "Redis namespace; hosts sharing slots use the same one",
-          pattern=_NAME_RE, pattern_doc="1-64 characters from A-Z a-z 0-9 _ . -", restart=True),
-    Field("host_id", str, "", "this daemon's name among the hosts (default: the hostname)",
-          pattern=_NAME_RE, pattern_doc="1-64 characters from A-Z a-z 0-9 _ . -", restart=True),
+    Field(
+        "redis_url",
+        str,
+        "embedded",
+        "'embedded' (a private redis-server in state_dir) or a "
+        "redis://, rediss:// or unix:// URL shared by all hosts",
+        pattern=_URL_RE,
+        pattern_doc="'embedded' or a redis://, rediss:// or unix:// URL",
+        restart=True,
+    ),
+    Field(
+        "namespace",
+        str,
+        "reqpm",
+        "Redis namespace; hosts sharing slots use the same one",
+        pattern=_NAME_RE,
+        pattern_doc="1-64 characters from A-Z a-z 0-9 _ . -",
+        restart=True,
+    ),
+    Field(
+        "host_id",
+        str,
+        "",
+        "this daemon's name among the hosts (default: the hostname)",
+        pattern=_NAME_RE,
+        pattern_doc="1-64 characters from A-Z a-z 0-9 _ . -",
+        restart=True,
+    ),
     Field("socket_path", Path, Path("/run/reqpm/reqpmd.sock"), "control socket", restart=True),
-    Field("socket_group", str, "reqpm", "group owning the control socket (mode 0660)",
-          pattern=_NAME_RE, pattern_doc="a group name", restart=True),
-    Field("admin_group", str, "reqpm-admin", "members may change settings and free slots",
-          pattern=_NAME_RE, pattern_doc="a group name"),
-    Field("state_dir", Path, Path("/var/lib/reqpm"), "queue database, build logs, results",
-          restart=True),
+    Field(
+        "socket_group",
+        str,
+        "reqpm",
+        "group owning the control socket (mode 0660)",
+        pattern=_NAME_RE,
+        pattern_doc="a group name",
+        restart=True,
+    ),
+    Field(
+        "admin_group",
+        str,
+        "reqpm-admin",
+        "members may change settings and free slots",
+        pattern=_NAME_RE,
+        pattern_doc="a group name",
+    ),
+    Field(
+        "state_dir",
+        Path,
+        Path("/var/lib/reqpm"),
+        "queue database, build logs, results",
+        restart=True,
+    ),
     Field("mock_command", Path, Path("/usr/bin/mock"), "the mock executable"),
-    Field("mock_root_dir", Path, Path("/var/lib/mock"), "mock's basedir (checked by the "
-          "disk gate)"),
-    Field("default_chroot", str, "fedora-rawhide-x86_64", "mock config used when a "
-          "submission names none", pattern=_CHROOT_RE, pattern_doc="a mock config name"),
-    Field("slot_wait_timeout", int, 300, "seconds a build may wait for a slot (0 = forever)",
-          0, 604800),
-    Field("slot_lease_seconds", int, 60, "lease of a held slot; a dead holder's slot returns "
-          "after this", 5, 3600),
-    Field("host_max_builds", int, 0, "builds at once on this host (0 = only the cluster "
-          "limit)", 0, 20),
-    Field("min_free_disk_gb", float, 10.0, "take no new slot while mock_root_dir has less free "
-          "space (GB)", 0, 100000),
-    Field("max_load_per_cpu", float, 0.0, "take no new slot while the 1-minute load per CPU "
-          "is above this (0 = no load gate)", 0, 1000),
-    Field("build_timeout_minutes", float, 480.0, "cancel builds running longer (0 = never)",
-          0, 10080),
-    Field("max_build_retries", int, 3, "re-runs of a build interrupted by a crash or a "
-          "locked root before it fails", 0, 20),
+    Field(
+        "mock_root_dir", Path, Path("/var/lib/mock"), "mock's basedir (checked by the disk gate)"
+    ),
+    Field(
+        "default_chroot",
+        str,
+        "fedora-rawhide-x86_64",
+        "mock config used when a submission names none",
+        pattern=_CHROOT_RE,
+        pattern_doc="a mock config name",
+    ),
+    Field(
+        "slot_wait_timeout",
+        int,
+        300,
+        "seconds a build may wait for a slot (0 = forever)",
+        0,
+        604800,
+    ),
+    Field(
+        "slot_lease_seconds",
+        int,
+        60,
+        "lease of a held slot; a dead holder's slot returns after this",
+        5,
+        3600,
+    ),
+    Field(
+        "host_max_builds", int, 0, "builds at once on this host (0 = only the cluster limit)", 0, 20
+    ),
+    Field(
+        "min_free_disk_gb",
+        float,
+        10.0,
+        "take no new slot while mock_root_dir has less free space (GB)",
+        0,
+        100000,
+    ),
+    Field(
+        "max_load_per_cpu",
+        float,
+        0.0,
+        "take no new slot while the 1-minute load per CPU is above this (0 = no load gate)",
+        0,
+        1000,
+    ),
+    Field(
+        "build_timeout_minutes", float, 480.0, "cancel builds running longer (0 = never)", 0, 10080
+    ),
+    Field(
+        "max_build_retries",
+        int,
+        3,
+        "re-runs of a build interrupted by a crash or a locked root before it fails",
+        0,
+        20,
+    ),
     Field("keep_failed_roots", bool, False, "keep a failed build's mock root for debugging"),
-    Field("cancel_grace_seconds", int, 5, "seconds between SIGINT, SIGTERM and SIGKILL when "
-          "stopping mock", 1, 120),
+    Field(
+        "cancel_grace_seconds",
+        int,
+        5,
+        "seconds between SIGINT, SIGTERM and SIGKILL when stopping mock",
+        1,
+        120,
+    ),
 )
 BY_NAME: Mapping[str, Field] = {f.name: f for f in FIELDS}
 
@@ -204,8 +300,9 @@ def parse_text(text: str, source: str = "") -> tuple[dict[str, Any], dict[str, i
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
-        raise SettingsInvalid([SettingError("(file)", f"not valid YAML: {exc}", line)],
-                              source) from exc
+        raise SettingsInvalid(
+            [SettingError("(file)", f"not valid YAML: {exc}", line)], source
+        ) from exc
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -275,10 +372,9 @@ def load(path: Path | str, environ: Mapping[str, str] | None = None) -> Settings
     try:
         text = path.read_text()
     except OSError as exc:
-        raise SettingsInvalid([SettingError("(file)", f"cannot read: {exc.strerror}")],
-                              str(path)) from exc
+        raise SettingsInvalid(
+            [SettingError("(file)", f"cannot read: {exc.strerror}")], str(path)
+        ) from exc
     raw, lines = parse_text(text, str(path))
-    values = validate(raw, lines, base_dir=path.parent.resolve(), environ=environ,
-                      source=str(path))
+    values = validate(raw, lines, base_dir=path.parent.resolve(), environ=environ, source=str(path))
     return Settings(values, path)
-

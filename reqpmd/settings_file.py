@@ -33,8 +33,10 @@ def edit_text(text: str, changes: Mapping[str, Any]) -> str:
     lines = text.splitlines(keepends=True)
     for key, value in changes.items():
         rendered = render(value)
-        active = re.compile(rf"^{re.escape(key)}[ \t]*:[ \t]*(?P<value>[^#\n]*?)"
-                            rf"(?P<comment>[ \t]+#.*)?(?P<eol>\r?\n?)$")
+        active = re.compile(
+            rf"^{re.escape(key)}[ \t]*:[ \t]*(?P<value>[^#\n]*?)"
+            rf"(?P<comment>[ \t]+#.*)?(?P<eol>\r?\n?)$"
+        )
         # "#key: value" is a commented-out setting; "# key: text" is documentation
         commented = re.compile(rf"^#{re.escape(key)}[ \t]*:.*?(?P<eol>\r?\n?)$")
         for i, line in enumerate(lines):
@@ -62,8 +64,9 @@ def write_changes(path: Path, changes: Mapping[str, Any]) -> None:
     for key, value in changes.items():
         want = str(value) if isinstance(value, Path) else value
         if raw.get(key) != want:
-            raise RuntimeError(f"refusing to write {path}: {key} would read back as "
-                               f"{raw.get(key)!r}, not {want!r}")
+            raise RuntimeError(
+                f"refusing to write {path}: {key} would read back as {raw.get(key)!r}, not {want!r}"
+            )
     atomic_write(path, new_text.encode())
 
 

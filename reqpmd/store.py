@@ -206,8 +206,9 @@ class Store:
     def count(self, state: State) -> int:
         with self._lock:
             return int(
-                self._db.execute("SELECT COUNT(*) FROM builds WHERE state = ?", (state,))
-                .fetchone()[0]
+                self._db.execute(
+                    "SELECT COUNT(*) FROM builds WHERE state = ?", (state,)
+                ).fetchone()[0]
             )
 
     def next_queued(self, exclude: set[int] | frozenset[int] = frozenset()) -> Build | None:
@@ -230,13 +231,21 @@ class Store:
             if stamp and stamp not in changes:
                 changes[stamp] = time.time()
             if new == State.QUEUED:  # a re-run starts from a clean slate
-                for key in ("waiting_at", "started_at", "finished_at", "exit_code", "pid",
-                            "pid_started", "slot_token"):
+                for key in (
+                    "waiting_at",
+                    "started_at",
+                    "finished_at",
+                    "exit_code",
+                    "pid",
+                    "pid_started",
+                    "slot_token",
+                ):
                     changes.setdefault(key, None)
             changes["state"] = new
             assignments = ", ".join(f"{k} = ?" for k in changes)
-            db.execute(f"UPDATE builds SET {assignments} WHERE id = ?",
-                       (*changes.values(), build_id))
+            db.execute(
+                f"UPDATE builds SET {assignments} WHERE id = ?", (*changes.values(), build_id)
+            )
         return self.get(build_id)
 
     def update(self, build_id: int, **changes: Any) -> None:
@@ -245,8 +254,9 @@ class Store:
             raise ValueError(f"update() cannot set {sorted(changes)}")
         with self._tx() as db:
             assignments = ", ".join(f"{k} = ?" for k in changes)
-            db.execute(f"UPDATE builds SET {assignments} WHERE id = ?",
-                       (*changes.values(), build_id))
+            db.execute(
+                f"UPDATE builds SET {assignments} WHERE id = ?", (*changes.values(), build_id)
+            )
 
     # -- settings audit -----------------------------------------------------------------
 
@@ -265,8 +275,7 @@ class Store:
                 " ORDER BY id DESC LIMIT ?",
                 (limit,),
             ).fetchall()
-        return [dict(zip(("at", "uid", "user", "key", "old", "new"), r, strict=True))
-                for r in rows]
+        return [dict(zip(("at", "uid", "user", "key", "old", "new"), r, strict=True)) for r in rows]
 
 
 def _build(row: tuple[Any, ...]) -> Build:

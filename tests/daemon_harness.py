@@ -23,9 +23,17 @@ FINAL = {"succeeded", "failed", "cancelled", "timed_out"}
 
 
 class Reqpmd:
-    def __init__(self, root: Path, *, redis_url: str = "embedded", host_id: str = "h1",
-                 settings: dict[str, Any] | None = None, mock_sleep: float = 0.3,
-                 mock_log: Path | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        redis_url: str = "embedded",
+        host_id: str = "h1",
+        settings: dict[str, Any] | None = None,
+        mock_sleep: float = 0.3,
+        mock_log: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.socket = root / "ctl.sock"
@@ -47,18 +55,26 @@ class Reqpmd:
         }
         values.update(settings or {})
         self.config.write_text(yaml.safe_dump(values))
-        self.env = dict(os.environ, PYTHONPATH=str(HERE.parent), FAKEMOCK_ROOT_DIR=str(self.mock_root),
-                        FAKEMOCK_SLEEP=str(mock_sleep), FAKEMOCK_LOG=str(self.mock_log))
+        self.env = dict(
+            os.environ,
+            PYTHONPATH=str(HERE.parent),
+            FAKEMOCK_ROOT_DIR=str(self.mock_root),
+            FAKEMOCK_SLEEP=str(mock_sleep),
+            FAKEMOCK_LOG=str(self.mock_log),
+        )
         self.env.pop("NOTIFY_SOCKET", None)
         self.env.update(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait: bool = True) -> Reqpmd:
-        self._stderr = open(self.stderr_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "reqpmd.daemon", "--config", str(self.config)],
-            env=self.env, stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr,
-        )
+        with open(self.stderr_path, "ab") as out:  # the child keeps its own copy
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "reqpmd.daemon", "--config", str(self.config)],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+            )
         if wait:
             wait_until(self._answers, timeout=30, interval=0.05)
         return self
@@ -87,17 +103,25 @@ class Reqpmd:
     def submit(self, name: str = "hello", **kwargs: Any) -> int:
         with self.client() as c:
             if name.endswith(".src.rpm"):
-                return c.submit(srpm=self.root / name, **kwargs) if (self.root / name).exists() \
+                return (
+                    c.submit(srpm=self.root / name, **kwargs)
+                    if (self.root / name).exists()
                     else c.submit(srpm=_make_srpm(self.root, name), **kwargs)
+                )
             return c.submit(spec=HELLO / "hello.spec", sources=HELLO, **kwargs)
 
     def build(self, build_id: int) -> dict[str, Any]:
         return dict(self.call("build.show", {"id": build_id}))
 
-    def wait_state(self, build_id: int, states: set[str] | str, timeout: float = 30) -> dict[str, Any]:
+    def wait_state(
+        self, build_id: int, states: set[str] | str, timeout: float = 30
+    ) -> dict[str, Any]:
         wanted = {states} if isinstance(states, str) else states
-        return wait_until(lambda: (b := self.build(build_id))["state"] in wanted and b,
-                          timeout=timeout, interval=0.05)
+        return wait_until(
+            lambda: (b := self.build(build_id))["state"] in wanted and b,
+            timeout=timeout,
+            interval=0.05,
+        )
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
@@ -107,16 +131,12 @@ class Reqpmd:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self._stderr.close()
+        return self.proc.wait(timeout)
 
     def kill9(self) -> None:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait()
-        self._stderr.close()
 
     def mock_runs(self) -> list[dict[str, Any]]:
         if not self.mock_log.exists():
@@ -148,4 +168,4 @@ def wait_for(predicate: Any, timeout: float = 30) -> Any:
     return wait_until(predicate, timeout=timeout, interval=0.05)
 
 
-__all__ = ["FINAL", "Reqpmd", "max_overlap", "wait_for", "time"]
+__all__ = ["FINAL", "Reqpmd", "max_overlap", "time", "wait_for"]

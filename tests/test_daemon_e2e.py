@@ -102,8 +102,12 @@ def test_limit_holds_across_daemons_sharing_one_redis(
     daemons: MakeDaemon, redis_server: RedisServer, short_tmp: Path
 ) -> None:
     shared_log = short_tmp / "all-mock.jsonl"
-    common = {"redis_url": redis_server.url, "mock_sleep": 0.6, "mock_log": shared_log,
-              "settings": {"max_concurrent_builds": 2}}
+    common = {
+        "redis_url": redis_server.url,
+        "mock_sleep": 0.6,
+        "mock_log": shared_log,
+        "settings": {"max_concurrent_builds": 2},
+    }
     a = daemons("a", host_id="host-a", **common).start()
     b = daemons("b", host_id="host-b", **common).start()
     ids = [(a, a.submit()) for _ in range(3)] + [(b, b.submit()) for _ in range(3)]
@@ -170,8 +174,9 @@ def test_build_timeout_marks_timed_out(daemons: MakeDaemon) -> None:
 def test_slot_wait_timeout_ends_timed_out_with_the_limiter_message(
     daemons: MakeDaemon,
 ) -> None:
-    d = daemons(mock_sleep=30, settings={"max_concurrent_builds": 1,
-                                         "slot_wait_timeout": 1}).start()
+    d = daemons(
+        mock_sleep=30, settings={"max_concurrent_builds": 1, "slot_wait_timeout": 1}
+    ).start()
     first = d.submit()
     d.wait_state(first, "building")
     second = d.submit()
@@ -195,7 +200,7 @@ def test_disk_gate_closed_takes_no_slot_and_says_why(daemons: MakeDaemon) -> Non
     d = daemons(settings={"min_free_disk_gb": 100000}).start()
     build_id = d.submit()
     status = wait_for(lambda: (s := d.call("status"))["gates"] and s)
-    disk = [g for g in status["gates"] if g["name"] == "disk"][0]
+    disk = next(g for g in status["gates"] if g["name"] == "disk")
     assert not disk["open"] and "GB free <" in disk["detail"]
     assert "disk gate closed" in status["summary"]
     time.sleep(1.5)  # several scheduler ticks: the build must stay queued
@@ -240,15 +245,19 @@ def test_kill9_mid_build_then_restart_loses_nothing_and_never_over_admits(
     d.wait_state(first, "building")
     wait_for(lambda: _mock_running(d, first))
     queued = d.submit()
-    old_mock = [p for p in psutil.process_iter(["cmdline"])
-                if f"build{first}" in " ".join(p.info["cmdline"] or [])]
+    old_mock = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if f"build{first}" in " ".join(p.info["cmdline"] or [])
+    ]
     assert old_mock
     d.kill9()
     d.env["FAKEMOCK_SLEEP"] = "0.3"
     d.start()
     # the orphaned mock from the old instance is gone before anything new runs
-    wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-                             for p in old_mock))
+    wait_for(
+        lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in old_mock)
+    )
     for build_id in (first, queued):
         assert d.wait_state(build_id, FINAL, timeout=60)["state"] == "succeeded"
     assert d.build(first)["retries"] == 1
@@ -259,8 +268,9 @@ def test_kill9_mid_build_then_restart_loses_nothing_and_never_over_admits(
 def test_redis_down_keeps_builds_running_and_accepts_submissions(
     daemons: MakeDaemon, redis_server: RedisServer
 ) -> None:
-    d = daemons(redis_url=redis_server.url, mock_sleep=2,
-                settings={"slot_lease_seconds": 30}).start()
+    d = daemons(
+        redis_url=redis_server.url, mock_sleep=2, settings={"slot_lease_seconds": 30}
+    ).start()
     running = d.submit()
     d.wait_state(running, "building")
     redis_server.kill()
@@ -278,8 +288,13 @@ def test_bad_requests_get_errors_and_the_daemon_stays_up(daemons: MakeDaemon) ->
     import socket
 
     d = daemons().start()
-    for frame in (b"not json\n", b"[1,2]\n", b'{"v": 99, "op": "status"}\n',
-                  b'{"v": 1, "op": "nope"}\n', b'{"v": 1, "op": "build.show", "args": {"id": "x"}}\n'):
+    for frame in (
+        b"not json\n",
+        b"[1,2]\n",
+        b'{"v": 99, "op": "status"}\n',
+        b'{"v": 1, "op": "nope"}\n',
+        b'{"v": 1, "op": "build.show", "args": {"id": "x"}}\n',
+    ):
         s = socket.socket(socket.AF_UNIX)
         s.connect(str(d.socket))
         s.sendall(frame)
