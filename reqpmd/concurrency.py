@@ -40,6 +40,8 @@ from reqpmd.errors import (
     SlotTimeout,
     WaitCancelled,
 )
+from reqpmd.grants import GrantListener, Pending
+from reqpmd.heartbeat import Heartbeat
 from reqpmd.slot_scripts import (
     ACQUIRE,
     CLEAR,
@@ -114,8 +116,9 @@ class Slot:
     lease_deadline: float  # monotonic: past it, the lease may have run out in Redis
     lost: threading.Event = field(default_factory=threading.Event)
     on_lost: Callable[[Slot], None] | None = None
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _heartbeat: threading.Thread | None = None
+    next_renewal: float = 0.0  # monotonic, kept by the heartbeat
+    # held while a renewal or the release is in flight, so they never overlap
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def _text(value: Any) -> str:
@@ -166,6 +169,8 @@ class BuildConcurrencyLimiter:
         self._end_grace = redis_client.register_script(END_GRACE)
         self._held: dict[str, Slot] = {}
         self._lock = threading.Lock()
+        self._heartbeat = Heartbeat(self.held, self._renew_due, clock)  # type: ignore[arg-type]
+        self._grants = GrantListener(redis_client, self._keys.grants)
 
     # -- configuration -------------------------------------------------------------
 
@@ -241,10 +246,7 @@ class BuildConcurrencyLimiter:
         with self._lock:
             self._held[name] = slot
         if self.auto_renew:
-            slot._heartbeat = threading.Thread(
-                target=self._heartbeat, args=(slot,), name=f"slot-heartbeat-{name}", daemon=True
-            )
-            slot._heartbeat.start()
+            self._heartbeat.watch(slot, self.lease_ttl / 3)
         return slot
 
     def try_acquire(
@@ -335,22 +337,25 @@ class BuildConcurrencyLimiter:
 
     # -- holding -------------------------------------------------------------------
 
-    def _heartbeat(self, slot: Slot) -> None:
+    def _renew_due(self, slot: Slot) -> float | None:
+        """The heartbeat's renewal: seconds until the next one, None once the slot is gone."""
         interval = self.lease_ttl / 3
-        delay = interval
-        while not slot._stop.wait(delay):
+        with slot.lock:
+            with self._lock:
+                if self._held.get(slot.name) is not slot:
+                    return None  # released meanwhile
             try:
-                self.renew(slot.name)
-                delay = interval
-            except SlotLost as exc:
-                log.error("slot %s lost: %s", slot.name, exc)
-                if slot.on_lost is not None:
-                    slot.on_lost(slot)
-                return
+                self._renew_locked(slot)
+                return interval
             except RedisUnavailable as exc:
                 left = slot.lease_deadline - self._clock()
                 log.warning("cannot renew slot %s (%.1fs of lease left): %s", slot.name, left, exc)
-                delay = max(0.05, min(interval, left / 4, 1.0))
+                return max(0.05, min(interval, left / 4, 1.0))
+            except SlotLost as exc:
+                log.error("slot %s lost: %s", slot.name, exc)
+        if slot.on_lost is not None:
+            slot.on_lost(slot)
+        return None
 
     def renew(self, name: str) -> Slot:
         """Extend this process's lease on ``name``; raises SlotLost if it is gone."""
@@ -358,6 +363,11 @@ class BuildConcurrencyLimiter:
             slot = self._held.get(name)
         if slot is None or slot.lost.is_set():
             raise SlotLost(f"slot {name!r} is not held by this process")
+        with slot.lock:
+            return self._renew_locked(slot)
+
+    def _renew_locked(self, slot: Slot) -> Slot:
+        name = slot.name
         sent_at = self._clock()
         if sent_at >= slot.lease_deadline:
             self._mark_lost(slot)
@@ -384,7 +394,6 @@ class BuildConcurrencyLimiter:
 
     def _mark_lost(self, slot: Slot) -> None:
         slot.lost.set()
-        slot._stop.set()
         with self._lock:
             if self._held.get(slot.name) is slot:
                 del self._held[slot.name]
@@ -395,18 +404,16 @@ class BuildConcurrencyLimiter:
             slot = self._held.pop(name, None)
         if slot is None:
             return False
-        slot._stop.set()
-        if slot._heartbeat is not None and slot._heartbeat is not threading.current_thread():
-            slot._heartbeat.join(timeout=5)
-        return bool(self._run(self._release, name, slot.owner, self.current_limit()) == 1)
+        with slot.lock:  # waits for a renewal in flight
+            return bool(self._run(self._release, name, slot.owner, self.current_limit()) == 1)
 
     def close(self) -> None:
-        """Release every slot this limiter holds (best effort) and stop its heartbeats."""
+        """Release every slot this limiter holds (best effort), stop its threads."""
         for slot in self.held():
-            try:
+            with contextlib.suppress(RedisUnavailable):
                 self.release(slot.name)
-            except RedisUnavailable:
-                slot._stop.set()
+        self._heartbeat.close()
+        self._grants.close()
 
     def held(self) -> list[Slot]:
         with self._lock:
@@ -551,39 +558,33 @@ class _Waiter:
         return self.lim.timeout_error(self.clock() - self.started)
 
     def _listen(self) -> tuple[int, float]:
-        reply, sent_at = self._attempt()
-        if reply[0] == Reply.GRANTED:
-            return int(reply[1]), sent_at
-        pubsub = self.lim._redis.pubsub()  # type: ignore[no-untyped-call]
+        # Listen before queueing, so the grant cannot be published unheard.
+        pending = self.lim._grants.register(self.name, self.owner)
         try:
-            try:
-                pubsub.subscribe(self.lim._keys.grants)
-                # The grant must not be published before we listen: wait for the
-                # subscription to be confirmed, then ask again.
-                confirm_by = self.clock() + 10
-                while pubsub.get_message(timeout=1.0) is None:
-                    if self.clock() > confirm_by:
-                        raise redis.TimeoutError("no confirmation of SUBSCRIBE")
-            except _REDIS_ERRORS as exc:
-                raise RedisUnavailable(f"Redis is unreachable: {exc}") from exc
             while True:
                 reply, sent_at = self._attempt()
                 if reply[0] == Reply.GRANTED:
                     return int(reply[1]), sent_at
-                token = self._wait_for_grant(pubsub, reply[3] / 1000 if reply[3] >= 0 else None)
+                hint = reply[3] / 1000 if reply[3] >= 0 else None
+                token = self._wait_for_grant(pending, hint)
                 if token is not None:
                     return token, sent_at
         finally:
-            pubsub.close()
+            self.lim._grants.unregister(pending)
 
-    def _wait_for_grant(self, pubsub: Any, hint: float | None) -> int | None:
-        """Read grant messages until ours arrives (its token) or it is time to poll (None)."""
+    def _wait_for_grant(self, pending: Pending, hint: float | None) -> int | None:
+        """Our token once the grant arrives, or None when it is time to ask Redis again."""
         wait = min(_SAFETY_POLL, self.lim.lease_ttl / 3)
         if hint is not None:
             wait = min(wait, hint + 0.005)
         poll_at = self.clock() + max(wait, 0.005)
-        prefix = f"{self.name} {self.owner} "
         while True:
+            if pending.token is not None:
+                return pending.token
+            if pending.repoll:
+                pending.repoll = False
+                pending.event.clear()
+                return None
             if self.cancel is not None and self.cancel.is_set():
                 raise WaitCancelled(f"stopped waiting for slot {self.name!r}")
             left = self._left()
@@ -597,14 +598,7 @@ class _Waiter:
                 step = min(step, left)
             if self.cancel is not None:
                 step = min(step, 0.2)
-            try:
-                msg = pubsub.get_message(timeout=step)
-            except _REDIS_ERRORS as exc:
-                raise RedisUnavailable(f"Redis is unreachable: {exc}") from exc
-            if msg and msg.get("type") == "message":
-                data = _text(msg["data"])
-                if data.startswith(prefix):
-                    return int(data[len(prefix) :])
+            pending.event.wait(step)
 
     def withdraw(self) -> None:
         """Leave the queue (or give back a grant that raced with our giving up)."""

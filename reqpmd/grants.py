@@ -1,0 +1,133 @@
+"""One pub/sub subscription per limiter, handing each grant to the waiter it names.
+
+A release grants the next slot inside its script and publishes "name owner token".
+Subscribing per wait would put a connect, a SUBSCRIBE and its confirmation on every
+waiter's path; one listener thread keeps the subscription and wakes the right waiter.
+If the subscription drops, grants may have been missed, so every waiter is told to
+ask Redis again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from reqpmd.errors import RedisUnavailable
+
+log = logging.getLogger(__name__)
+
+_REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+IDLE_EXIT = 30.0  # seconds without waiters before the listener lets go of its connection
+SUBSCRIBE_TIMEOUT = 5.0
+
+
+@dataclass
+class Pending:
+    key: str
+    event: threading.Event = field(default_factory=threading.Event)
+    token: int | None = None
+    repoll: bool = False
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class GrantListener:
+    def __init__(self, client: redis.Redis, channel: str) -> None:
+        self._client = client
+        self._channel = channel
+        self._lock = threading.Lock()
+        self._pending: dict[str, Pending] = {}
+        self._subscribed = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._error = ""
+
+    def register(self, name: str, owner: str) -> Pending:
+        """Listen for this waiter's grant; returns once the subscription is live."""
+        pending = Pending(f"{name} {owner}")
+        with self._lock:
+            self._pending[pending.key] = pending
+            if self._thread is None:
+                self._closed = False
+                self._thread = threading.Thread(target=self._run, name="slot-grants", daemon=True)
+                self._thread.start()
+        if not self._subscribed.wait(SUBSCRIBE_TIMEOUT):
+            self.unregister(pending)
+            raise RedisUnavailable(
+                f"Redis is unreachable: cannot subscribe to grants "
+                f"({self._error or 'no confirmation'})"
+            )
+        return pending
+
+    def unregister(self, pending: Pending) -> None:
+        with self._lock:
+            self._pending.pop(pending.key, None)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+
+    def _wake_all(self) -> None:
+        with self._lock:
+            for p in self._pending.values():
+                p.repoll = True
+                p.event.set()
+
+    def _run(self) -> None:
+        backoff = 0.05
+        idle_since: float | None = None
+        pubsub = None
+        try:
+            while True:
+                with self._lock:
+                    if self._closed or (
+                        idle_since is not None and time.monotonic() - idle_since > IDLE_EXIT
+                    ):
+                        self._thread = None
+                        self._subscribed.clear()
+                        return
+                    idle_since = (idle_since or time.monotonic()) if not self._pending else None
+                try:
+                    if pubsub is None:
+                        pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]
+                        pubsub.subscribe(self._channel)
+                        if pubsub.get_message(timeout=SUBSCRIBE_TIMEOUT) is None:
+                            raise redis.TimeoutError("no confirmation of SUBSCRIBE")
+                        self._subscribed.set()
+                        self._wake_all()  # grants published before we listened: ask again
+                        backoff = 0.05
+                    msg = pubsub.get_message(timeout=1.0)
+                except (*_REDIS_ERRORS, OSError, ValueError) as exc:
+                    # ValueError/OSError: the client's connection pool was closed under us
+                    self._error = str(exc)
+                    self._subscribed.clear()
+                    self._wake_all()
+                    if pubsub is not None:
+                        with contextlib.suppress(Exception):
+                            pubsub.close()
+                        pubsub = None
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+                    continue
+                if msg and msg.get("type") == "message":
+                    self._dispatch(_text(msg["data"]))
+        finally:
+            if pubsub is not None:
+                with contextlib.suppress(Exception):
+                    pubsub.close()
+
+    def _dispatch(self, data: str) -> None:
+        key, _, token = data.rpartition(" ")
+        with self._lock:
+            pending = self._pending.get(key)
+        if pending is not None:
+            pending.token = int(token)
+            pending.event.set()
