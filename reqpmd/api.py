@@ -156,6 +156,8 @@ class Api:
             "settings.show": Op(self.settings_show),
             "settings.get": Op(self.settings_get),
             "settings.set": Op(self.settings_set, admin=True),
+            "settings.file": Op(self.settings_file),
+            "settings.replace": Op(self.settings_replace, admin=True),
             "settings.history": Op(self.settings_history),
             "slots.list": Op(self.slots_list),
             "slots.release": Op(self.slots_release, admin=True),
@@ -308,6 +310,16 @@ class Api:
         if not isinstance(changes, dict) or not changes:
             raise BadRequest("settings.set needs 'changes': {key: value, ...}")
         return self.d.change_settings(changes, req.peer)
+
+    def settings_file(self, req: Request) -> dict[str, Any]:
+        path = self.d.config_path
+        return {"path": str(path), "text": path.read_text() if path.exists() else ""}
+
+    def settings_replace(self, req: Request) -> dict[str, Any]:
+        text = req.args.get("text")
+        if not isinstance(text, str):
+            raise BadRequest("settings.replace needs 'text': the whole config file")
+        return self.d.replace_settings_text(text, req.peer)
 
     def slots_release(self, req: Request) -> dict[str, Any]:
         names = req.args.get("names")

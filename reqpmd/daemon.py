@@ -308,6 +308,7 @@ class Daemon:
         live = new.replace(**{k: old_v for k, (old_v, _) in pending.items()})
         self.settings = live
         self.limiter.lease_ttl = float(live.slot_lease_seconds)
+        self._next_heartbeat = 0.0  # tell the other hosts now
         for key, (before, after) in diff.items():
             note = " (takes effect at the next restart)" if key in pending else ""
             log.warning("setting %s: %s -> %s by %s%s", key, before, after, who, note)
@@ -356,6 +357,19 @@ class Daemon:
                 bad = [e for e in exc.errors if e.key in changes] or exc.errors
                 raise InvalidArgument("; ".join(str(e) for e in bad)) from exc
             settings_file.write_changes(self.config_path, changes)
+            return self._apply(
+                Settings(values, self.config_path), f"{peer.user} (uid {peer.uid})", peer.uid
+            )
+
+    def replace_settings_text(self, text: str, peer: Peer) -> dict[str, Any]:
+        """A whole new config (``reqpmctl settings edit``): valid or nothing changes."""
+        with self._settings_lock:
+            try:
+                raw, lines = settings.parse_text(text, str(self.config_path))
+                values = settings.validate(raw, lines, base_dir=self.config_path.parent.resolve())
+            except SettingsInvalid as exc:
+                raise InvalidArgument("; ".join(str(e) for e in exc.errors)) from exc
+            settings_file.atomic_write(self.config_path, text.encode())
             return self._apply(
                 Settings(values, self.config_path), f"{peer.user} (uid {peer.uid})", peer.uid
             )

@@ -135,7 +135,8 @@ class Scheduler:
 
     def in_flight(self) -> dict[str, int]:
         with self._lock:
-            flights = list(self._flights.values())
+            flights = [f for f in self._flights.values()
+                       if f.thread is None or f.thread.is_alive()]
         building = sum(1 for f in flights if f.building)
         return {"building": building, "waiting": len(flights) - building}
 

@@ -1,0 +1,475 @@
+"""reqpmctl: drive reqpmd over its control socket.
+
+\b
+Exit codes:
+  0  ok
+  1  failed (the operation, or the build with --wait, did not succeed)
+  2  usage error or invalid value
+  3  permission denied (the operation needs the admin role)
+  4  not found (no such build, slot or setting)
+  5  daemon unreachable (is reqpmd running? socket path? group membership?)
+
+\b
+Shell completion (click's): add to your shell's start-up file
+  bash: eval "$(_REQPMCTL_COMPLETE=bash_source reqpmctl)"
+  zsh:  eval "$(_REQPMCTL_COMPLETE=zsh_source reqpmctl)"
+  fish: _REQPMCTL_COMPLETE=fish_source reqpmctl | source
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from reqpmctl import output
+from reqpmctl.client import Client, ClientError, default_socket
+from reqpmd import __version__, protocol
+from reqpmd.settings import SettingsInvalid, parse_assignment
+from reqpmd.states import FINAL, State
+
+FINAL_STATES = {s.value for s in FINAL}
+
+
+class Ctx:
+    def __init__(self, socket_path: str, as_json: bool) -> None:
+        self.socket_path = socket_path
+        self.json = as_json
+        self.colour = output.use_colour()
+
+    def call(self, op: str, args: dict[str, Any] | None = None) -> Any:
+        with Client(self.socket_path) as c:
+            return c.call(op, args)
+
+    def client(self) -> Client:
+        return Client(self.socket_path)
+
+    def emit(self, obj: Any, human: str) -> None:
+        click.echo(output.dump_json(obj) if self.json else human)
+
+
+def fail(exc: ClientError) -> NoReturn:
+    click.echo(f"reqpmctl: {exc.message}", err=True)
+    sys.exit(exc.exit_code)
+
+
+class Group(click.Group):
+    """Maps daemon errors to one stderr line and the documented exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ClientError as exc:
+            fail(exc)
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+@click.group(cls=Group, help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--socket",
+    "socket_path",
+    default=default_socket,
+    show_default="$REQPM_SOCKET or /run/reqpm/reqpmd.sock",
+    help="reqpmd's control socket.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout.")
+@click.version_option(__version__, prog_name="reqpmctl")
+@click.pass_context
+def main(ctx: click.Context, socket_path: str, as_json: bool) -> None:
+    ctx.obj = Ctx(socket_path, as_json)
+
+
+# -- status ------------------------------------------------------------------------------
+
+
+@main.command()
+@pass_ctx
+def status(c: Ctx) -> None:
+    """Cluster-wide slots, this host's queue, gates and Redis."""
+    st = c.call("status")
+    lines = [st["summary"], ""]
+    busy = st["active_count"] if st["active_count"] is not None else "?"
+    lines.append(
+        f"slots:   {busy}/{st['max_concurrent']} busy cluster-wide "
+        f"(max_concurrent_builds={st['max_concurrent']})"
+    )
+    lines.append(
+        f"here:    {st['building_here']} building, {st['waiting_here']} waiting for a "
+        f"slot, {st['queued']} queued  (host {st['host_id']})"
+    )
+    redis = st["redis"]
+    lines.append(
+        f"redis:   {'ok' if redis['ok'] else 'DOWN: ' + redis['detail']}  ({redis['url']})"
+    )
+    for g in st["gates"]:
+        lines.append(f"gate:    {g['name']}: {'open' if g['open'] else 'CLOSED'} ({g['detail']})")
+    if st["active_builds"]:
+        lines += ["", _slots_table(st["active_builds"])]
+    if st["waiting"]:
+        lines += ["", _waiting_table(st["waiting"])]
+    c.emit(st, "\n".join(lines))
+
+
+def _slots_table(holders: list[dict[str, Any]]) -> str:
+    return output.table(
+        ["SLOT", "HOST", "BUILD", "AGE", "LEASE LEFT", "TOKEN"],
+        [
+            [
+                h["name"],
+                h["host"],
+                h.get("build"),
+                output.duration(h["age"]),
+                output.duration(h["lease_left"]),
+                h["token"],
+            ]
+            for h in holders
+        ],
+    )
+
+
+def _waiting_table(waiting: list[dict[str, Any]]) -> str:
+    return output.table(
+        ["#", "WAITING", "HOST", "BUILD", "PRIORITY", "SINCE"],
+        [
+            [
+                w["position"],
+                w["name"],
+                w["host"],
+                w.get("build"),
+                w["priority"],
+                output.ago(w["enqueued_at"]),
+            ]
+            for w in waiting
+        ],
+    )
+
+
+# -- settings ------------------------------------------------------------------------------
+
+
+@main.group()
+def settings() -> None:
+    """Show and change settings (changes apply at once and are audited)."""
+
+
+@settings.command("show")
+@pass_ctx
+def settings_show(c: Ctx) -> None:
+    values = c.call("settings.show")
+    c.emit(values, output.table(["KEY", "VALUE"], sorted(values.items())))
+
+
+@settings.command("get")
+@click.argument("key")
+@pass_ctx
+def settings_get(c: Ctx, key: str) -> None:
+    value = c.call("settings.get", {"key": key})
+    c.emit({key: value}, str(value))
+
+
+@settings.command("set")
+@click.argument("pairs", nargs=-1, required=True, metavar="KEY=VALUE...")
+@pass_ctx
+def settings_set(c: Ctx, pairs: tuple[str, ...]) -> None:
+    """Validate every pair, then apply all of them or none."""
+    changes: dict[str, Any] = {}
+    for pair in pairs:
+        try:
+            key, value = parse_assignment(pair)
+        except SettingsInvalid as exc:
+            raise click.UsageError(str(exc)) from None
+        changes[key] = value
+    result = c.call("settings.set", {"changes": changes})
+    lines = [f"{k}: {old} -> {new}" for k, (old, new) in result["changed"].items()]
+    if not lines:
+        lines = ["nothing changed"]
+    if result["restart_required"]:
+        lines.append(f"takes effect at the next restart: {', '.join(result['restart_required'])}")
+    c.emit(result, "\n".join(lines))
+
+
+@settings.command("edit")
+@pass_ctx
+def settings_edit(c: Ctx) -> None:
+    """Edit the config in $EDITOR; a file with errors is reopened, like visudo."""
+    current = c.call("settings.file")
+    text = current["text"]
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+    with tempfile.TemporaryDirectory(prefix="reqpmctl-") as tmp:
+        path = Path(tmp) / "reqpmd.yaml"
+        path.write_text(text)
+        while True:
+            if subprocess.call([*editor.split(), str(path)]) != 0:
+                raise click.ClickException(f"{editor} failed; nothing changed")
+            new = path.read_text()
+            if new == text:
+                click.echo("no changes", err=True)
+                return
+            try:
+                result = c.call("settings.replace", {"text": new})
+            except ClientError as exc:
+                if exc.code != "invalid" or not sys.stdin.isatty():
+                    raise
+                click.echo(f"reqpmctl: {exc.message}", err=True)
+                if not click.confirm("Edit again?", default=True, err=True):
+                    click.echo("nothing changed", err=True)
+                    sys.exit(protocol.EXIT_USAGE)
+                continue
+            break
+    lines = [f"{k}: {old} -> {new}" for k, (old, new) in result["changed"].items()]
+    c.emit(result, "\n".join(lines) or "nothing changed")
+
+
+@settings.command("history")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10000))
+@pass_ctx
+def settings_history(c: Ctx, limit: int) -> None:
+    rows = c.call("settings.history", {"limit": limit})
+    c.emit(
+        rows,
+        output.table(
+            ["WHEN", "WHO", "UID", "KEY", "OLD", "NEW"],
+            [
+                [output.ago(r["at"]), r["user"], r["uid"], r["key"], r["old"], r["new"]]
+                for r in rows
+            ],
+        ),
+    )
+
+
+# -- slots ----------------------------------------------------------------------------------
+
+
+@main.group()
+def slots() -> None:
+    """Cluster-wide build slots: list, and free stuck ones (admin)."""
+
+
+@slots.command("list")
+@pass_ctx
+def slots_list(c: Ctx) -> None:
+    listing = c.call("slots.list")
+    parts = [f"{len(listing['holders'])}/{listing['max_concurrent']} slots busy"]
+    if listing["holders"]:
+        parts.append(_slots_table(listing["holders"]))
+    if listing["waiting"]:
+        parts.append(_waiting_table(listing["waiting"]))
+    c.emit(listing, "\n\n".join(parts))
+
+
+@slots.command("release")
+@click.argument("names", nargs=-1, required=True)
+@pass_ctx
+def slots_release(c: Ctx, names: tuple[str, ...]) -> None:
+    """Free slots by name, whoever holds them; the holder learns at its next renewal."""
+    result = c.call("slots.release", {"names": list(names)})
+    lines = [f"released {n}" for n in result["released"]]
+    lines += [f"no slot named {n}" for n in result["missing"]]
+    c.emit(result, "\n".join(lines))
+    if result["missing"]:
+        sys.exit(protocol.EXIT_NOT_FOUND)
+
+
+@slots.command("clear")
+@click.option("--yes", is_flag=True, help="Really free every slot of the cluster.")
+@pass_ctx
+def slots_clear(c: Ctx, yes: bool) -> None:
+    """Free every slot (a last resort; running builds are told at their next renewal)."""
+    if not yes:
+        raise click.UsageError("slots clear frees every slot of the cluster; add --yes")
+    result = c.call("slots.clear", {"yes": True})
+    c.emit(result, f"cleared {result['cleared']} slot(s)")
+
+
+# -- builds -----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument(
+    "srpm", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option("--spec", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--sources", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--chroot", help="mock config (default: the daemon's default_chroot).")
+@click.option("--priority", default=0, show_default=True, type=click.IntRange(-1000, 1000))
+@click.option("--wait", is_flag=True, help="Follow the build; exit 1 unless it succeeds.")
+@pass_ctx
+def submit(
+    c: Ctx,
+    srpm: Path | None,
+    spec: Path | None,
+    sources: Path | None,
+    chroot: str | None,
+    priority: int,
+    wait: bool,
+) -> None:
+    """Queue a build of SRPM, or of --spec FILE with --sources DIR."""
+    if (srpm is None) == (spec is None):
+        raise click.UsageError("give either an SRPM or --spec FILE --sources DIR")
+    if spec is not None and sources is None:
+        raise click.UsageError("--spec needs --sources DIR")
+    if srpm is not None and sources is not None:
+        raise click.UsageError("--sources goes with --spec, not with an SRPM")
+    with c.client() as client:
+        build_id = client.submit(
+            srpm=srpm, spec=spec, sources=sources, chroot=chroot, priority=priority
+        )
+    if not wait:
+        c.emit({"id": build_id}, str(build_id))
+        return
+    if not c.json:
+        click.echo(f"build {build_id} submitted", err=True)
+    build = _follow(c, build_id, show_log=not c.json)
+    c.emit(
+        build,
+        f"build {build_id}: {build['state']}"
+        + (f" ({build['error']})" if build.get("error") else ""),
+    )
+    sys.exit(protocol.EXIT_OK if build["state"] == "succeeded" else protocol.EXIT_FAILED)
+
+
+def _follow(c: Ctx, build_id: int, show_log: bool) -> dict[str, Any]:
+    """Stream the build log as mock writes it; return the build once it has ended."""
+    offset = 0
+    with c.client() as client:
+        while True:
+            chunk = client.call("build.log", {"id": build_id, "offset": offset})
+            if show_log and chunk["data"]:
+                click.echo(chunk["data"], nl=False)
+            offset = chunk["offset"]
+            if chunk["done"]:
+                return dict(client.call("build.show", {"id": build_id}))
+            if not chunk["data"]:
+                time.sleep(0.3)
+
+
+@main.group()
+def builds() -> None:
+    """List, show, cancel, retry builds and read their logs."""
+
+
+def _builds_table(rows: list[dict[str, Any]], colour: bool) -> str:
+    return output.table(
+        ["ID", "STATE", "CHROOT", "SOURCE", "PRIO", "BY", "SUBMITTED", "TOOK"],
+        [
+            [
+                b["id"],
+                output.colour_state(b["state"], colour),
+                b["chroot"],
+                b["source"],
+                b["priority"],
+                b["submitted_name"] or b["submitted_by"],
+                output.ago(b["submitted_at"]),
+                output.duration(b["finished_at"] - b["started_at"])
+                if b["finished_at"] and b["started_at"]
+                else "-",
+            ]
+            for b in rows
+        ],
+    )
+
+
+@builds.command("list")
+@click.option("--state", type=click.Choice([s.value for s in State]))
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10000))
+@pass_ctx
+def builds_list(c: Ctx, state: str | None, limit: int) -> None:
+    args: dict[str, Any] = {"limit": limit}
+    if state:
+        args["state"] = state
+    rows = c.call("build.list", args)
+    c.emit(rows, _builds_table(rows, c.colour))
+
+
+@builds.command("show")
+@click.argument("build_id", type=int, metavar="ID")
+@pass_ctx
+def builds_show(c: Ctx, build_id: int) -> None:
+    b = c.call("build.show", {"id": build_id})
+    human = "\n".join(
+        f"{k + ':':<15}{output.colour_state(str(v), c.colour) if k == 'state' else v}"
+        for k, v in b.items()
+    )
+    c.emit(b, human)
+
+
+@builds.command("cancel")
+@click.argument("build_id", type=int, metavar="ID")
+@pass_ctx
+def builds_cancel(c: Ctx, build_id: int) -> None:
+    b = c.call("build.cancel", {"id": build_id})
+    c.emit(b, f"build {build_id}: cancel requested (was {b['state']})")
+
+
+@builds.command("retry")
+@click.argument("build_id", type=int, metavar="ID")
+@pass_ctx
+def builds_retry(c: Ctx, build_id: int) -> None:
+    b = c.call("build.retry", {"id": build_id})
+    c.emit(b, f"build {build_id}: queued again")
+
+
+@builds.command("log")
+@click.argument("build_id", type=int, metavar="ID")
+@click.option("--follow", "-f", is_flag=True, help="Stream as mock writes; end with the build.")
+@pass_ctx
+def builds_log(c: Ctx, build_id: int, follow: bool) -> None:
+    if follow:
+        _follow(c, build_id, show_log=True)
+        return
+    offset, parts = 0, []
+    with c.client() as client:
+        while True:
+            chunk = client.call("build.log", {"id": build_id, "offset": offset})
+            parts.append(chunk["data"])
+            if not chunk["data"]:
+                break
+            offset = chunk["offset"]
+    text = "".join(parts)
+    if c.json:
+        click.echo(output.dump_json({"id": build_id, "log": text}))
+    else:
+        click.echo(text, nl=False)
+
+
+# -- hosts ---------------------------------------------------------------------------------------
+
+
+@main.command()
+@pass_ctx
+def hosts(c: Ctx) -> None:
+    """Every reqpmd sharing the namespace, and whether they agree on the limit."""
+    rows = c.call("hosts")
+    limits = {h.get("max_concurrent_builds") for h in rows if not h.get("stale")}
+    table = output.table(
+        ["HOST", "LAST SEEN", "BUILDING", "WAITING", "QUEUED", "LIMIT", "HOST CAP", "GATES"],
+        [
+            [
+                h["host_id"],
+                output.ago(h["last_seen"]) + (" (stale)" if h.get("stale") else ""),
+                h["building"],
+                h["waiting"],
+                h["queued"],
+                h["max_concurrent_builds"],
+                h["host_max_builds"] or "-",
+                ", ".join(f"{g['name']}:{'open' if g['open'] else 'CLOSED'}" for g in h["gates"]),
+            ]
+            for h in rows
+        ],
+    )
+    if len(limits) > 1:
+        warning = (
+            f"warning: hosts disagree on max_concurrent_builds "
+            f"({', '.join(str(x) for x in sorted(limits))}); each grant uses the "
+            f"granting host's value"
+        )
+        click.echo(warning, err=True)
+    c.emit(rows, table)
