@@ -473,3 +473,7 @@ def hosts(c: Ctx) -> None:
         )
         click.echo(warning, err=True)
     c.emit(rows, table)
+
+
+if __name__ == "__main__":
+    main()
