@@ -66,14 +66,20 @@ class Reqpmd:
         self.env.update(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, wait: bool = True) -> Reqpmd:
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "reqpmd.daemon", "--config", str(self.config)]
+
+    def start(
+        self, wait: bool = True, argv: list[str] | None = None, pass_fds: tuple[int, ...] = ()
+    ) -> Reqpmd:
         with open(self.stderr_path, "ab") as out:  # the child keeps its own copy
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "reqpmd.daemon", "--config", str(self.config)],
+                argv or self.argv(),
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
+                pass_fds=pass_fds,
             )
         if wait:
             wait_until(self._answers, timeout=30, interval=0.05)
