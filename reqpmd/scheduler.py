@@ -135,8 +135,7 @@ class Scheduler:
 
     def in_flight(self) -> dict[str, int]:
         with self._lock:
-            flights = [f for f in self._flights.values()
-                       if f.thread is None or f.thread.is_alive()]
+            flights = [f for f in self._flights.values() if f.thread is None or f.thread.is_alive()]
         building = sum(1 for f in flights if f.building)
         return {"building": building, "waiting": len(flights) - building}
 

@@ -9,6 +9,7 @@ half-applied change cannot exist.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import socket
@@ -59,14 +60,17 @@ class Field:
         if self.kind in (int, float):
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise bad
-            if self.kind is int and not float(value).is_integer():
+            # .nan compares false with everything, so it would pass the range check
+            if isinstance(value, float) and not math.isfinite(value):
                 raise bad
-            number = self.kind(value)
-            if (self.lo is not None and number < self.lo) or (
-                self.hi is not None and number > self.hi
+            if self.kind is int and isinstance(value, float) and not value.is_integer():
+                raise bad
+            # compare before converting: float() of a huge int raises OverflowError
+            if (self.lo is not None and value < self.lo) or (
+                self.hi is not None and value > self.hi
             ):
                 raise ValueError(f"{value!r} is out of range (allowed: {self.allowed()})")
-            return number
+            return self.kind(value)
         if not isinstance(value, str) or not value.strip():
             raise bad
         if self.pattern is not None and not self.pattern.match(value):
@@ -298,16 +302,36 @@ def parse_text(text: str, source: str = "") -> tuple[dict[str, Any], dict[str, i
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
         raise SettingsInvalid(
-            [SettingError("(file)", f"not valid YAML: {exc}", line)], source
+            [SettingError("(file)", f"not valid YAML: {exc}", _error_line(exc, text))], source
         ) from exc
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise SettingsInvalid([SettingError("(file)", "must be a mapping of key: value")], source)
+        raise SettingsInvalid(
+            [SettingError("(file)", "must be a mapping of key: value", _root_line(text))], source
+        )
     return data, _key_lines(text)
+
+
+def _error_line(exc: yaml.YAMLError, text: str) -> int | None:
+    """The line (1-based) a YAML error points at, if it says."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    if mark is not None:
+        return int(mark.line) + 1
+    position = getattr(exc, "position", None)  # ReaderError: a character YAML forbids
+    if isinstance(position, int):
+        return text.count("\n", 0, position) + 1
+    return None
+
+
+def _root_line(text: str) -> int:
+    """The line (1-based) where the document's top-level value starts."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return 1
+    return int(node.start_mark.line) + 1 if node is not None else 1
 
 
 def validate(
@@ -345,8 +369,10 @@ def validate(
     if not values["host_id"]:
         values["host_id"] = _hostname()
     for field in FIELDS:
-        if field.kind is Path and base_dir is not None:
-            values[field.name] = (base_dir / values[field.name]).resolve()
+        if field.kind is Path and base_dir is not None and not values[field.name].is_absolute():
+            # lexically, not with resolve(): a symlinked mock_command (Fedora's
+            # /usr/bin/mock -> consolehelper) must be run by the name it was given
+            values[field.name] = Path(os.path.normpath(base_dir / values[field.name]))
     return values
 
 
@@ -374,6 +400,11 @@ def load(path: Path | str, environ: Mapping[str, str] | None = None) -> Settings
     except OSError as exc:
         raise SettingsInvalid(
             [SettingError("(file)", f"cannot read: {exc.strerror}")], str(path)
+        ) from exc
+    except UnicodeDecodeError as exc:
+        line = exc.object.count(b"\n", 0, exc.start) + 1
+        raise SettingsInvalid(
+            [SettingError("(file)", f"not UTF-8 text (byte {exc.start})", line)], str(path)
         ) from exc
     raw, lines = parse_text(text, str(path))
     values = validate(raw, lines, base_dir=path.parent.resolve(), environ=environ, source=str(path))

@@ -26,16 +26,21 @@ def render(value: Any) -> str:
     """A value as a YAML scalar (``true``, ``6``, ``'0755'``...)."""
     if isinstance(value, Path):
         value = str(value)
-    return str(yaml.safe_dump([value], default_flow_style=True).strip()[1:-1])
+    # an unbounded width: a long value must stay on its key's line
+    dumped = yaml.safe_dump([value], default_flow_style=True, width=2**31 - 1)
+    return str(dumped.strip()[1:-1])
 
 
 def edit_text(text: str, changes: Mapping[str, Any]) -> str:
     lines = text.splitlines(keepends=True)
     for key, value in changes.items():
         rendered = render(value)
+        # the value: a quoted scalar (may hold " # "), or a plain one (a '#' only starts
+        # a comment after a blank, so "/srv/mock#1" is one value)
         active = re.compile(
-            rf"^{re.escape(key)}[ \t]*:[ \t]*(?P<value>[^#\n]*?)"
-            rf"(?P<comment>[ \t]+#.*)?(?P<eol>\r?\n?)$"
+            rf"^{re.escape(key)}[ \t]*:[ \t]*"
+            r"(?P<value>'(?:[^'\n]|'')*'|\"(?:[^\"\\\n]|\\.)*\"|[^\n]*?)"
+            r"(?P<comment>[ \t]+#.*)?(?P<eol>\r?\n?)$"
         )
         # "#key: value" is a commented-out setting; "# key: text" is documentation
         commented = re.compile(rf"^#{re.escape(key)}[ \t]*:.*?(?P<eol>\r?\n?)$")

@@ -303,3 +303,61 @@ def test_bad_requests_get_errors_and_the_daemon_stays_up(daemons: MakeDaemon) ->
         assert b'"ok":false' in reply, (frame, reply)
     assert d.call("ping")
     assert os.path.exists(d.socket)
+
+
+def test_locked_root_exit_60_is_retried_not_failed(daemons: MakeDaemon) -> None:
+    d = daemons(env={"FAKEMOCK_EXIT": "60"}, settings={"max_build_retries": 2}).start()
+    build_id = d.submit("locked-1-1.src.rpm")
+    build = d.wait_state(build_id, FINAL, timeout=60)
+    rebuilds = [r for r in _rebuilds(d, build_id) if r["mode"] == "rebuild"]
+    assert len(rebuilds) == 3  # the first run and two retries
+    assert build["state"] == "failed"
+    assert build["error"].startswith("gave up after 2 retries")
+    assert "locked" in build["error"]
+
+
+def test_keep_failed_roots_skips_the_scrub_of_a_failed_build(daemons: MakeDaemon) -> None:
+    d = daemons(settings={"keep_failed_roots": True}).start()
+    failed = d.submit("keep-fail-1-1.src.rpm")
+    assert d.wait_state(failed, FINAL)["state"] == "failed"
+    assert [r["mode"] for r in _rebuilds(d, failed)] == ["rebuild"]  # no scrub
+    good = d.submit()
+    assert d.wait_state(good, FINAL)["state"] == "succeeded"
+    assert _rebuilds(d, good)[-1]["mode"] == "clean"  # successful builds are still scrubbed
+
+
+def test_crash_recovery_respects_the_retry_limit(daemons: MakeDaemon) -> None:
+    d = daemons(mock_sleep=60, settings={"max_build_retries": 0}).start()
+    build_id = d.submit()
+    d.wait_state(build_id, "building")
+    d.kill9()
+    d.start()
+    build = d.wait_state(build_id, FINAL, timeout=30)
+    assert build["state"] == "failed"
+    assert "interrupted by a daemon crash" in build["error"]
+
+
+def test_embedded_redis_is_supervised(daemons: MakeDaemon) -> None:
+    d = daemons(mock_sleep=0.2).start()
+    [redis_proc] = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "redis-server" in " ".join(p.info["cmdline"] or [])
+        and str(d.root) in " ".join(p.info["cmdline"] or [])
+    ]
+    redis_proc.kill()
+    wait_for(lambda: "embedded redis-server had stopped; restarted it" in d.log())
+    status = wait_for(lambda: (s := d.call("status"))["redis"]["ok"] and s)
+    assert status["restart_grace_left"] >= 0
+    build_id = d.submit()
+    # a restarted server grants nothing new for one lease (5 s here), then builds run
+    assert d.wait_state(build_id, FINAL, timeout=30)["state"] == "succeeded"
+
+
+def test_many_clients_at_once(daemons: MakeDaemon) -> None:
+    import concurrent.futures
+
+    d = daemons().start()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
+        results = list(pool.map(lambda _: d.call("status")["max_concurrent"], range(200)))
+    assert results == [4] * 200
