@@ -269,7 +269,7 @@ def test_redis_down_keeps_builds_running_and_accepts_submissions(
     daemons: MakeDaemon, redis_server: RedisServer
 ) -> None:
     d = daemons(
-        redis_url=redis_server.url, mock_sleep=2, settings={"slot_lease_seconds": 30}
+        redis_url=redis_server.url, mock_sleep=2, settings={"slot_lease_seconds": 8}
     ).start()
     running = d.submit()
     d.wait_state(running, "building")
