@@ -125,9 +125,19 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _parse_record(rec: str) -> tuple[str, int, int, int, dict[str, Any]]:
-    owner, token, at, lease_ms, info = rec.split(" ", 4)
-    return owner, int(token), int(at), int(lease_ms), json.loads(info or "{}")
+def _records(flat: list[Any]) -> Iterator[tuple[str, int, str, int, int, dict[str, Any]]]:
+    """(name, lease expiry ms, owner, token, granted/queued at ms, caller's JSON) from the
+    SNAPSHOT script's flat name, expiry, record triples."""
+    for i in range(0, len(flat), 3):
+        owner, token, at, _, info = _text(flat[i + 2]).split(" ", 4)
+        yield (
+            _text(flat[i]),
+            int(flat[i + 1]),
+            owner,
+            int(token),
+            int(at),
+            json.loads(info or "{}"),
+        )
 
 
 class BuildConcurrencyLimiter:
@@ -434,38 +444,32 @@ class BuildConcurrencyLimiter:
     def snapshot(self) -> tuple[list[SlotInfo], list[WaiterInfo]]:
         """Holders and waiters (in queue order) read in one atomic step."""
         _, _, holders, waiters = self._run(self._snapshot)
-        slots = []
-        for i in range(0, len(holders), 3):
-            name, expiry, rec = _text(holders[i]), int(holders[i + 1]), _text(holders[i + 2])
-            owner, token, at, _, info = _parse_record(rec)
-            slots.append(
-                SlotInfo(
-                    name,
-                    info.get("host", ""),
-                    int(info.get("pid", 0)),
-                    token,
-                    at / 1000,
-                    expiry / 1000,
-                    owner,
-                    info.get("labels", {}),
-                )
+        slots = [
+            SlotInfo(
+                name,
+                info.get("host", ""),
+                int(info.get("pid", 0)),
+                token,
+                at / 1000,
+                expiry / 1000,
+                owner,
+                info.get("labels", {}),
             )
-        queue = []
-        for i in range(0, len(waiters), 3):
-            name, expiry, rec = _text(waiters[i]), int(waiters[i + 1]), _text(waiters[i + 2])
-            _, _, at, _, info = _parse_record(rec)
-            queue.append(
-                WaiterInfo(
-                    name,
-                    info.get("host", ""),
-                    int(info.get("pid", 0)),
-                    int(info.get("priority", 0)),
-                    i // 3 + 1,
-                    at / 1000,
-                    expiry / 1000,
-                    info.get("labels", {}),
-                )
+            for name, expiry, owner, token, at, info in _records(holders)
+        ]
+        queue = [
+            WaiterInfo(
+                name,
+                info.get("host", ""),
+                int(info.get("pid", 0)),
+                int(info.get("priority", 0)),
+                position,
+                at / 1000,
+                expiry / 1000,
+                info.get("labels", {}),
             )
+            for position, (name, expiry, _, _, at, info) in enumerate(_records(waiters), 1)
+        ]
         return slots, queue
 
     def get_slots(self) -> list[SlotInfo]:
