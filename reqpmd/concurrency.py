@@ -117,6 +117,7 @@ class Slot:
     lost: threading.Event = field(default_factory=threading.Event)
     on_lost: Callable[[Slot], None] | None = None
     next_renewal: float = 0.0  # monotonic, kept by the heartbeat
+    renew_failing: bool = False  # Redis unreachable at the last renewal
     # held while a renewal or the release is in flight, so they never overlap
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -356,10 +357,20 @@ class BuildConcurrencyLimiter:
                     return None  # released meanwhile
             try:
                 self._renew_locked(slot)
+                if slot.renew_failing:
+                    slot.renew_failing = False
+                    log.info("slot %s renewed again", slot.name)
                 return interval
             except RedisUnavailable as exc:
                 left = slot.lease_deadline - self._clock()
-                log.warning("cannot renew slot %s (%.1fs of lease left): %s", slot.name, left, exc)
+                if not slot.renew_failing:  # once per outage, not once per retry
+                    slot.renew_failing = True
+                    log.warning(
+                        "cannot renew slot %s (%.1fs of lease left), retrying: %s",
+                        slot.name,
+                        left,
+                        exc,
+                    )
                 return max(0.05, min(interval, left / 4, 1.0))
             except SlotLost as exc:
                 log.error("slot %s lost: %s", slot.name, exc)
