@@ -361,3 +361,28 @@ def test_many_clients_at_once(daemons: MakeDaemon) -> None:
     with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
         results = list(pool.map(lambda _: d.call("status")["max_concurrent"], range(200)))
     assert results == [4] * 200
+
+
+def test_hosts_warns_when_daemons_disagree_on_the_limit(
+    daemons: MakeDaemon, redis_server: RedisServer
+) -> None:
+    import subprocess
+    import sys
+
+    a = daemons(
+        "a", host_id="host-a", redis_url=redis_server.url, settings={"max_concurrent_builds": 3}
+    ).start()
+    daemons(
+        "b", host_id="host-b", redis_url=redis_server.url, settings={"max_concurrent_builds": 5}
+    ).start()
+    wait_for(lambda: len(a.call("hosts")) == 2)
+    r = subprocess.run(
+        [sys.executable, "-m", "reqpmctl.cli", "--socket", str(a.socket), "hosts"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=a.env,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "host-a" in r.stdout and "host-b" in r.stdout
+    assert "hosts disagree on max_concurrent_builds (3, 5)" in r.stderr
