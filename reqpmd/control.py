@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 REQUEST_TIMEOUT = 10.0  # seconds a client may take to send one request
 MAX_CLIENTS = 64
+ACCEPT_POLL = 0.5  # seconds between checks for close() while waiting in accept()
 
 
 @dataclass(frozen=True)
@@ -130,19 +131,25 @@ class ControlServer:
         self._thread.start()
 
     def close(self) -> None:
+        """Stop accepting. Never shutdown() the listening socket: under socket activation
+        systemd shares it, and a shut-down socket fails reqpmd.socket for good."""
         self._closing.set()
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+        if self._thread.is_alive():
+            self._thread.join(timeout=2 * ACCEPT_POLL + 1)
         self.sock.close()
 
     def _accept_loop(self) -> None:
+        self.sock.settimeout(ACCEPT_POLL)
         while not self._closing.is_set():
             try:
                 conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 if self._closing.is_set():
                     return
                 continue
+            conn.settimeout(None)
             if not self._active.acquire(blocking=False):
                 with contextlib.suppress(OSError):
                     conn.sendall(_error("unavailable", "too many clients; try again"))

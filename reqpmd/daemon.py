@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -26,7 +27,7 @@ from reqpmd import __version__, keys, settings, settings_file
 from reqpmd.api import Api, slot_listing
 from reqpmd.concurrency import BuildConcurrencyLimiter
 from reqpmd.control import ControlServer, Peer, bind_socket
-from reqpmd.errors import InvalidArgument, RedisUnavailable
+from reqpmd.errors import InvalidArgument, RedisUnavailable, ReqpmError
 from reqpmd.gates import Gates, describe_closed
 from reqpmd.mock import Runner, Stopper, popen_runner
 from reqpmd.redis_server import RedisServer
@@ -122,6 +123,9 @@ class Daemon:
             )
         inherited = listen_fds()
         sock = inherited[0] if inherited else bind_socket(Path(s.socket_path), str(s.socket_group))
+        # Know the state of Redis before the first client (maybe the one whose connection
+        # started us through socket activation) asks for it.
+        self._check_redis(force=True)
         self.server = ControlServer(sock, Api(self), lambda: str(self.settings.admin_group))
         self.server.start()
         log.info(
@@ -133,7 +137,6 @@ class Daemon:
             self.redis_label,
             s.max_concurrent_builds,
         )
-        self._check_redis(force=True)
         self.notifier.ready()
         try:
             self._loop()
@@ -356,10 +359,19 @@ class Daemon:
             except SettingsInvalid as exc:
                 bad = [e for e in exc.errors if e.key in changes] or exc.errors
                 raise InvalidArgument("; ".join(str(e) for e in bad)) from exc
-            settings_file.write_changes(self.config_path, changes)
+            self._write_config(lambda: settings_file.write_changes(self.config_path, changes))
             return self._apply(
                 Settings(values, self.config_path), f"{peer.user} (uid {peer.uid})", peer.uid
             )
+
+    def _write_config(self, write: Callable[[], None]) -> None:
+        try:
+            write()
+        except OSError as exc:
+            raise ReqpmError(
+                f"cannot write {self.config_path}: {exc.strerror or exc}; reqpmd's user needs "
+                f"write access to {self.config_path.parent} (nothing was changed)"
+            ) from exc
 
     def replace_settings_text(self, text: str, peer: Peer) -> dict[str, Any]:
         """A whole new config (``reqpmctl settings edit``): valid or nothing changes."""
@@ -369,7 +381,7 @@ class Daemon:
                 values = settings.validate(raw, lines, base_dir=self.config_path.parent.resolve())
             except SettingsInvalid as exc:
                 raise InvalidArgument("; ".join(str(e) for e in exc.errors)) from exc
-            settings_file.atomic_write(self.config_path, text.encode())
+            self._write_config(lambda: settings_file.atomic_write(self.config_path, text.encode()))
             return self._apply(
                 Settings(values, self.config_path), f"{peer.user} (uid {peer.uid})", peer.uid
             )

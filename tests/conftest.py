@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import redis
 
 from reqpmd.concurrency import BuildConcurrencyLimiter
 from reqpmd.redis_server import RedisServer
+from tests.sandbox import Sandbox, SandboxRefused
 
 
 def fresh_start(server: RedisServer) -> None:
@@ -43,3 +45,27 @@ def rclient(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client = redis_server.client(socket_timeout=5)
     yield client
     client.close()
+
+
+def _hidden_in_sandbox(path: Path) -> bool:
+    """The sandbox mounts a fresh /tmp, /run and /dev over the host's."""
+    return any(path.is_relative_to(top) for top in ("/tmp", "/run", "/dev"))
+
+
+@pytest.fixture(scope="module")
+def systemd_sandbox() -> Iterator[Sandbox]:
+    """A real systemd, PID 1 of fresh namespaces over a tmpfs overlay of / (tests/sandbox/),
+    for one test module. Skipped, with the reason, where it cannot boot (not root, unshare
+    refused, no systemd). Always powered off at the end, whatever the tests did."""
+    checkout = Path(__file__).resolve().parent.parent
+    needed = {checkout, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()}
+    tops = {p for p in needed if not any(p != q and p.is_relative_to(q) for q in needed)}
+    binds = sorted(str(p) for p in tops if _hidden_in_sandbox(p))
+    try:
+        sandbox = Sandbox.boot(binds=binds)
+    except SandboxRefused as exc:
+        pytest.skip(str(exc))
+    try:
+        yield sandbox
+    finally:
+        sandbox.stop()
