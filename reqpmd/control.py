@@ -68,18 +68,34 @@ def peer_of(conn: socket.socket, admin_group: str) -> Peer:
     pid, uid, gid = struct.unpack(
         "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     )
-    groups: set[int] = {gid}
-    try:
-        raw = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 1024)
-        groups.update(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
-    except OSError:
-        pass
+    groups: set[int] = {gid} | _peer_groups(conn, pid)
     try:
         admin_gid: int | None = grp.getgrnam(admin_group).gr_gid
     except KeyError:
         admin_gid = None
     admin = uid == 0 or (admin_gid is not None and admin_gid in groups)
     return Peer(pid, uid, gid, frozenset(groups), admin)
+
+
+def _peer_groups(conn: socket.socket, pid: int) -> set[int]:
+    """Supplementary groups of the peer, from the kernel (SO_PEERGROUPS, Linux 4.13+).
+
+    Python caps getsockopt buffers at 1024 bytes (256 groups); a peer with more, or an
+    older kernel, falls back to /proc/PID/status, read at connect time.
+    """
+    try:
+        raw = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
+        return set(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+    except OSError:
+        pass
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except OSError:
+        pass
+    return set()
 
 
 def bind_socket(path: Path, group: str) -> socket.socket:

@@ -35,13 +35,14 @@ def ctl(
     d: Reqpmd,
     *args: str,
     as_user: tuple[int, int] | None = None,
+    groups: tuple[int, ...] = (),
     env: dict[str, str] | None = None,
     timeout: float = 60,
 ) -> subprocess.CompletedProcess[str]:
     """Run reqpmctl as a command; as another uid it runs in a forked child (see _as_user)."""
     full_env = dict(os.environ, PYTHONPATH=str(ROOT), REQPM_SOCKET=str(d.socket), **(env or {}))
     if as_user is not None:
-        return _as_user(as_user, list(args), full_env)
+        return _as_user(as_user, list(args), full_env, groups)
     return subprocess.run(
         [sys.executable, "-m", "reqpmctl.cli", *args],
         env=full_env,
@@ -54,7 +55,7 @@ def ctl(
 
 
 def _as_user(
-    ids: tuple[int, int], args: list[str], env: dict[str, str]
+    ids: tuple[int, int], args: list[str], env: dict[str, str], groups: tuple[int, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
     """reqpmctl's main in a child that dropped to ``ids``: a real second identity for
     SO_PEERCRED. Forked, not exec'd, because the interpreter lives under /root (0700)."""
@@ -65,7 +66,7 @@ def _as_user(
         if pid == 0:  # child
             code = 1
             try:
-                os.setgroups([])
+                os.setgroups(list(groups))
                 os.setgid(ids[1])
                 os.setuid(ids[0])
                 os.environ.clear()
@@ -332,3 +333,28 @@ def test_socket_refuses_a_user_outside_its_group(daemon: Reqpmd) -> None:
     r = ctl(daemon, "status", as_user=(65533, 65533))
     assert r.returncode == protocol.EXIT_UNREACHABLE
     assert "permission denied" in r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a child as another uid")
+def test_a_member_of_admin_group_is_an_admin(short_tmp: Path) -> None:
+    """Supplementary groups come from the kernel (SO_PEERGROUPS): a non-root member of
+    admin_group may change settings and free slots."""
+    os.chmod(short_tmp, 0o755)
+    d = Reqpmd(short_tmp / "d", settings={"socket_group": "nogroup", "admin_group": "users"})
+    os.chmod(d.root, 0o755)
+    d.start()
+    try:
+        users_gid = 100
+        r = ctl(
+            d, "settings", "set", "max_concurrent_builds=3", as_user=NOBODY, groups=(users_gid,)
+        )
+        assert r.returncode == 0, r.stderr
+        assert ok_json(d, "settings", "get", "max_concurrent_builds") == {
+            "max_concurrent_builds": 3
+        }
+        history = ok_json(d, "settings", "history")
+        assert history[0]["uid"] == 65534
+        r = ctl(d, "settings", "set", "max_concurrent_builds=4", as_user=NOBODY)
+        assert r.returncode == protocol.EXIT_PERMISSION  # the same uid without the group
+    finally:
+        d.stop()
