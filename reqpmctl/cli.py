@@ -476,4 +476,4 @@ def hosts(c: Ctx) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="reqpmctl")

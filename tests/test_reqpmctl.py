@@ -358,3 +358,34 @@ def test_a_member_of_admin_group_is_an_admin(short_tmp: Path) -> None:
         assert r.returncode == protocol.EXIT_PERMISSION  # the same uid without the group
     finally:
         d.stop()
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_shell_completion_scripts(shell: str) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "reqpmctl.cli"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=dict(os.environ, PYTHONPATH=str(ROOT), _REQPMCTL_COMPLETE=f"{shell}_source"),
+    )
+    assert r.returncode == 0, r.stderr
+    assert "_REQPMCTL_COMPLETE" in r.stdout
+
+
+def test_completion_offers_the_commands() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "reqpmctl.cli"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=dict(
+            os.environ,
+            PYTHONPATH=str(ROOT),
+            _REQPMCTL_COMPLETE="bash_complete",
+            COMP_WORDS="reqpmctl sl",
+            COMP_CWORD="1",
+        ),
+    )
+    assert r.returncode == 0, r.stderr
+    assert "plain,slots" in r.stdout
