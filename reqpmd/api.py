@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from reqpmd.concurrency import BuildConcurrencyLimiter
 from reqpmd.control import Request
 from reqpmd.errors import (
     BadRequest,
+    Busy,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from reqpmd.daemon import Daemon
 
 MAX_FILE_BYTES = 2 * 1024**3
+MAX_UPLOADS = 4  # submissions copied to disk at once
 MAX_TOTAL_BYTES = 4 * 1024**3
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_+~@=,-][A-Za-z0-9._+~@=,-]{0,254}$")
 _LOG_CHUNK = 256 * 1024
@@ -83,8 +86,8 @@ def check_file_name(name: Any) -> str:
     return name
 
 
-def read_fd(fd: int, name: str, budget: list[int]) -> bytes:
-    """The whole content of a regular file the client opened for us."""
+def check_fd(fd: int, name: str, budget: list[int]) -> None:
+    """A descriptor the client opened for us must be a regular file within the caps."""
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         raise InvalidArgument(f"{name}: not a regular file")
@@ -95,16 +98,6 @@ def read_fd(fd: int, name: str, budget: list[int]) -> bytes:
     budget[0] -= st.st_size
     if budget[0] < 0:
         raise InvalidArgument(f"the files of one submission are capped at {MAX_TOTAL_BYTES} bytes")
-    chunks, offset = [], 0
-    while True:
-        chunk = os.pread(fd, 1024 * 1024, offset)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        offset += len(chunk)
-        if offset > MAX_FILE_BYTES:
-            raise InvalidArgument(f"{name}: grew past the cap while being read")
-    return b"".join(chunks)
 
 
 def slot_listing(lim: BuildConcurrencyLimiter, max_concurrent: int) -> dict[str, Any]:
@@ -144,6 +137,7 @@ def slot_listing(lim: BuildConcurrencyLimiter, max_concurrent: int) -> dict[str,
 class Api:
     def __init__(self, daemon: Daemon) -> None:
         self.d = daemon
+        self._uploads = threading.BoundedSemaphore(MAX_UPLOADS)
         self.ops: dict[str, Op] = {
             "ping": Op(self.ping),
             "status": Op(self.status),
@@ -156,7 +150,8 @@ class Api:
             "settings.show": Op(self.settings_show),
             "settings.get": Op(self.settings_get),
             "settings.set": Op(self.settings_set, admin=True),
-            "settings.file": Op(self.settings_file),
+            # the file may hold a Redis password: admins only
+            "settings.file": Op(self.settings_file, admin=True),
             "settings.replace": Op(self.settings_replace, admin=True),
             "settings.history": Op(self.settings_history),
             "slots.list": Op(self.slots_list),
@@ -218,13 +213,13 @@ class Api:
         }
 
     def settings_show(self, req: Request) -> dict[str, Any]:
-        return self.d.settings.as_dict()
+        return self.d.settings.as_dict(redact=True)
 
     def settings_get(self, req: Request) -> Any:
         key = req.args.get("key")
         if not isinstance(key, str) or key not in settings.BY_NAME:
             raise NotFound(str(settings.unknown_key_error(str(key))))
-        return self.d.settings.as_dict()[key]
+        return self.d.settings.as_dict(redact=True)[key]
 
     def settings_history(self, req: Request) -> list[dict[str, Any]]:
         return self.d.store.settings_history(_int_arg(req.args, "limit", 1, 10000, 100))
@@ -263,15 +258,21 @@ class Api:
         if len(set(names)) != len(names):
             raise InvalidArgument("file names must be unique")
         budget = [MAX_TOTAL_BYTES]
-        contents: dict[str, bytes] = {}
+        sources: dict[str, bytes | int] = {}
         for name, role, fd in zip(names, roles, req.fds, strict=True):
-            target = f"sources/{name}" if role == "source" else name
-            contents[target] = read_fd(fd, name, budget)
+            check_fd(fd, name, budget)
+            sources[f"sources/{name}" if role == "source" else name] = fd
+        if not self._uploads.acquire(blocking=False):
+            raise Busy(f"{MAX_UPLOADS} submissions are being stored already; try again")
+        try:
+            staged = self.d.store.stage(sources, max_file_bytes=MAX_FILE_BYTES)
+        finally:
+            self._uploads.release()
         build_id = self.d.store.submit(
             chroot=chroot,
             kind=kind,
             source=main,
-            files=contents,
+            inputs=staged,
             priority=priority,
             uid=req.peer.uid,
             user=req.peer.user,

@@ -70,7 +70,8 @@ class BuildRun:
         self._stop_event = threading.Event()
 
     def stop(self, reason: StopReason, note: str = "") -> None:
-        if self._stop_reason is None:
+        """Ask the owning thread to stop mock; a user's cancel wins over other reasons."""
+        if self._stop_reason is None or reason == StopReason.CANCEL:
             self._stop_reason, self._stop_note = reason, note
         self._stop_event.set()
 
@@ -122,8 +123,13 @@ class BuildRun:
             return self._stopped(None)
         _note(logf, "running: " + " ".join(argv))
         proc = self.runner(argv, logf, self.build_dir)
-        self.on_started(proc.pid, mock.start_time(proc.pid))
-        code = self._wait(proc, deadline)
+        try:
+            self.on_started(proc.pid, mock.start_time(proc.pid))
+            code = self._wait(proc, deadline)
+        except BaseException:
+            # never leave mock running unsupervised: its slot is about to be released
+            self.stopper.stop(proc)
+            raise
         if self._stop_reason is not None:
             _note(logf, f"stopped ({self._stop_reason}): mock exited with {code}")
             return self._stopped(code)

@@ -70,7 +70,9 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 MaxConcurrent = int | Callable[[], int]
 
-_REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+# Every Redis failure, not only lost connections: an error reply (OOM, READONLY after a
+# failover, BUSY, NOPERM) must not escape as an unexpected exception and kill a thread.
+_REDIS_ERRORS = (redis.RedisError,)
 # Cap on how long a waiter trusts notifications alone before it asks Redis again.
 _SAFETY_POLL = 5.0
 _FIRST_BACKOFF = 0.05
@@ -196,7 +198,7 @@ class BuildConcurrencyLimiter:
         try:
             return script(keys=self._key_list, args=[grace_ms, *args])
         except _REDIS_ERRORS as exc:
-            raise RedisUnavailable(f"Redis is unreachable: {exc}") from exc
+            raise RedisUnavailable(f"Redis is unreachable or refused: {exc}") from exc
 
     def _info_json(self, labels: dict[str, Any] | None, priority: int) -> str:
         return json.dumps(

@@ -17,6 +17,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,6 +165,7 @@ class ControlServer:
             except OSError:
                 if self._closing.is_set():
                     return
+                time.sleep(0.1)  # EMFILE and friends: do not spin
                 continue
             conn.settimeout(None)
             if not self._active.acquire(blocking=False):
@@ -178,11 +180,11 @@ class ControlServer:
     def _serve(self, conn: socket.socket) -> None:
         reader = protocol.LineReader(conn)
         try:
-            conn.settimeout(REQUEST_TIMEOUT)
             peer = peer_of(conn, self.admin_group())
             while not self._closing.is_set():
                 try:
-                    frame = reader.read()
+                    # one deadline for the whole request, however slowly it trickles in
+                    frame = reader.read(deadline=time.monotonic() + REQUEST_TIMEOUT)
                 except protocol.FrameError as exc:
                     conn.sendall(_error("bad_request", str(exc)))
                     return

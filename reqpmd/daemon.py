@@ -83,7 +83,7 @@ class Daemon:
     def redis_label(self) -> str:
         if self.redis_server is not None:
             return f"embedded ({self.redis_server.url})"
-        return str(self.settings.redis_url)
+        return settings.redact_url(str(self.settings.redis_url))
 
     # -- start-up --------------------------------------------------------------------
 
@@ -241,14 +241,14 @@ class Daemon:
             "gates": [g.__dict__ for g in self.scheduler.last_gates],
         }
         # If Redis is gone, the next Redis check reports it.
-        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+        with contextlib.suppress(redis.RedisError):
             self.redis.hset(keys.hosts_key(str(s.namespace)), str(s.host_id), json.dumps(record))
 
     def hosts(self) -> list[dict[str, Any]]:
         try:
             raw = self.redis.hgetall(keys.hosts_key(str(self.settings.namespace)))
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise RedisUnavailable(f"Redis is unreachable: {exc}") from exc
+        except redis.RedisError as exc:
+            raise RedisUnavailable(f"Redis is unreachable or refused: {exc}") from exc
         hosts = [json.loads(v) for v in raw.values()]
         for h in hosts:
             h["age"] = max(0.0, time.time() - float(h.get("last_seen", 0)))
@@ -310,7 +310,6 @@ class Daemon:
         pending = {k: v for k, v in diff.items() if settings.BY_NAME[k].restart}
         live = new.replace(**{k: old_v for k, (old_v, _) in pending.items()})
         self.settings = live
-        self.limiter.lease_ttl = float(live.slot_lease_seconds)
         self._next_heartbeat = 0.0  # tell the other hosts now
         for key, (before, after) in diff.items():
             note = " (takes effect at the next restart)" if key in pending else ""

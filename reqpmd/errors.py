@@ -69,6 +69,12 @@ class NotFound(ReqpmError):
     code = "not_found"
 
 
+class Busy(ReqpmError):
+    """The daemon is at a cap (clients, uploads); the request may be tried again."""
+
+    code = "unavailable"
+
+
 class BadRequest(ReqpmError):
     """A control request that is malformed (not a bad value: that is InvalidArgument)."""
 

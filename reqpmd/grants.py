@@ -22,7 +22,7 @@ from reqpmd.errors import RedisUnavailable
 
 log = logging.getLogger(__name__)
 
-_REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+_REDIS_ERRORS = (redis.RedisError,)
 IDLE_EXIT = 30.0  # seconds without waiters before the listener lets go of its connection
 SUBSCRIBE_TIMEOUT = 5.0
 
@@ -119,13 +119,25 @@ class GrantListener:
                     continue
                 if msg and msg.get("type") == "message":
                     self._dispatch(_text(msg["data"]))
+        except Exception:
+            log.exception(
+                "grant listener failed; waiters fall back to polling until the "
+                "next wait starts a new listener"
+            )
+            self._wake_all()
         finally:
+            with self._lock:
+                self._thread = None
+                self._subscribed.clear()
             if pubsub is not None:
                 with contextlib.suppress(Exception):
                     pubsub.close()
 
     def _dispatch(self, data: str) -> None:
         key, _, token = data.rpartition(" ")
+        if not token.isdigit():
+            log.warning("ignoring a malformed grant message %r", data[:200])
+            return
         with self._lock:
             pending = self._pending.get(key)
         if pending is not None:

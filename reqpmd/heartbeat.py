@@ -8,9 +8,12 @@ late renewal in a restart grace period would re-register a released slot).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from typing import Protocol
+
+log = logging.getLogger(__name__)
 
 
 class Renewable(Protocol):
@@ -49,18 +52,25 @@ class Heartbeat:
             self._cond.notify()
 
     def _run(self) -> None:
-        while True:
+        try:
+            while True:
+                with self._cond:
+                    slots = self._held()
+                    if not slots or self._closed:
+                        return
+                    now = self._clock()
+                    due = [s for s in slots if s.next_renewal <= now]
+                    if not due:
+                        self._cond.wait(min(s.next_renewal for s in slots) - now)
+                        continue
+                for slot in due:
+                    try:
+                        delay = self._renew(slot)
+                    except Exception:  # never let one slot's surprise stop every renewal
+                        log.exception("renewing a slot failed unexpectedly; retrying")
+                        delay = 1.0
+                    if delay is not None:
+                        slot.next_renewal = self._clock() + delay
+        finally:
             with self._cond:
-                slots = self._held()
-                if not slots or self._closed:
-                    self._thread = None  # a later watch() starts a new thread
-                    return
-                now = self._clock()
-                due = [s for s in slots if s.next_renewal <= now]
-                if not due:
-                    self._cond.wait(min(s.next_renewal for s in slots) - now)
-                    continue
-            for slot in due:
-                delay = self._renew(slot)
-                if delay is not None:
-                    slot.next_renewal = self._clock() + delay
+                self._thread = None  # a later watch() starts a new thread

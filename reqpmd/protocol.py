@@ -13,6 +13,7 @@ import array
 import contextlib
 import json
 import socket
+import time
 from typing import Any
 
 VERSION = 1
@@ -68,11 +69,17 @@ class LineReader:
         self.buf = b""
         self.fds: list[int] = []
 
-    def read(self) -> tuple[bytes, list[int]] | None:
-        """The next line and the descriptors that came with it; None at a clean EOF."""
+    def read(self, deadline: float | None = None) -> tuple[bytes, list[int]] | None:
+        """The next line and the descriptors that came with it; None at a clean EOF.
+        Past ``deadline`` (monotonic) it raises TimeoutError."""
         while b"\n" not in self.buf:
             if len(self.buf) > self.max_line:
                 raise FrameError(f"request longer than {self.max_line} bytes")
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("request not complete in time")
+                self.sock.settimeout(left)
             fd_size = array.array("i").itemsize * MAX_FDS
             data, ancdata, flags, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(fd_size))
             for level, kind, payload in ancdata:
@@ -80,6 +87,9 @@ class LineReader:
                     got = array.array("i")
                     got.frombytes(payload[: len(payload) - len(payload) % got.itemsize])
                     self.fds.extend(got)
+            if len(self.fds) > MAX_FDS:
+                self.close_fds()
+                raise FrameError(f"more than {MAX_FDS} file descriptors")
             if flags & socket.MSG_CTRUNC:
                 self.close_fds()
                 raise FrameError(f"more than {MAX_FDS} file descriptors")

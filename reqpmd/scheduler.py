@@ -50,6 +50,7 @@ class Flight:
     note: str = ""
     run: BuildRun | None = None
     thread: threading.Thread | None = None
+    ended: bool = False  # the build got its end state from this flight
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -143,13 +144,13 @@ class Scheduler:
 
     def cancel(self, build_id: int, note: str = "cancelled") -> Build:
         """Cancel a queued, waiting or running build. InvalidArgument if it has ended."""
-        with self._lock:
+        with self._lock:  # _end() takes it too: a flight cannot end half-way through this
             build = self.store.get(build_id)
             if build.state.final:
                 raise InvalidArgument(f"build {build_id} has already ended ({build.state})")
             flight = self._flights.get(build_id)
-            if flight is not None:
-                flight.stop(StopReason.CANCEL, note)
+            if build.state != State.QUEUED and flight is not None and not flight.ended:
+                flight.stop(StopReason.CANCEL, note)  # its thread ends it as cancelled
                 return build
             return self.store.transition(build_id, State.CANCELLED, error=note)
 
@@ -180,11 +181,9 @@ class Scheduler:
             self._fly_inner(flight, build)
         except Exception:
             log.exception("build %d: internal error", build.id, extra={"build_id": build.id})
-            self._end(
-                build.id,
-                Outcome(State.QUEUED, None, "internal error; will retry"),
-                count_retry=True,
-            )
+            if not flight.ended:  # one end state per run, whatever failed after it
+                outcome = Outcome(State.QUEUED, None, "internal error; will retry")
+                self._end(build.id, outcome, count_retry=True, flight=flight)
 
     def _fly_inner(self, flight: Flight, build: Build) -> None:
         s = self.settings()
@@ -201,17 +200,21 @@ class Scheduler:
                 cancel=flight.wait_cancel,
             )
         except SlotTimeout as exc:
-            self._end(build.id, Outcome(State.TIMED_OUT, None, str(exc)))
+            self._end(build.id, Outcome(State.TIMED_OUT, None, str(exc)), flight=flight)
             return
         except WaitCancelled:
             if flight.reason == StopReason.CANCEL:
-                self._end(build.id, Outcome(State.CANCELLED, None, flight.note or "cancelled"))
+                self._end(
+                    build.id,
+                    Outcome(State.CANCELLED, None, flight.note or "cancelled"),
+                    flight=flight,
+                )
             else:
-                self._end(build.id, Outcome(State.QUEUED, None, flight.note or None))
+                self._end(build.id, Outcome(State.QUEUED, None, flight.note or None), flight=flight)
             return
         except (RedisUnavailable, SlotNameInUse) as exc:
             log.warning("build %d: no slot: %s", build.id, exc, extra={"build_id": build.id})
-            self._end(build.id, Outcome(State.QUEUED, None, str(exc)))
+            self._end(build.id, Outcome(State.QUEUED, None, str(exc)), flight=flight)
             return
         try:
             self._build(flight, build, slot, s)
@@ -254,29 +257,34 @@ class Scheduler:
             if flight.reason is not None:
                 run.stop(flight.reason, flight.note)
         outcome = run.run()
-        self._end(build.id, outcome, count_retry=not self.stopping)
+        self._end(build.id, outcome, count_retry=not self.stopping, flight=flight)
 
-    def _end(self, build_id: int, outcome: Outcome, count_retry: bool = False) -> None:
-        build = self.store.get(build_id)
-        changes: dict[str, Any] = {"exit_code": outcome.exit_code, "error": outcome.error}
-        state = outcome.state
-        if state == State.QUEUED and count_retry:
-            changes["retries"] = build.retries + 1
-            if build.retries + 1 > int(self.settings().max_build_retries):
-                state = State.FAILED
-                changes["error"] = f"gave up after {build.retries} retries: {outcome.error}"
-        if state == State.QUEUED:
-            changes.pop("exit_code")
-        self.store.transition(build_id, state, **changes)
+    def _end(
+        self,
+        build_id: int,
+        outcome: Outcome,
+        count_retry: bool = False,
+        flight: Flight | None = None,
+    ) -> None:
+        with self._lock:  # serialised with cancel()
+            state = outcome.state
+            changes: dict[str, Any] = {"exit_code": outcome.exit_code, "error": outcome.error}
+            if flight is not None and flight.reason == StopReason.CANCEL and state == State.QUEUED:
+                state, changes["error"] = State.CANCELLED, flight.note or "cancelled"
+            build = self.store.get(build_id)
+            if state == State.QUEUED and count_retry:
+                changes["retries"] = build.retries + 1
+                if build.retries + 1 > int(self.settings().max_build_retries):
+                    state = State.FAILED
+                    changes["error"] = f"gave up after {build.retries} retries: {outcome.error}"
+            if state == State.QUEUED:
+                changes.pop("exit_code")
+            self.store.transition(build_id, state, **changes)
+            if flight is not None:
+                flight.ended = True
         level = logging.INFO if state in (State.SUCCEEDED, State.QUEUED) else logging.WARNING
-        log.log(
-            level,
-            "build %d: %s%s",
-            build_id,
-            state,
-            f" ({changes['error']})" if changes.get("error") else "",
-            extra={"build_id": build_id},
-        )
+        error = f" ({changes['error']})" if changes.get("error") else ""
+        log.log(level, "build %d: %s%s", build_id, state, error, extra={"build_id": build_id})
 
     # -- start-up ---------------------------------------------------------------------
 

@@ -182,9 +182,10 @@ FIELDS: tuple[Field, ...] = (
         "slot_lease_seconds",
         int,
         60,
-        "lease of a held slot; a dead holder's slot returns after this",
+        "lease of a held slot; a dead holder's slot returns after this; the same on every host",
         5,
         3600,
+        restart=True,
     ),
     Field(
         "host_max_builds", int, 0, "builds at once on this host (0 = only the cluster limit)", 0, 20
@@ -263,8 +264,12 @@ class Settings:
         except KeyError:
             raise AttributeError(name) from None
 
-    def as_dict(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self._values.items()}
+    def as_dict(self, redact: bool = False) -> dict[str, Any]:
+        """Plain values; with ``redact``, secrets (a password in redis_url) are masked."""
+        out = {k: (str(v) if isinstance(v, Path) else v) for k, v in self._values.items()}
+        if redact:
+            out["redis_url"] = redact_url(str(out["redis_url"]))
+        return out
 
     def changed(self, other: Settings) -> dict[str, tuple[Any, Any]]:
         """{key: (old, new)} for every key whose value differs in ``other``."""
@@ -276,6 +281,12 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return Settings({**self._values, **changes}, self.path)
+
+
+def redact_url(url: str) -> str:
+    """``redis://user:secret@host`` -> ``redis://user:***@host``: users may read settings
+    and status, but a Redis password would let them bypass the admin role."""
+    return re.sub(r"^(\w+://[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
 def unknown_key_error(key: str, line: int | None = None) -> SettingError:

@@ -135,8 +135,10 @@ local max, lease_ms, info, try_only = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV
 local held = redis.call('HGET', HI, name)
 if held then
   local o, token = parse(held)
-  if o == owner then return {0, token} end
-  return {3}
+  if o ~= owner then return {3} end
+  -- granted while we were not listening: the lease counts from now, as the caller's does
+  redis.call('ZADD', H, string.format('%d', now + lease_ms), name)
+  return {0, token}
 end
 local queued = redis.call('HGET', WI, name)
 if queued then

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from reqpmd import states
-from reqpmd.errors import NotFound
+from reqpmd.errors import InvalidArgument, NotFound
 from reqpmd.states import State
 
 _SCHEMA = """
@@ -93,10 +94,6 @@ class Build:
     pid_started: float | None
     slot_token: int | None
 
-    @property
-    def slot_name(self) -> str:
-        return f"build_{self.id}"
-
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
@@ -109,6 +106,9 @@ class Store:
         self.state_dir = Path(state_dir)
         self.builds_dir = self.state_dir / "builds"
         self.builds_dir.mkdir(parents=True, exist_ok=True)
+        self.incoming_dir = self.state_dir / "incoming"
+        shutil.rmtree(self.incoming_dir, ignore_errors=True)  # uploads cut off by a crash
+        self.incoming_dir.mkdir()
         self._db = sqlite3.connect(
             self.state_dir / "reqpm.db", check_same_thread=False, isolation_level=None
         )
@@ -137,40 +137,59 @@ class Store:
     def build_dir(self, build_id: int) -> Path:
         return self.builds_dir / str(build_id)
 
+    def stage(self, files: Mapping[str, bytes | int], max_file_bytes: int | None = None) -> Path:
+        """Write a submission's files into a fresh staging directory, fsynced.
+
+        A value is the content, or an open descriptor to copy from (never a path: the
+        daemon does not open what a client names). This runs outside the store's lock, so a
+        large upload never holds up the daemon; ``submit`` then only renames the directory.
+        """
+        staging = Path(tempfile.mkdtemp(prefix="submit-", dir=self.incoming_dir))
+        try:
+            for name, source in files.items():
+                target = staging / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                _write_synced(target, source, name, max_file_bytes)
+                _fsync_dir(target.parent)
+            _fsync_dir(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return staging
+
     def submit(
         self,
         *,
         chroot: str,
         kind: str,
         source: str,
-        files: Mapping[str, bytes],
+        inputs: Path,
         priority: int,
         uid: int,
         user: str = "",
     ) -> int:
-        """Queue a build; it is on disk (row and input files) before the id is returned."""
-        with self._tx() as db:
-            cur = db.execute(
-                "INSERT INTO builds (state, chroot, kind, source, priority, submitted_by,"
-                " submitted_name, submitted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (State.QUEUED, chroot, kind, source, priority, uid, user, time.time()),
-            )
-            build_id = int(cur.lastrowid or 0)
-            bdir = self.build_dir(build_id)
-            shutil.rmtree(bdir, ignore_errors=True)  # left by a submission that rolled back
-            inputs = bdir / "input"
-            inputs.mkdir(parents=True)
-            for name, data in files.items():
-                target = inputs / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                _write_synced(target, data)
-                _fsync_dir(target.parent)
-            _fsync_dir(bdir)
-            _fsync_dir(self.builds_dir)
-            db.execute(
-                "UPDATE builds SET result_dir = ?, log_path = ? WHERE id = ?",
-                (str(bdir / "result"), str(bdir / "build.log"), build_id),
-            )
+        """Queue a build whose files ``stage`` wrote to ``inputs``; row and files are on disk
+        before the id is returned."""
+        try:
+            with self._tx() as db:
+                cur = db.execute(
+                    "INSERT INTO builds (state, chroot, kind, source, priority, submitted_by,"
+                    " submitted_name, submitted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (State.QUEUED, chroot, kind, source, priority, uid, user, time.time()),
+                )
+                build_id = int(cur.lastrowid or 0)
+                bdir = self.build_dir(build_id)
+                shutil.rmtree(bdir, ignore_errors=True)  # left by a submission that rolled back
+                bdir.mkdir(parents=True)
+                os.rename(inputs, bdir / "input")
+                _fsync_dir(bdir)
+                _fsync_dir(self.builds_dir)
+                db.execute(
+                    "UPDATE builds SET result_dir = ?, log_path = ? WHERE id = ?",
+                    (str(bdir / "result"), str(bdir / "build.log"), build_id),
+                )
+        finally:
+            shutil.rmtree(inputs, ignore_errors=True)  # only left if the row was not made
         return build_id
 
     def get(self, build_id: int) -> Build:
@@ -284,9 +303,17 @@ def _build(row: tuple[Any, ...]) -> Build:
     return Build(**values)
 
 
-def _write_synced(path: Path, data: bytes) -> None:
+def _write_synced(path: Path, source: bytes | int, name: str, cap: int | None) -> None:
     with open(path, "wb") as f:
-        f.write(data)
+        if isinstance(source, bytes):
+            f.write(source)
+        else:
+            offset = 0
+            while chunk := os.pread(source, 1024 * 1024, offset):
+                offset += len(chunk)
+                if cap is not None and offset > cap:
+                    raise InvalidArgument(f"{name}: over the cap of {cap} bytes")
+                f.write(chunk)
         f.flush()
         os.fsync(f.fileno())
 

@@ -410,3 +410,49 @@ def test_unreachable_redis_raises_a_clear_error_and_holders_survive_a_short_outa
     redis_server.start()  # back within the lease (data lost: re-registers in the grace)
     lim.renew("holder")
     assert lim.get_active_builds() == ["holder"]
+
+
+def test_an_error_reply_during_renewal_does_not_stop_the_heartbeat(
+    rclient: redis.Redis, make_limiter: MakeLimiter
+) -> None:
+    """OOM (maxmemory with noeviction), READONLY or BUSY replies are not connection
+    errors; they must not end the renewals of every slot of the process."""
+    lim = make_limiter(rclient, lease_ttl=1)
+    slot = lim.wait_for_slot("kept", timeout=5)
+    rclient.config_set("maxmemory-policy", "noeviction")
+    rclient.config_set("maxmemory", "1")  # every write is refused with OOM
+    time.sleep(0.8)  # at least two renewals are refused
+    rclient.config_set("maxmemory", "0")
+    other = make_limiter(rclient, lease_ttl=1)
+    with pytest.raises(SlotTimeout):
+        other.wait_for_slot("intruder", timeout=2.5)  # renewals resumed: still held
+    assert not slot.lost.is_set()
+    assert lim.get_active_builds() == ["kept"]
+
+
+def test_a_malformed_grant_message_does_not_stop_the_listener(
+    rclient: redis.Redis, make_limiter: MakeLimiter
+) -> None:
+    from reqpmd.keys import slot_keys
+
+    holder = make_limiter(rclient, lease_ttl=60)
+    assert holder.try_acquire("holder")
+    lim = make_limiter(rclient, lease_ttl=60)
+    got: list[float] = []
+
+    def wait() -> None:
+        lim.wait_for_slot("next", timeout=30)
+        got.append(time.monotonic())
+
+    t = threading.Thread(target=wait)
+    t.start()
+    wait_until(lambda: holder.get_waiting())
+    for junk in ("garbage without a token", "x y notanumber"):
+        rclient.publish(slot_keys("reqpm").grants, junk)
+    time.sleep(0.3)
+    listener = lim._grants._thread
+    assert listener is not None and listener.is_alive()
+    released_at = time.monotonic()
+    holder.release("holder")
+    t.join(10)
+    assert got and got[0] - released_at < 1.0  # still notified, not polled

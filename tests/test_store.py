@@ -45,7 +45,7 @@ def submit(s: Store, priority: int = 0, files: dict[str, bytes] | None = None) -
         chroot="fedora-40-x86_64",
         kind="spec",
         source="hello.spec",
-        files=SPEC if files is None else files,
+        inputs=s.stage(SPEC if files is None else files),
         priority=priority,
         uid=1000,
         user="alice",
@@ -236,16 +236,15 @@ def test_submit_writes_the_row_and_input_files_before_returning(
     inputs = bdir / "input"
     assert (inputs / "hello.spec").read_bytes() == b"Name: hello\n"
     assert (inputs / "sources" / "x").read_bytes() == b"source bytes"
-    # each file, the directories holding them and the builds directory were fsynced
-    for path in (
-        inputs / "hello.spec",
-        inputs / "sources" / "x",
-        inputs,
-        inputs / "sources",
-        bdir,
-        db.builds_dir,
-    ):
+    # each file and the directories holding them were fsynced in the staging area (then
+    # renamed into place), and the build's directory and the builds directory after that
+    staged = [p for p in synced if "/incoming/submit-" in p]
+    assert any(p.endswith("/hello.spec") for p in staged)
+    assert any(p.endswith("/sources/x") for p in staged)
+    assert any(p.endswith("/sources") for p in staged)
+    for path in (bdir, db.builds_dir):
         assert str(path) in synced, path
+    assert list(db.incoming_dir.iterdir()) == []  # nothing left in the staging area
     # the row is committed: another connection sees it
     row = raw_row(db.state_dir, build_id)
     assert row is not None
@@ -256,7 +255,6 @@ def test_submit_writes_the_row_and_input_files_before_returning(
     assert build.result_dir == str(bdir / "result")
     assert build.log_path == str(bdir / "build.log")
     assert (build.runs, build.retries) == (0, 0)
-    assert build.slot_name == f"build_{build_id}"
 
 
 def test_submitted_ids_increase(db: Store) -> None:
