@@ -79,7 +79,12 @@ class Field:
 
 
 def _hostname() -> str:
-    return socket.gethostname().split(".")[0] or "localhost"
+    """The full hostname: short names repeat across sites (build01.dc1, build01.dc2), and
+    two hosts with one host_id would share slot names."""
+    name = socket.gethostname()
+    if _NAME_RE.match(name):
+        return name
+    return name.split(".")[0][:64] or "localhost"
 
 
 FIELDS: tuple[Field, ...] = (

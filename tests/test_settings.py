@@ -76,8 +76,8 @@ def test_defaults_match_the_documented_table() -> None:
     assert values["min_free_disk_gb"] == 10
 
 
-def test_host_id_defaults_to_the_short_hostname() -> None:
-    expected = socket.gethostname().split(".")[0] or "localhost"
+def test_host_id_defaults_to_the_full_hostname() -> None:
+    expected = socket.gethostname()
     assert settings.validate({}, environ={})["host_id"] == expected
 
 
