@@ -350,9 +350,32 @@ class BuildConcurrencyLimiter:
 
     # -- holding -------------------------------------------------------------------
 
+    def _sweep_expired(self) -> None:
+        """Declare lost every slot whose local lease deadline has passed, without any I/O:
+        a renewal of another slot that blocked on an unreachable Redis must not delay it."""
+        now = self._clock()
+        for other in self.held():
+            if now >= other.lease_deadline and other.lock.acquire(blocking=False):
+                try:
+                    with self._lock:
+                        still_held = self._held.get(other.name) is other
+                    if still_held:
+                        self._mark_lost(other)
+                finally:
+                    other.lock.release()
+                if still_held:
+                    log.error(
+                        "slot %s lost: lease of %gs ran out while Redis was unreachable",
+                        other.name,
+                        self.lease_ttl,
+                    )
+                    if other.on_lost is not None:
+                        other.on_lost(other)
+
     def _renew_due(self, slot: Slot) -> float | None:
         """The heartbeat's renewal: seconds until the next one, None once the slot is gone."""
         interval = self.lease_ttl / 3
+        self._sweep_expired()
         with slot.lock:
             with self._lock:
                 if self._held.get(slot.name) is not slot:
@@ -373,7 +396,8 @@ class BuildConcurrencyLimiter:
                         left,
                         exc,
                     )
-                return max(0.05, min(interval, left / 4, 1.0))
+                # retry sooner as the deadline nears, and wake at the deadline itself
+                return max(0.05, min(interval, left / 4, 1.0, left))
             except SlotLost as exc:
                 log.error("slot %s lost: %s", slot.name, exc)
         if slot.on_lost is not None:

@@ -456,3 +456,21 @@ def test_a_malformed_grant_message_does_not_stop_the_listener(
     holder.release("holder")
     t.join(10)
     assert got and got[0] - released_at < 1.0  # still notified, not polled
+
+
+def test_holders_cut_off_from_redis_learn_they_lost_their_slots_at_the_deadline(
+    redis_server: RedisServer, make_limiter: MakeLimiter
+) -> None:
+    """No Redis, no renewal: once the local lease deadline passes, every slot of the
+    process is declared lost (its builds must stop), not left to run over the limit."""
+    lim = make_limiter(redis_server.client(socket_timeout=1), max_concurrent=2, lease_ttl=2)
+    lost: dict[str, float] = {}
+    for name in ("a", "b"):
+        lim.wait_for_slot(
+            name, timeout=5, on_lost=lambda s: lost.setdefault(s.name, time.monotonic())
+        )
+    killed_at = time.monotonic()
+    redis_server.kill()
+    wait_until(lambda: len(lost) == 2, timeout=6)
+    assert all(t - killed_at <= 2 + 1 for t in lost.values())
+    assert lim.held() == []
