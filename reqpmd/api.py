@@ -225,7 +225,7 @@ class Api:
         return self.d.store.settings_history(_int_arg(req.args, "limit", 1, 10000, 100))
 
     def slots_list(self, req: Request) -> dict[str, Any]:
-        return slot_listing(self.d.limiter, int(self.d.settings.max_concurrent_builds))
+        return slot_listing(self.d.limiter, self.d.limit())
 
     def hosts(self, req: Request) -> list[dict[str, Any]]:
         return self.d.hosts()

@@ -49,6 +49,7 @@ from reqpmd.slot_scripts import (
     MAX_PRIORITY,
     RELEASE,
     RENEW,
+    SET_LIMIT,
     SNAPSHOT,
     Reply,
 )
@@ -180,6 +181,7 @@ class BuildConcurrencyLimiter:
         self._clear = redis_client.register_script(CLEAR)
         self._snapshot = redis_client.register_script(SNAPSHOT)
         self._end_grace = redis_client.register_script(END_GRACE)
+        self._set_limit = redis_client.register_script(SET_LIMIT)
         self._held: dict[str, Slot] = {}
         self._lock = threading.Lock()
         self._heartbeat = Heartbeat(self.held, self._renew_due, clock)  # type: ignore[arg-type]
@@ -336,12 +338,13 @@ class BuildConcurrencyLimiter:
                 )
 
     def timeout_error(self, timeout: float) -> SlotTimeout:
+        limit = self.current_limit()
         try:
-            active = self.get_active_count()
-            busy = f"{active}/{self.current_limit()} slots busy"
+            active, shared = self.get_active_count(), self.get_cluster_limit()
+            limit = shared or limit
+            busy = f"{active}/{limit} slots busy"
         except RedisUnavailable:
             busy = "Redis unreachable"
-        limit = self.current_limit()
         return SlotTimeout(
             f"Could not acquire build slot after {timeout:g}s: {busy} "
             f"(max_concurrent_builds={limit}). Raise max_concurrent_builds or free stuck "
@@ -480,7 +483,7 @@ class BuildConcurrencyLimiter:
 
     def snapshot(self) -> tuple[list[SlotInfo], list[WaiterInfo]]:
         """Holders and waiters (in queue order) read in one atomic step."""
-        _, _, holders, waiters = self._run(self._snapshot)
+        _, _, holders, waiters, _ = self._run(self._snapshot)
         slots = [
             SlotInfo(
                 name,
@@ -533,8 +536,28 @@ class BuildConcurrencyLimiter:
 
     def in_restart_grace(self) -> float:
         """Seconds left of a Redis-restart grace period (0 when none)."""
-        now, grace_until, _, _ = self._run(self._snapshot)
+        now, grace_until, _, _, _ = self._run(self._snapshot)
         return max(0.0, (int(grace_until) - int(now)) / 1000)
+
+    # -- the cluster-wide limit ------------------------------------------------------
+
+    def set_cluster_limit(self, limit: int | None) -> int | None:
+        """Make ``limit`` the limit of every caller in the namespace (None: drop it, and
+        each caller's own ``max_concurrent`` applies again). Returns the previous one.
+
+        Without it each grant uses the granting caller's limit, and callers that disagree
+        get whichever acts. A raised limit is served at once; a lowered one evicts nobody.
+        """
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+        ):
+            raise InvalidArgument(f"limit {limit!r} is out of range: an integer >= 1 or None")
+        previous = int(self._run(self._set_limit, limit or 0))
+        return None if previous < 0 else previous
+
+    def get_cluster_limit(self) -> int | None:
+        shared = int(self._run(self._snapshot)[4])
+        return None if shared < 0 else shared
 
 
 class _Waiter:

@@ -69,6 +69,8 @@ class Daemon:
         self._redis_next_check = 0.0
         self._redis_backoff = 0.5
         self.cluster_active: int | None = None
+        self.cluster_limit: int | None = None  # max_concurrent_builds as Redis has it
+        self._limit_to_publish = False  # changed here while Redis was unreachable
         self._next_heartbeat = 0.0
 
     # -- helpers used by the API -----------------------------------------------------
@@ -201,6 +203,7 @@ class Daemon:
                 return
         try:
             self.cluster_active = self.limiter.get_active_count()
+            self._sync_cluster_limit(publish=self._limit_to_publish)
         except RedisUnavailable as exc:
             self._redis_down(str(exc), now)
             return
@@ -209,6 +212,45 @@ class Daemon:
         self.redis_ok, self.redis_detail = True, "ok"
         self._redis_backoff = 0.5
         self._redis_next_check = now + REDIS_CHECK_EVERY
+
+    def _sync_cluster_limit(self, publish: bool) -> None:
+        """max_concurrent_builds is one value for the whole cluster, kept in Redis.
+
+        This host publishes its value when its admin changed it: through reqpmctl, a
+        reload, or an edited file found at start (it differs from what this host last
+        published). Otherwise the cluster's value applies, and a differing file is
+        reported. Redis without a value (new, or its data lost) gets this host's.
+        """
+        mine = int(self.settings.max_concurrent_builds)
+        shared = self.limiter.get_cluster_limit()
+        last = self.store.get_state("published_limit")
+        if last is None and shared is not None:
+            # this host's first start in a cluster that has a limit: join it; only a later
+            # change of this host's file is published
+            self.store.set_state("published_limit", str(mine))
+        elif str(mine) != last:
+            publish = True  # changed here since this host last published
+        if publish or shared is None:
+            self.limiter.set_cluster_limit(mine)
+            self.store.set_state("published_limit", str(mine))
+            if shared is not None and shared != mine:
+                log.warning(
+                    "max_concurrent_builds is now %d on every host sharing namespace %s (was %d)",
+                    mine,
+                    self.settings.namespace,
+                    shared,
+                )
+            shared = mine
+        elif shared != mine and shared != self.cluster_limit:
+            log.warning(
+                "max_concurrent_builds is %d cluster-wide (set on a host sharing "
+                "namespace %s); this host's config says %d; the cluster's value applies",
+                shared,
+                self.settings.namespace,
+                mine,
+            )
+        self._limit_to_publish = False
+        self.cluster_limit = shared
 
     def _redis_down(self, detail: str, now: float) -> None:
         if self.redis_ok or self.redis_detail == "not connected yet":
@@ -257,8 +299,11 @@ class Daemon:
 
     # -- status ----------------------------------------------------------------------------
 
+    def limit(self) -> int:
+        """The limit in force: the cluster's, or this host's until Redis has told us."""
+        return self.cluster_limit or int(self.settings.max_concurrent_builds)
+
     def status_line(self) -> str:
-        s = self.settings
         flight = self.scheduler.in_flight()
         queued = self.store.count(State.QUEUED)
         if not self.redis_ok:
@@ -268,7 +313,7 @@ class Daemon:
             )
         shut = describe_closed(self.scheduler.last_gates)
         head = (
-            f"{self.cluster_active}/{s.max_concurrent_builds} slots busy cluster-wide, "
+            f"{self.cluster_active}/{self.limit()} slots busy cluster-wide, "
             f"{flight['building']} building here, {queued} queued"
         )
         return f"{shut}; {head}" if shut else head
@@ -279,7 +324,8 @@ class Daemon:
         result: dict[str, Any] = {
             "host_id": s.host_id,
             "version": __version__,
-            "max_concurrent": s.max_concurrent_builds,
+            "max_concurrent": self.limit(),
+            "configured_limit": s.max_concurrent_builds,
             "active_count": None,
             "active_builds": [],
             "waiting": [],
@@ -292,7 +338,7 @@ class Daemon:
         }
         if self.redis_ok:
             try:
-                listing = slot_listing(self.limiter, int(s.max_concurrent_builds))
+                listing = slot_listing(self.limiter, self.limit())
                 result["active_builds"] = listing["holders"]
                 result["waiting"] = listing["waiting"]
                 result["active_count"] = len(listing["holders"])
@@ -311,6 +357,12 @@ class Daemon:
         live = new.replace(**{k: old_v for k, (old_v, _) in pending.items()})
         self.settings = live
         self._next_heartbeat = 0.0  # tell the other hosts now
+        if "max_concurrent_builds" in diff:
+            self._limit_to_publish = True
+            try:
+                self._sync_cluster_limit(publish=True)
+            except RedisUnavailable:
+                log.warning("max_concurrent_builds will reach the other hosts when Redis is back")
         for key, (before, after) in diff.items():
             note = " (takes effect at the next restart)" if key in pending else ""
             log.warning("setting %s: %s -> %s by %s%s", key, before, after, who, note)

@@ -59,6 +59,11 @@ local function grace_until()
   return tonumber(redis.call('HGET', META, 'grace_until') or '0')
 end
 
+-- The cluster-wide limit, when one was set (SET_LIMIT), wins over the caller's own.
+local function limit(callers)
+  return tonumber(redis.call('HGET', META, 'limit') or '') or callers
+end
+
 -- A new run_id means Redis restarted or failed over: holders may be missing.
 local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
 if redis.call('HGET', META, 'run_id') ~= run_id then
@@ -130,7 +135,7 @@ ACQUIRE = (
 -- Returns {GRANTED, token} | {WAITING, position, active, wake_ms} | {BUSY, active, wake_ms}
 --       | {IN_USE}
 local name, owner, priority = ARGV[2], ARGV[3], tonumber(ARGV[4])
-local max, lease_ms, info, try_only = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8]
+local max, lease_ms, info, try_only = limit(tonumber(ARGV[5])), tonumber(ARGV[6]), ARGV[7], ARGV[8]
 
 local held = redis.call('HGET', HI, name)
 if held then
@@ -170,7 +175,7 @@ RELEASE = (
 -- ARGV: 2 name, 3 owner ('' = whoever holds or awaits it), 4 max
 -- Free the holder's slot or withdraw the waiter, then hand free slots to the queue.
 -- Returns 1 if a slot was freed, 2 if a waiter was withdrawn, 0 if the name was unknown.
-local name, owner, max = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local name, owner, max = ARGV[2], ARGV[3], limit(tonumber(ARGV[4]))
 local result = 0
 local held = redis.call('HGET', HI, name)
 if held and (owner == '' or parse(held) == owner) then
@@ -225,7 +230,7 @@ CLEAR = (
 -- Returns the number of slots freed.
 local n = redis.call('ZCARD', H)
 redis.call('DEL', H, HI)
-promote(tonumber(ARGV[2]))
+promote(limit(tonumber(ARGV[2])))
 return n
 """
 )
@@ -241,12 +246,30 @@ return 1
 """
 )
 
+SET_LIMIT = (
+    _PRELUDE
+    + """
+-- ARGV: 2 limit (>= 1), or 0 to drop the cluster-wide limit (callers' own then apply)
+-- Set the limit every caller of the namespace obeys; a raised limit is served at once.
+-- Returns the previous cluster limit, or -1 if there was none.
+local previous = limit(-1)
+local new = tonumber(ARGV[2])
+if new > 0 then
+  redis.call('HSET', META, 'limit', string.format('%d', new))
+  promote(new)
+else
+  redis.call('HDEL', META, 'limit')
+end
+return previous
+"""
+)
+
 SNAPSHOT = (
     _PRELUDE
     + """
 -- ARGV: only the grace
--- Returns {now, grace_until, {name, lease_expiry, record, ...}, {name, lease_expiry, record, ...}}
--- with waiters in queue order.
+-- Returns {now, grace_until, {name, lease_expiry, record, ...}, {name, lease_expiry, record, ...},
+--          cluster limit or -1} with waiters in queue order.
 local function dump(zset, hash)
   local out = {}
   local names = redis.call('ZRANGE', zset, 0, -1)
@@ -258,6 +281,6 @@ local function dump(zset, hash)
   end
   return out
 end
-return {now, grace_until(), dump(H, HI), dump(W, WI)}
+return {now, grace_until(), dump(H, HI), dump(W, WI), limit(-1)}
 """
 )

@@ -49,6 +49,10 @@ CREATE TABLE IF NOT EXISTS builds (
     slot_token    INTEGER
 );
 CREATE INDEX IF NOT EXISTS builds_state ON builds(state, priority, id);
+CREATE TABLE IF NOT EXISTS daemon_state (    -- small facts the daemon keeps across restarts
+    key    TEXT PRIMARY KEY,
+    value  TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS settings_history (
     id     INTEGER PRIMARY KEY AUTOINCREMENT,
     at     REAL NOT NULL,
@@ -275,6 +279,21 @@ class Store:
             assignments = ", ".join(f"{k} = ?" for k in changes)
             db.execute(
                 f"UPDATE builds SET {assignments} WHERE id = ?", (*changes.values(), build_id)
+            )
+
+    # -- daemon state -------------------------------------------------------------------
+
+    def get_state(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT value FROM daemon_state WHERE key = ?", (key,)
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_state(self, key: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO daemon_state (key, value) VALUES (?, ?)", (key, value)
             )
 
     # -- settings audit -----------------------------------------------------------------

@@ -372,7 +372,7 @@ def test_hosts_warns_when_daemons_disagree_on_the_limit(
     a = daemons(
         "a", host_id="host-a", redis_url=redis_server.url, settings={"max_concurrent_builds": 3}
     ).start()
-    daemons(
+    b = daemons(
         "b", host_id="host-b", redis_url=redis_server.url, settings={"max_concurrent_builds": 5}
     ).start()
     wait_for(lambda: len(a.call("hosts")) == 2)
@@ -386,3 +386,45 @@ def test_hosts_warns_when_daemons_disagree_on_the_limit(
     assert r.returncode == 0, r.stderr
     assert "host-a" in r.stdout and "host-b" in r.stdout
     assert "hosts disagree on max_concurrent_builds (3, 5)" in r.stderr
+    # one limit for the cluster: the first host's, until an admin changes it
+    assert b.call("status")["max_concurrent"] == 3
+    assert b.call("status")["configured_limit"] == 5
+    assert "max_concurrent_builds is 3 cluster-wide" in b.log()
+
+
+def test_changing_the_limit_on_one_host_changes_it_for_all(
+    daemons: MakeDaemon, redis_server: RedisServer, short_tmp: Path
+) -> None:
+    shared_log = short_tmp / "all-mock.jsonl"
+    common = {
+        "redis_url": redis_server.url,
+        "mock_sleep": 0.8,
+        "mock_log": shared_log,
+        "settings": {"max_concurrent_builds": 3},
+    }
+    a = daemons("a", host_id="host-a", **common).start()
+    b = daemons("b", host_id="host-b", **common).start()
+    a.call("settings.set", {"changes": {"max_concurrent_builds": 1}})
+    wait_for(lambda: b.call("status")["max_concurrent"] == 1, timeout=10)
+    started = time.time()
+    ids = [(a, a.submit()) for _ in range(2)] + [(b, b.submit()) for _ in range(2)]
+    for d, i in ids:
+        assert d.wait_state(i, FINAL, timeout=60)["state"] == "succeeded"
+    runs = [r for r in a.mock_runs() if r["start"] >= started]
+    assert max_overlap(runs) == 1  # b obeyed the limit set on a
+
+
+def test_an_edited_file_wins_at_the_next_start(daemons: MakeDaemon) -> None:
+    """The embedded Redis persists the cluster limit; a file edited while reqpmd was
+    stopped is still the admin's latest word and is published at start."""
+    d = daemons(settings={"max_concurrent_builds": 2}).start()
+    d.call("settings.set", {"changes": {"max_concurrent_builds": 6}})
+    assert d.stop() == 0
+    d.config.write_text(
+        d.config.read_text().replace("max_concurrent_builds: 6", "max_concurrent_builds: 3")
+    )
+    d.start()
+    assert d.call("status")["max_concurrent"] == 3
+    assert d.stop() == 0
+    d.start()  # unchanged file: nothing to publish, the value stays
+    assert d.call("status")["max_concurrent"] == 3

@@ -474,3 +474,42 @@ def test_holders_cut_off_from_redis_learn_they_lost_their_slots_at_the_deadline(
     wait_until(lambda: len(lost) == 2, timeout=6)
     assert all(t - killed_at <= 2 + 1 for t in lost.values())
     assert lim.held() == []
+
+
+# -- the cluster-wide limit ---------------------------------------------------------------
+
+
+def test_a_cluster_limit_overrides_each_callers_own(
+    rclient: redis.Redis, make_limiter: MakeLimiter
+) -> None:
+    a = make_limiter(rclient, max_concurrent=5, host="a")
+    b = make_limiter(rclient, max_concurrent=5, host="b")
+    assert a.get_cluster_limit() is None
+    assert a.set_cluster_limit(2) is None
+    assert b.get_cluster_limit() == 2
+    assert a.try_acquire("a1") and b.try_acquire("b1")
+    assert b.try_acquire("b2") is None  # 2 held: the cluster's 2, not the callers' 5
+    with pytest.raises(SlotTimeout, match=r"2/2 slots busy \(max_concurrent_builds=2\)"):
+        b.wait_for_slot("b3", timeout=0.2)
+    with pytest.raises(InvalidArgument):
+        a.set_cluster_limit(0)
+
+
+def test_raising_the_cluster_limit_serves_waiters_at_once(
+    rclient: redis.Redis, make_limiter: MakeLimiter
+) -> None:
+    lim = make_limiter(rclient, max_concurrent=1, lease_ttl=60)
+    lim.set_cluster_limit(1)
+    assert lim.try_acquire("first")
+    got: list[float] = []
+    t = threading.Thread(
+        target=lambda: (lim.wait_for_slot("second", timeout=30), got.append(time.monotonic()))
+    )
+    t.start()
+    wait_until(lambda: lim.get_waiting())
+    raised_at = time.monotonic()
+    assert make_limiter(rclient).set_cluster_limit(2) == 1
+    t.join(10)
+    assert got and got[0] - raised_at < 1.0  # granted by SET_LIMIT itself, not by a poll
+    assert lim.set_cluster_limit(None) == 2
+    assert lim.get_cluster_limit() is None
