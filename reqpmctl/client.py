@@ -10,6 +10,7 @@ from typing import Any
 from reqpmd import protocol
 
 DEFAULT_SOCKET = "/run/reqpm/reqpmd.sock"
+SUBMIT_TIMEOUT = 900.0
 
 
 def default_socket() -> str:
@@ -132,7 +133,15 @@ class Client:
             }
             if chroot:
                 args["chroot"] = chroot
-            result = self.call("submit", args, fds)
+            # the daemon copies the files before it answers: allow for large uploads, so a
+            # slow disk is not reported as "unreachable" for a build that was accepted
+            sock = self._connect()
+            sock.settimeout(max(self.timeout, SUBMIT_TIMEOUT))
+            try:
+                result = self.call("submit", args, fds)
+            finally:
+                if self._sock is not None:
+                    self._sock.settimeout(self.timeout)
         finally:
             for fd in fds:
                 os.close(fd)
