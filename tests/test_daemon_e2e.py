@@ -34,6 +34,22 @@ def daemons(short_tmp: Path) -> Iterator[MakeDaemon]:
             d.proc.wait()
 
 
+def two_hosts(
+    daemons: MakeDaemon, redis_server: RedisServer, short_tmp: Path, mock_sleep: float, limit: int
+) -> tuple[Reqpmd, Reqpmd]:
+    """Two daemons sharing one Redis and one mock log (to measure overlap across them)."""
+    common = {
+        "redis_url": redis_server.url,
+        "mock_sleep": mock_sleep,
+        "mock_log": short_tmp / "all-mock.jsonl",
+        "settings": {"max_concurrent_builds": limit},
+    }
+    return (
+        daemons("a", host_id="host-a", **common).start(),
+        daemons("b", host_id="host-b", **common).start(),
+    )
+
+
 def _rebuilds(d: Reqpmd, build_id: int) -> list[dict[str, object]]:
     return [r for r in d.mock_runs() if f"build{build_id}" in r["argv"]]
 
@@ -101,15 +117,7 @@ def test_parallel_builds_get_distinct_roots_and_never_hit_the_root_lock(
 def test_limit_holds_across_daemons_sharing_one_redis(
     daemons: MakeDaemon, redis_server: RedisServer, short_tmp: Path
 ) -> None:
-    shared_log = short_tmp / "all-mock.jsonl"
-    common = {
-        "redis_url": redis_server.url,
-        "mock_sleep": 0.6,
-        "mock_log": shared_log,
-        "settings": {"max_concurrent_builds": 2},
-    }
-    a = daemons("a", host_id="host-a", **common).start()
-    b = daemons("b", host_id="host-b", **common).start()
+    a, b = two_hosts(daemons, redis_server, short_tmp, mock_sleep=0.6, limit=2)
     ids = [(a, a.submit()) for _ in range(3)] + [(b, b.submit()) for _ in range(3)]
     seen_max = 0
     deadline = time.monotonic() + 90
@@ -395,15 +403,7 @@ def test_hosts_warns_when_daemons_disagree_on_the_limit(
 def test_changing_the_limit_on_one_host_changes_it_for_all(
     daemons: MakeDaemon, redis_server: RedisServer, short_tmp: Path
 ) -> None:
-    shared_log = short_tmp / "all-mock.jsonl"
-    common = {
-        "redis_url": redis_server.url,
-        "mock_sleep": 0.8,
-        "mock_log": shared_log,
-        "settings": {"max_concurrent_builds": 3},
-    }
-    a = daemons("a", host_id="host-a", **common).start()
-    b = daemons("b", host_id="host-b", **common).start()
+    a, b = two_hosts(daemons, redis_server, short_tmp, mock_sleep=0.8, limit=3)
     a.call("settings.set", {"changes": {"max_concurrent_builds": 1}})
     wait_for(lambda: b.call("status")["max_concurrent"] == 1, timeout=10)
     started = time.time()

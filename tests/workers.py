@@ -108,13 +108,19 @@ class Worker:
                 self.proc.wait()
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10, interval: float = 0.01) -> Any:
-    """Poll predicate until it returns something truthy, or fail after timeout."""
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = 10,
+    interval: float = 0.01,
+    what: str = "condition",
+) -> Any:
+    """Poll predicate until it returns something truthy (returned), or fail naming ``what``
+    after timeout. The one polling loop of the test suite."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
+            raise AssertionError(f"not within {timeout}s: {what} (last: {value!r})")
         time.sleep(interval)

@@ -153,11 +153,6 @@ class Sandbox:
 
 def poll(what: str, predicate: Callable[[], Any], timeout: float = 20, every: float = 0.1) -> Any:
     """predicate() until it is truthy (returned), or fail naming ``what`` after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what} (last: {value!r})")
-        time.sleep(every)
+    from tests.workers import wait_until
+
+    return wait_until(predicate, timeout=timeout, interval=every, what=what)
