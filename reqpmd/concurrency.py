@@ -534,6 +534,19 @@ class BuildConcurrencyLimiter:
         """
         self._run(self._end_grace)
 
+    def recover_private_server(self) -> None:
+        """After restarting a private Redis that only this process uses: re-register every
+        slot held here (a slot whose lease ran out meanwhile is lost, and its owner told),
+        then end the restart grace, since no other holder can be missing."""
+        for slot in self.held():
+            try:
+                self.renew(slot.name)
+            except SlotLost as exc:
+                log.error("slot %s lost: %s", slot.name, exc)
+                if slot.on_lost is not None:
+                    slot.on_lost(slot)
+        self.declare_no_survivors()
+
     def in_restart_grace(self) -> float:
         """Seconds left of a Redis-restart grace period (0 when none)."""
         now, grace_until, _, _, _ = self._run(self._snapshot)

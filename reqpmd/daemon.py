@@ -197,10 +197,23 @@ class Daemon:
         if self.redis_server is not None and not self.redis_server.alive():
             try:
                 self.redis_server.start()
-                log.warning("embedded redis-server had stopped; restarted it")
             except (RuntimeError, OSError) as exc:
                 self._redis_down(f"embedded redis-server will not start: {exc}", now)
                 return
+            try:
+                # our private server: our own running builds are the only possible holders
+                self.limiter.recover_private_server()
+                log.warning(
+                    "embedded redis-server had stopped; restarted it and "
+                    "re-registered %d running build(s)",
+                    len(self.limiter.held()),
+                )
+            except RedisUnavailable as exc:
+                log.warning(
+                    "embedded redis-server restarted, but re-registering builds "
+                    "failed (%s); no new slot for one lease",
+                    exc,
+                )
         try:
             self.cluster_active = self.limiter.get_active_count()
             self._sync_cluster_limit(publish=self._limit_to_publish)
