@@ -171,13 +171,19 @@ class BuildRun:
         return Outcome(_STATE_FOR[reason], code, note)
 
     def _scrub(self, logf: IO[bytes]) -> None:
-        scrub(self.build, self.build_dir, self.settings, self.runner, logf)
+        scrub(self.build, self.build_dir, self.settings, self.runner, logf, self.on_started)
 
 
 def scrub(
-    build: Build, build_dir: Path, settings: Settings, runner: Runner, logf: IO[bytes]
+    build: Build,
+    build_dir: Path,
+    settings: Settings,
+    runner: Runner,
+    logf: IO[bytes],
+    on_started: Callable[[int, float | None], None] | None = None,
 ) -> None:
-    """Delete the build's unique roots (never the shared caches: see reqpmd.mock)."""
+    """Delete the build's unique roots (never the shared caches: see reqpmd.mock).
+    ``on_started`` records its pid, so crash recovery can stop a scrub cut off by a crash."""
     command = Path(settings.mock_command)
     if mock.check_executable(command):
         return
@@ -194,6 +200,8 @@ def scrub(
         shutil.rmtree(private_cache, ignore_errors=True)
         return
     try:
+        if on_started is not None:
+            on_started(proc.pid, mock.start_time(proc.pid))
         code = proc.wait(timeout=SCRUB_TIMEOUT)
     except subprocess.TimeoutExpired:
         code = Stopper(grace=float(settings.cancel_grace_seconds)).stop(proc)
