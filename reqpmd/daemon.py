@@ -316,9 +316,10 @@ class Daemon:
         """The limit in force: the cluster's, or this host's until Redis has told us."""
         return self.cluster_limit or int(self.settings.max_concurrent_builds)
 
-    def status_line(self) -> str:
-        flight = self.scheduler.in_flight()
-        queued = self.store.count(State.QUEUED)
+    def status_line(self, flight: dict[str, int] | None = None, queued: int | None = None) -> str:
+        """The one-line summary (STATUS=); status() passes what it has already read."""
+        flight = flight or self.scheduler.in_flight()
+        queued = self.store.count(State.QUEUED) if queued is None else queued
         if not self.redis_ok:
             return (
                 f"waiting for Redis at {self.redis_label}: {self.redis_detail}; "
@@ -334,6 +335,7 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         s = self.settings
         flight = self.scheduler.in_flight()
+        queued = self.store.count(State.QUEUED)
         result: dict[str, Any] = {
             "host_id": s.host_id,
             "version": __version__,
@@ -342,12 +344,12 @@ class Daemon:
             "active_count": None,
             "active_builds": [],
             "waiting": [],
-            "queued": self.store.count(State.QUEUED),
+            "queued": queued,
             "building_here": flight["building"],
             "waiting_here": flight["waiting"],
             "gates": [g.__dict__ for g in self.scheduler.last_gates],
             "redis": {"url": self.redis_label, "ok": self.redis_ok, "detail": self.redis_detail},
-            "summary": self.status_line(),
+            "summary": self.status_line(flight, queued),
         }
         if self.redis_ok:
             try:
@@ -379,10 +381,8 @@ class Daemon:
         for key, (before, after) in diff.items():
             note = " (takes effect at the next restart)" if key in pending else ""
             log.warning("setting %s: %s -> %s by %s%s", key, before, after, who, note)
-            if uid is not None:
-                self.store.audit_setting(uid, who, key, before, after)
-            else:
-                self.store.audit_setting(-1, who, key, before, after)
+            # uid -1: the change came from a SIGHUP reload, not from a client
+            self.store.audit_setting(-1 if uid is None else uid, who, key, before, after)
         self.wake()
         return {
             "changed": {k: [str(a), str(b)] for k, (a, b) in diff.items()},

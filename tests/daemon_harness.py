@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -174,4 +173,4 @@ def wait_for(predicate: Any, timeout: float = 30) -> Any:
     return wait_until(predicate, timeout=timeout, interval=0.05)
 
 
-__all__ = ["FINAL", "Reqpmd", "max_overlap", "time", "wait_for"]
+__all__ = ["FINAL", "Reqpmd", "max_overlap", "wait_for"]
