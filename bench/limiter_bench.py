@@ -41,10 +41,10 @@ if str(ROOT) not in sys.path:
 
 import redis  # noqa: E402
 
-from reqpmd import keys  # noqa: E402
 from reqpmd.concurrency import BuildConcurrencyLimiter  # noqa: E402
-from reqpmd.redis_server import RedisServer  # noqa: E402
-from reqpmd.redisconn import connect  # noqa: E402
+from reqpmd.slots import keys  # noqa: E402
+from reqpmd.slots.connection import connect  # noqa: E402
+from reqpmd.slots.server import RedisServer  # noqa: E402
 
 REQPM = "reqpm"
 BASELINE = "baseline"

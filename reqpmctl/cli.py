@@ -30,11 +30,12 @@ import click
 
 from reqpmctl import output
 from reqpmctl.client import Client, ClientError, default_socket
-from reqpmd import __version__, protocol
-from reqpmd.settings import SettingsInvalid, parse_assignment
-from reqpmd.states import FINAL, State
-
-FINAL_STATES = {s.value for s in FINAL}
+from reqpmd import __version__
+from reqpmd.builds.states import State
+from reqpmd.config.parse import parse_assignment
+from reqpmd.config.schema import SettingsInvalid
+from reqpmd.control import protocol
+from reqpmd.slots.scripts import MAX_PRIORITY
 
 
 class Ctx:
@@ -109,6 +110,12 @@ def status(c: Ctx) -> None:
     lines.append(
         f"redis:   {'ok' if redis['ok'] else 'DOWN: ' + redis['detail']}  ({redis['url']})"
     )
+    if st.get("restart_grace_left"):
+        lines.append(
+            f"grace:   no new slot for {output.duration(st['restart_grace_left'])}: Redis is "
+            "new or restarted; 'reqpmctl slots end-grace --yes' ends it if no build from "
+            "before can still be running"
+        )
     for g in st["gates"]:
         lines.append(f"gate:    {g['name']}: {'open' if g['open'] else 'CLOSED'} ({g['detail']})")
     if st["active_builds"]:
@@ -289,6 +296,29 @@ def slots_clear(c: Ctx, yes: bool) -> None:
     c.emit(result, f"cleared {result['cleared']} slot(s)")
 
 
+@slots.command("end-grace")
+@click.option("--yes", is_flag=True, help="Really grant slots now.")
+@pass_ctx
+def slots_end_grace(c: Ctx, yes: bool) -> None:
+    """End a Redis restart grace now (only if no build from before can still run).
+
+    After Redis restarts empty, or on a new Redis, no slot is granted for one lease so
+    that running builds can re-register theirs; this grants slots at once.
+    """
+    if not yes:
+        raise click.UsageError(
+            "ending the grace may admit more builds than the limit if a build from before "
+            "the restart still runs; add --yes"
+        )
+    result = c.call("slots.end_grace", {"yes": True})
+    c.emit(
+        result,
+        "restart grace ended; slots are granted again"
+        if result["ended"]
+        else "no restart grace was in force",
+    )
+
+
 # -- builds -----------------------------------------------------------------------------------
 
 
@@ -299,7 +329,9 @@ def slots_clear(c: Ctx, yes: bool) -> None:
 @click.option("--spec", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--sources", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--chroot", help="mock config (default: the daemon's default_chroot).")
-@click.option("--priority", default=0, show_default=True, type=click.IntRange(-1000, 1000))
+@click.option(
+    "--priority", default=0, show_default=True, type=click.IntRange(-MAX_PRIORITY, MAX_PRIORITY)
+)
 @click.option("--wait", is_flag=True, help="Follow the build; exit 1 unless it succeeds.")
 @pass_ctx
 def submit(
@@ -467,9 +499,9 @@ def hosts(c: Ctx) -> None:
     )
     if len(limits) > 1:
         warning = (
-            f"warning: hosts disagree on max_concurrent_builds "
-            f"({', '.join(str(x) for x in sorted(limits))}); each grant uses the "
-            f"granting host's value"
+            f"warning: the config files of these hosts disagree on max_concurrent_builds "
+            f"({', '.join(str(x) for x in sorted(limits))}); the cluster obeys one value, "
+            f"the last one set ('reqpmctl status' shows it); make the files agree"
         )
         click.echo(warning, err=True)
     c.emit(rows, table)

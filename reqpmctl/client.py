@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from reqpmd import protocol
+from reqpmd.control import protocol
 
 DEFAULT_SOCKET = "/run/reqpm/reqpmd.sock"
 SUBMIT_TIMEOUT = 900.0

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from reqpmd.concurrency import BuildConcurrencyLimiter
-from reqpmd.redis_server import RedisServer
+from reqpmd.slots.server import RedisServer
 from tests.sandbox import Sandbox, SandboxRefused
 
 

@@ -24,7 +24,7 @@ import time
 
 from reqpmd.concurrency import BuildConcurrencyLimiter
 from reqpmd.errors import ReqpmError
-from reqpmd.redisconn import connect
+from reqpmd.slots.connection import connect
 
 out_lock = threading.Lock()
 

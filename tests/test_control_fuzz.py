@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reqpmd import protocol
+from reqpmd.control import protocol
 from tests.daemon_harness import FINAL, Reqpmd, wait_for
 
 

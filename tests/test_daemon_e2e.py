@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from reqpmctl.client import ClientError
-from reqpmd.redis_server import RedisServer
+from reqpmd.slots.server import RedisServer
 from tests.daemon_harness import FINAL, Reqpmd, max_overlap, wait_for
 
 MakeDaemon = Callable[..., Reqpmd]

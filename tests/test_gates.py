@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reqpmd import settings
-from reqpmd.gates import GB, Gates, closed, describe_closed
+from reqpmd.builds.gates import GB, Gates, closed, describe_closed
+from reqpmd.config import parse, schema
 
 
-def make(**values: object) -> settings.Settings:
-    return settings.Settings(settings.validate(values, environ={}))
+def make(**values: object) -> schema.Settings:
+    return parse.validate(values, environ={})
 
 
 def test_all_open_when_measurements_are_inside_the_limits() -> None:
@@ -42,6 +42,6 @@ def test_disk_gate_measures_the_nearest_existing_parent(tmp_path: Path) -> None:
     gates = Gates(disk_free=lambda p: seen.append(p) or 100 * GB, load=lambda: 0.0)
     gates.check(make(mock_root_dir=str(tmp_path / "not" / "yet")), 0)
     assert seen == [tmp_path / "not" / "yet"]
-    from reqpmd.gates import disk_free_bytes
+    from reqpmd.builds.gates import disk_free_bytes
 
     assert disk_free_bytes(tmp_path / "not" / "yet") > 0

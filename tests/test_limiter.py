@@ -17,7 +17,7 @@ from reqpmd.concurrency import (
     SlotTimeout,
 )
 from reqpmd.errors import InvalidArgument, WaitCancelled
-from reqpmd.redis_server import RedisServer
+from reqpmd.slots.server import RedisServer
 from tests.conftest import fresh_start
 from tests.workers import Worker, wait_until
 
@@ -433,7 +433,7 @@ def test_an_error_reply_during_renewal_does_not_stop_the_heartbeat(
 def test_a_malformed_grant_message_does_not_stop_the_listener(
     rclient: redis.Redis, make_limiter: MakeLimiter
 ) -> None:
-    from reqpmd.keys import slot_keys
+    from reqpmd.slots.keys import slot_keys
 
     holder = make_limiter(rclient, lease_ttl=60)
     assert holder.try_acquire("holder")

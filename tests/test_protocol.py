@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from reqpmd import protocol
-from reqpmd.settings import Settings, redact_url, validate
+from reqpmd.config.parse import validate
+from reqpmd.config.schema import redact_url
+from reqpmd.control import protocol
 
 
 def test_a_line_and_its_descriptors() -> None:
@@ -98,6 +99,6 @@ def test_oversized_line() -> None:
 )
 def test_redis_passwords_are_not_shown(url: str, shown: str) -> None:
     assert redact_url(url) == shown
-    s = Settings(validate({"redis_url": url}, environ={}))
+    s = validate({"redis_url": url}, environ={})
     assert s.as_dict(redact=True)["redis_url"] == shown
     assert s.as_dict()["redis_url"] == url

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from reqpmd import protocol
+from reqpmd.control import protocol
 from tests.daemon_harness import FINAL, HELLO, Reqpmd, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reqpmd import settings
-from reqpmd.settings import SettingsInvalid
+from reqpmd.config import parse, schema
+from reqpmd.config.schema import SettingsInvalid
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "etc" / "reqpm" / "reqpmd.yaml"
@@ -37,8 +37,8 @@ def write(tmp_path: Path, text: str, name: str = "reqpmd.yaml") -> Path:
     return path
 
 
-def load(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> settings.Settings:
-    return settings.load(write(tmp_path, text), environ={} if environ is None else environ)
+def load(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> schema.Settings:
+    return parse.load(write(tmp_path, text), environ={} if environ is None else environ)
 
 
 def errors_of(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> list[Any]:
@@ -49,7 +49,7 @@ def errors_of(tmp_path: Path, text: str, environ: dict[str, str] | None = None) 
 
 def validates(key: str, value: Any) -> bool:
     try:
-        settings.validate({key: value}, environ={})
+        parse.validate({key: value}, environ={})
     except SettingsInvalid:
         return False
     return True
@@ -59,7 +59,7 @@ def validates(key: str, value: Any) -> bool:
 
 
 def test_defaults_match_the_documented_table() -> None:
-    values = settings.validate({}, environ={})
+    values = vars(parse.validate({}, environ={}))
     assert values["max_concurrent_builds"] == 4
     assert values["cleanup_builds_after_days"] == 30
     assert values["cleanup_repos_after_days"] == 7
@@ -78,20 +78,19 @@ def test_defaults_match_the_documented_table() -> None:
 
 def test_host_id_defaults_to_the_full_hostname() -> None:
     expected = socket.gethostname()
-    assert settings.validate({}, environ={})["host_id"] == expected
+    assert parse.validate({}, environ={}).as_dict()["host_id"] == expected
 
 
 def test_an_explicit_host_id_wins_over_the_hostname() -> None:
-    assert settings.validate({"host_id": "b1"}, environ={})["host_id"] == "b1"
+    assert parse.validate({"host_id": "b1"}, environ={}).as_dict()["host_id"] == "b1"
 
 
 def test_an_empty_file_loads_every_default(tmp_path: Path) -> None:
     s = load(tmp_path, "# nothing set\n")
     assert s.as_dict() == {
         k: str(v) if isinstance(v, Path) else v
-        for k, v in settings.validate({}, environ={}).items()
+        for k, v in parse.validate({}, environ={}).as_dict().items()
     }
-    assert s.path == tmp_path / "reqpmd.yaml"
 
 
 def test_settings_are_attributes_and_replace_makes_a_new_object(tmp_path: Path) -> None:
@@ -109,9 +108,9 @@ def test_settings_are_attributes_and_replace_makes_a_new_object(tmp_path: Path) 
 
 @pytest.mark.parametrize(("key", "default", "lo", "hi"), INT_RANGES)
 def test_integer_bounds_are_inclusive(key: str, default: int, lo: int, hi: int) -> None:
-    assert settings.validate({}, environ={})[key] == default
-    assert settings.validate({key: lo}, environ={})[key] == lo
-    assert settings.validate({key: hi}, environ={})[key] == hi
+    assert getattr(parse.validate({}, environ={}), key) == default
+    assert getattr(parse.validate({key: lo}, environ={}), key) == lo
+    assert getattr(parse.validate({key: hi}, environ={}), key) == hi
     assert not validates(key, lo - 1)
     assert not validates(key, hi + 1)
 
@@ -211,7 +210,7 @@ def test_every_problem_of_a_file_is_reported_at_once(tmp_path: Path) -> None:
 def test_the_exception_message_lists_every_error_and_the_file(tmp_path: Path) -> None:
     path = write(tmp_path, "max_concurrent_builds: 99\nsync_interval_hours: 0\n")
     with pytest.raises(SettingsInvalid) as info:
-        settings.load(path, environ={})
+        parse.load(path, environ={})
     message = str(info.value)
     assert message.startswith(f"{path}: ")
     assert "line 1: max_concurrent_builds: 99" in message
@@ -261,7 +260,7 @@ def test_load_reads_the_process_environment_by_default(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MAX_CONCURRENT_BUILDS", "11")
-    assert settings.load(write(tmp_path, "")).max_concurrent_builds == 11
+    assert parse.load(write(tmp_path, "")).max_concurrent_builds == 11
 
 
 # -- paths -------------------------------------------------------------------------------
@@ -280,7 +279,7 @@ def test_relative_paths_resolve_against_the_config_files_directory(
         "state_dir: state\nsocket_path: ../../run/reqpmd.sock\n"
         "mock_command: ./bin/mock\nmock_root_dir: /abs/mock\n"
     )
-    s = settings.load(path, environ={})
+    s = parse.load(path, environ={})
     assert s.state_dir == conf_dir / "state"
     assert s.socket_path == tmp_path / "run" / "reqpmd.sock"
     assert s.mock_command == conf_dir / "bin" / "mock"
@@ -309,7 +308,7 @@ def test_an_empty_path_is_rejected(tmp_path: Path) -> None:
     ["embedded", "redis://redis.example:6379/0", "rediss://:pw@r.example:6380/1", "unix:///s.sock"],
 )
 def test_redis_url_accepts_embedded_and_redis_urls(url: str) -> None:
-    assert settings.validate({"redis_url": url}, environ={})["redis_url"] == url
+    assert parse.validate({"redis_url": url}, environ={}).as_dict()["redis_url"] == url
 
 
 @pytest.mark.parametrize(
@@ -317,7 +316,7 @@ def test_redis_url_accepts_embedded_and_redis_urls(url: str) -> None:
 )
 def test_redis_url_rejects_anything_else(url: Any) -> None:
     with pytest.raises(SettingsInvalid) as info:
-        settings.validate({"redis_url": url}, {"redis_url": 5}, environ={})
+        parse.validate({"redis_url": url}, {"redis_url": 5}, environ={})
     (error,) = info.value.errors
     assert error.key == "redis_url"
     assert error.line == 5
@@ -330,7 +329,7 @@ def test_namespace_rejects_bad_names(name: str) -> None:
 
 
 def test_namespace_and_host_id_accept_good_names() -> None:
-    values = settings.validate({"namespace": "farm-1.a_b", "host_id": "x" * 64}, environ={})
+    values = vars(parse.validate({"namespace": "farm-1.a_b", "host_id": "x" * 64}, environ={}))
     assert (values["namespace"], values["host_id"]) == ("farm-1.a_b", "x" * 64)
 
 
@@ -365,7 +364,7 @@ def test_a_file_that_is_not_a_mapping_is_an_error_with_a_line(
 
 def test_a_missing_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(SettingsInvalid) as info:
-        settings.load(tmp_path / "absent.yaml", environ={})
+        parse.load(tmp_path / "absent.yaml", environ={})
     (error,) = info.value.errors
     assert error.key == "(file)"
     assert "cannot read" in error.message
@@ -377,7 +376,7 @@ def test_a_file_that_is_not_utf8_is_an_error_not_a_crash(tmp_path: Path) -> None
     path = tmp_path / "reqpmd.yaml"
     path.write_bytes(b"namespace: reqpm\nhost_id: \xff\xfe\n")
     with pytest.raises(SettingsInvalid) as info:
-        settings.load(path, environ={})
+        parse.load(path, environ={})
     (error,) = info.value.errors
     assert "not UTF-8" in error.message
     assert error.line == 2
@@ -387,16 +386,16 @@ def test_a_file_that_is_not_utf8_is_an_error_not_a_crash(tmp_path: Path) -> None
 
 
 def test_the_shipped_config_loads_to_the_defaults() -> None:
-    s = settings.load(SHIPPED, environ={})
+    s = parse.load(SHIPPED, environ={})
     assert s.as_dict() == {
         k: str(v) if isinstance(v, Path) else v
-        for k, v in settings.validate({}, environ={}).items()
+        for k, v in parse.validate({}, environ={}).as_dict().items()
     }
 
 
 def test_the_shipped_config_documents_every_setting() -> None:
     text = SHIPPED.read_text()
-    for field in settings.FIELDS:
+    for field in schema.FIELDS:
         assert re.search(rf"^#{field.name}: ", text, re.M), field.name
         assert re.search(rf"^# {field.name}: ", text, re.M), field.name
 
@@ -406,9 +405,9 @@ def test_the_dev_config_keeps_its_paths_next_to_where_it_is_copied(tmp_path: Pat
     copy = tmp_path / ".dev" / "reqpmd.yaml"
     copy.parent.mkdir()
     copy.write_text(DEV.read_text())
-    raw, _ = settings.parse_text(DEV.read_text())
-    s = settings.load(copy, environ={})
-    path_keys = [k for k in raw if settings.BY_NAME[k].kind is Path]
+    raw, _ = parse.parse_text(DEV.read_text())
+    s = parse.load(copy, environ={})
+    path_keys = [k for k in raw if schema.BY_NAME[k].kind is Path]
     assert "state_dir" in path_keys
     for key in path_keys:
         expected = Path(os.path.normpath(copy.parent / raw[key]))
@@ -417,17 +416,17 @@ def test_the_dev_config_keeps_its_paths_next_to_where_it_is_copied(tmp_path: Pat
 
 
 def test_parse_assignment_types_values_like_yaml() -> None:
-    assert settings.parse_assignment("max_concurrent_builds=6") == ("max_concurrent_builds", 6)
-    assert settings.parse_assignment(" auto_sync_projects = false") == (
+    assert parse.parse_assignment("max_concurrent_builds=6") == ("max_concurrent_builds", 6)
+    assert parse.parse_assignment(" auto_sync_projects = false") == (
         "auto_sync_projects",
         False,
     )
-    assert settings.parse_assignment("redis_url=redis://h:6379/0") == (
+    assert parse.parse_assignment("redis_url=redis://h:6379/0") == (
         "redis_url",
         "redis://h:6379/0",
     )
     with pytest.raises(SettingsInvalid):
-        settings.parse_assignment("max_concurrent_builds")
+        parse.parse_assignment("max_concurrent_builds")
 
 
 # -- reqpmd --check-config ---------------------------------------------------------------

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from reqpmd import settings
-from reqpmd.settings_file import edit_text, render, write_changes
+from reqpmd.config import parse
+from reqpmd.config.file import edit_text, render, write_changes
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "etc" / "reqpm" / "reqpmd.yaml"
@@ -146,7 +146,7 @@ def test_write_changes_writes_the_new_values(tmp_path: Path) -> None:
         CONFIG.replace("max_concurrent_builds: 4 ", "max_concurrent_builds: 9 ")
         + "auto_sync_projects: false\n"
     )
-    s = settings.load(path, environ={})
+    s = parse.load(path, environ={})
     assert (s.max_concurrent_builds, s.auto_sync_projects) == (9, False)
 
 
@@ -218,7 +218,7 @@ def test_changing_the_shipped_config_keeps_every_comment(tmp_path: Path) -> None
     original = path.read_text()
     write_changes(path, {"max_concurrent_builds": 12})
 
-    s = settings.load(path, environ={})
+    s = parse.load(path, environ={})
     assert s.max_concurrent_builds == 12
     text = path.read_text()
     comments = [line for line in original.splitlines() if line.startswith("#")]
@@ -230,7 +230,7 @@ def test_changing_the_shipped_config_keeps_every_comment(tmp_path: Path) -> None
     )
     # and nothing else changed meaning
     others = {k: v for k, v in s.as_dict().items() if k != "max_concurrent_builds"}
-    defaults = settings.load(SHIPPED, environ={}).as_dict()
+    defaults = parse.load(SHIPPED, environ={}).as_dict()
     assert others == {k: v for k, v in defaults.items() if k != "max_concurrent_builds"}
 
 
@@ -243,4 +243,4 @@ def test_changing_the_shipped_config_twice_edits_the_same_line(tmp_path: Path) -
     assert path.read_text() == once.replace(
         "max_concurrent_builds: 12\n", "max_concurrent_builds: 3\n"
     )
-    assert settings.load(path, environ={}).max_concurrent_builds == 3
+    assert parse.load(path, environ={}).max_concurrent_builds == 3

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from reqpmd import states, store
+from reqpmd.builds import states, store
+from reqpmd.builds.states import ALLOWED, FINAL, IllegalTransition, State
+from reqpmd.builds.store import Store
 from reqpmd.errors import NotFound
-from reqpmd.states import ALLOWED, FINAL, IllegalTransition, State
-from reqpmd.store import Store
 
 # the transitions that bring a new build to each state
 PATH_TO: dict[State, list[State]] = {
@@ -150,12 +150,12 @@ def test_an_illegal_transition_raises_and_changes_nothing(
 ) -> None:
     build_id = submit(db)
     bring_to(db, build_id, old)
-    before_row = raw_row(db.state_dir, build_id)
+    before_row = raw_row(db.layout.state_dir, build_id)
     before = db.get(build_id)
     with pytest.raises(IllegalTransition):
         db.transition(build_id, new, pid=99, exit_code=3, error="should not be written")
     assert db.get(build_id) == before
-    assert raw_row(db.state_dir, build_id) == before_row
+    assert raw_row(db.layout.state_dir, build_id) == before_row
     # and the store is still usable: the failed transaction was rolled back
     legal = min(ALLOWED[old])
     assert db.transition(build_id, legal).state == legal
@@ -165,18 +165,18 @@ def test_every_illegal_transition_leaves_the_row_alone(db: Store) -> None:
     for old, new in ILLEGAL:
         build_id = submit(db)
         bring_to(db, build_id, old)
-        before = raw_row(db.state_dir, build_id)
+        before = raw_row(db.layout.state_dir, build_id)
         with pytest.raises(IllegalTransition):
             db.transition(build_id, new)
-        assert raw_row(db.state_dir, build_id) == before, (old, new)
+        assert raw_row(db.layout.state_dir, build_id) == before, (old, new)
 
 
 def test_a_transition_with_an_unknown_field_is_refused(db: Store) -> None:
     build_id = submit(db)
-    before = raw_row(db.state_dir, build_id)
+    before = raw_row(db.layout.state_dir, build_id)
     with pytest.raises(ValueError, match="unknown build fields"):
         db.transition(build_id, State.WAITING, colour="red")
-    assert raw_row(db.state_dir, build_id) == before
+    assert raw_row(db.layout.state_dir, build_id) == before
 
 
 def test_a_transition_of_a_missing_build_is_not_found(db: Store) -> None:
@@ -232,8 +232,8 @@ def test_submit_writes_the_row_and_input_files_before_returning(
     build_id = submit(db)
     monkeypatch.setattr(store.os, "fsync", real_fsync)
 
-    bdir = db.build_dir(build_id)
-    inputs = bdir / "input"
+    files = db.files(build_id)
+    bdir, inputs = files.root, files.input
     assert (inputs / "hello.spec").read_bytes() == b"Name: hello\n"
     assert (inputs / "sources" / "x").read_bytes() == b"source bytes"
     # each file and the directories holding them were fsynced in the staging area (then
@@ -242,18 +242,16 @@ def test_submit_writes_the_row_and_input_files_before_returning(
     assert any(p.endswith("/hello.spec") for p in staged)
     assert any(p.endswith("/sources/x") for p in staged)
     assert any(p.endswith("/sources") for p in staged)
-    for path in (bdir, db.builds_dir):
+    for path in (bdir, db.layout.builds):
         assert str(path) in synced, path
-    assert list(db.incoming_dir.iterdir()) == []  # nothing left in the staging area
+    assert list(db.layout.incoming.iterdir()) == []  # nothing left in the staging area
     # the row is committed: another connection sees it
-    row = raw_row(db.state_dir, build_id)
+    row = raw_row(db.layout.state_dir, build_id)
     assert row is not None
     build = db.get(build_id)
     assert build.state == State.QUEUED
     assert (build.chroot, build.kind, build.source) == ("fedora-40-x86_64", "spec", "hello.spec")
     assert (build.submitted_by, build.submitted_name, build.priority) == (1000, "alice", 0)
-    assert build.result_dir == str(bdir / "result")
-    assert build.log_path == str(bdir / "build.log")
     assert (build.runs, build.retries) == (0, 0)
 
 
@@ -271,7 +269,7 @@ def test_a_submission_that_fails_writing_leaves_no_row(db: Store) -> None:
     assert db.recent() == []
     # the next submission gets a clean build directory
     build_id = submit(db)
-    inputs = db.build_dir(build_id) / "input"
+    inputs = db.files(build_id).input
     assert sorted(p.relative_to(inputs).as_posix() for p in inputs.rglob("*")) == [
         "hello.spec",
         "sources",
@@ -315,7 +313,7 @@ def test_two_stores_on_one_dir_see_each_others_commits(tmp_path: Path) -> None:
 
 
 def test_the_database_is_in_wal_mode(db: Store) -> None:
-    con = sqlite3.connect(db.state_dir / "reqpm.db")
+    con = sqlite3.connect(db.layout.database)
     try:
         assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:

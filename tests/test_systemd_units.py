@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from reqpmd import protocol
+from reqpmd.control import protocol
 from tests.sandbox import Sandbox, poll
 
 CHECKOUT = Path(__file__).resolve().parent.parent

@@ -20,9 +20,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from reqpmd import states
+from reqpmd.builds import states
+from reqpmd.builds.layout import BuildLayout, StateLayout
+from reqpmd.builds.states import State
 from reqpmd.errors import InvalidArgument, NotFound
-from reqpmd.states import State
+from reqpmd.fsutil import fsync_dir
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS builds (
@@ -40,8 +42,6 @@ CREATE TABLE IF NOT EXISTS builds (
     finished_at   REAL,
     exit_code     INTEGER,
     error         TEXT,
-    result_dir    TEXT,
-    log_path      TEXT,
     runs          INTEGER NOT NULL DEFAULT 0, -- times mock was started for it
     retries       INTEGER NOT NULL DEFAULT 0, -- re-queues after crashes / locked roots
     pid           INTEGER,                    -- mock's process group leader while running
@@ -90,8 +90,6 @@ class Build:
     finished_at: float | None
     exit_code: int | None
     error: str | None
-    result_dir: str | None
-    log_path: str | None
     runs: int
     retries: int
     pid: int | None
@@ -107,14 +105,13 @@ _COLUMNS = [f.name for f in fields(Build)]
 
 class Store:
     def __init__(self, state_dir: Path) -> None:
-        self.state_dir = Path(state_dir)
-        self.builds_dir = self.state_dir / "builds"
-        self.builds_dir.mkdir(parents=True, exist_ok=True)
-        self.incoming_dir = self.state_dir / "incoming"
-        shutil.rmtree(self.incoming_dir, ignore_errors=True)  # uploads cut off by a crash
-        self.incoming_dir.mkdir()
+        self.layout = StateLayout(Path(state_dir))
+        self.layout.builds.mkdir(parents=True, exist_ok=True)
+        # uploads cut off by a crash
+        shutil.rmtree(self.layout.incoming, ignore_errors=True)
+        self.layout.incoming.mkdir()
         self._db = sqlite3.connect(
-            self.state_dir / "reqpm.db", check_same_thread=False, isolation_level=None
+            self.layout.database, check_same_thread=False, isolation_level=None
         )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -138,8 +135,8 @@ class Store:
 
     # -- builds ----------------------------------------------------------------------
 
-    def build_dir(self, build_id: int) -> Path:
-        return self.builds_dir / str(build_id)
+    def files(self, build_id: int) -> BuildLayout:
+        return self.layout.build(build_id)
 
     def stage(self, files: Mapping[str, bytes | int], max_file_bytes: int | None = None) -> Path:
         """Write a submission's files into a fresh staging directory, fsynced.
@@ -148,14 +145,14 @@ class Store:
         daemon does not open what a client names). This runs outside the store's lock, so a
         large upload never holds up the daemon; ``submit`` then only renames the directory.
         """
-        staging = Path(tempfile.mkdtemp(prefix="submit-", dir=self.incoming_dir))
+        staging = Path(tempfile.mkdtemp(prefix="submit-", dir=self.layout.incoming))
         try:
             for name, source in files.items():
                 target = staging / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 _write_synced(target, source, name, max_file_bytes)
-                _fsync_dir(target.parent)
-            _fsync_dir(staging)
+                fsync_dir(target.parent)
+            fsync_dir(staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -182,16 +179,13 @@ class Store:
                     (State.QUEUED, chroot, kind, source, priority, uid, user, time.time()),
                 )
                 build_id = int(cur.lastrowid or 0)
-                bdir = self.build_dir(build_id)
-                shutil.rmtree(bdir, ignore_errors=True)  # left by a submission that rolled back
-                bdir.mkdir(parents=True)
-                os.rename(inputs, bdir / "input")
-                _fsync_dir(bdir)
-                _fsync_dir(self.builds_dir)
-                db.execute(
-                    "UPDATE builds SET result_dir = ?, log_path = ? WHERE id = ?",
-                    (str(bdir / "result"), str(bdir / "build.log"), build_id),
-                )
+                files = self.files(build_id)
+                # left by a submission that rolled back
+                shutil.rmtree(files.root, ignore_errors=True)
+                files.root.mkdir(parents=True)
+                os.rename(inputs, files.input)
+                fsync_dir(files.root)
+                fsync_dir(self.layout.builds)
         finally:
             shutil.rmtree(inputs, ignore_errors=True)  # only left if the row was not made
         return build_id
@@ -335,11 +329,3 @@ def _write_synced(path: Path, source: bytes | int, name: str, cap: int | None) -
                 f.write(chunk)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

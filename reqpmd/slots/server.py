@@ -18,7 +18,7 @@ from pathlib import Path
 
 import redis
 
-from reqpmd.redisconn import connect
+from reqpmd.slots.connection import connect
 
 # sun_path is 108 bytes on Linux, including the final NUL.
 _MAX_SOCKET_PATH = 107

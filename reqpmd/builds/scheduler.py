@@ -14,11 +14,16 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-from reqpmd import gates as gates_mod
-from reqpmd.builder import BuildRun, Outcome, StopReason, scrub
-from reqpmd.concurrency import BuildConcurrencyLimiter, Slot
+from reqpmd.builds import gates as gates_mod
+from reqpmd.builds.events import build_event
+from reqpmd.builds.gates import Gate, Gates
+from reqpmd.builds.lifecycle import Outcome, StopReason, StopRequest, settle
+from reqpmd.builds.process import Runner, Stopper
+from reqpmd.builds.run import BuildRun, scrub_after_crash
+from reqpmd.builds.states import State
+from reqpmd.builds.store import Build, Store
+from reqpmd.config.schema import Settings
 from reqpmd.errors import (
     InvalidArgument,
     RedisUnavailable,
@@ -26,11 +31,7 @@ from reqpmd.errors import (
     SlotTimeout,
     WaitCancelled,
 )
-from reqpmd.gates import Gate, Gates
-from reqpmd.mock import Runner, Stopper
-from reqpmd.settings import Settings
-from reqpmd.states import State
-from reqpmd.store import Build, Store
+from reqpmd.slots.limiter import BuildConcurrencyLimiter, Slot
 
 log = logging.getLogger(__name__)
 
@@ -45,25 +46,20 @@ def slot_name(build_id: int, host_id: str) -> str:
 @dataclass
 class Flight:
     build_id: int
-    wait_cancel: threading.Event = field(default_factory=threading.Event)
-    reason: StopReason | None = None
-    note: str = ""
-    run: BuildRun | None = None
+    stop: StopRequest = field(default_factory=StopRequest)
+    building: bool = False
     thread: threading.Thread | None = None
     ended: bool = False  # the build got its end state from this flight
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
-    def building(self) -> bool:
-        return self.run is not None
+    def alive(self) -> bool:
+        return self.thread is None or self.thread.is_alive()
 
-    def stop(self, reason: StopReason, note: str = "") -> None:
-        with self.lock:
-            if self.reason is None or reason == StopReason.CANCEL:
-                self.reason, self.note = reason, note
-            self.wait_cancel.set()
-            if self.run is not None:
-                self.run.stop(reason, note)
+
+@dataclass(frozen=True)
+class InFlight:
+    building: int
+    waiting: int
 
 
 class Scheduler:
@@ -85,18 +81,12 @@ class Scheduler:
         self._flights: dict[int, Flight] = {}
         self._lock = threading.RLock()
 
-    @property
-    def host_id(self) -> str:
-        return str(self.settings().host_id)
-
     # -- the main thread's part -----------------------------------------------------
 
     def tick(self, redis_ok: bool) -> None:
         """Start what may start now; withdraw waiters while a gate is closed."""
         with self._lock:
-            self._flights = {
-                i: f for i, f in self._flights.items() if f.thread is None or f.thread.is_alive()
-            }
+            self._flights = {i: f for i, f in self._flights.items() if f.alive}
             if self.stopping:
                 return
             s = self.settings()
@@ -105,20 +95,18 @@ class Scheduler:
             shut = gates_mod.closed(self.last_gates)
             if shut:
                 for f in self._flights.values():
-                    if not f.building and not f.wait_cancel.is_set():
-                        log.info(
-                            "build %d: leaving the slot queue: %s",
+                    if not f.building and not f.stop.requested:
+                        build_event(
                             f.build_id,
-                            gates_mod.describe_closed(shut),
-                            extra={"build_id": f.build_id},
+                            f"leaving the slot queue: {gates_mod.describe_closed(shut)}",
                         )
-                        f.stop(StopReason.REQUEUE, "gate closed")
+                        f.stop.request(StopReason.REQUEUE, "gate closed")
                 return
             if not redis_ok:
                 return
             # With a host cap, never wait for more slots than this host may use; without
             # one, every queued build may wait (bounded: each waiter is a thread).
-            cap = int(s.host_max_builds) or building + MAX_WAITING
+            cap = s.host_max_builds or building + MAX_WAITING
             while len(self._flights) < cap:
                 build = self.store.next_queued(exclude=set(self._flights))
                 if build is None:
@@ -134,11 +122,11 @@ class Scheduler:
         self._flights[build.id] = flight
         flight.thread.start()
 
-    def in_flight(self) -> dict[str, int]:
+    def in_flight(self) -> InFlight:
         with self._lock:
-            flights = [f for f in self._flights.values() if f.thread is None or f.thread.is_alive()]
+            flights = [f for f in self._flights.values() if f.alive]
         building = sum(1 for f in flights if f.building)
-        return {"building": building, "waiting": len(flights) - building}
+        return InFlight(building=building, waiting=len(flights) - building)
 
     # -- any thread -----------------------------------------------------------------------
 
@@ -150,7 +138,7 @@ class Scheduler:
                 raise InvalidArgument(f"build {build_id} has already ended ({build.state})")
             flight = self._flights.get(build_id)
             if build.state != State.QUEUED and flight is not None and not flight.ended:
-                flight.stop(StopReason.CANCEL, note)  # its thread ends it as cancelled
+                flight.stop.request(StopReason.CANCEL, note)  # its thread ends it cancelled
                 return build
             return self.store.transition(build_id, State.CANCELLED, error=note)
 
@@ -169,7 +157,9 @@ class Scheduler:
             self.stopping = True
             flights = list(self._flights.values())
         for f in flights:
-            f.stop(StopReason.REQUEUE, "daemon stopping; the build will run again at next start")
+            f.stop.request(
+                StopReason.REQUEUE, "daemon stopping; the build will run again at next start"
+            )
         for f in flights:
             if f.thread is not None:
                 f.thread.join(timeout)
@@ -191,29 +181,22 @@ class Scheduler:
         try:
             slot = self.limiter.wait_for_slot(
                 name,
-                timeout=int(s.slot_wait_timeout) or None,
+                timeout=s.slot_wait_timeout or None,
                 priority=build.priority,
                 labels={"build_id": build.id, "host_id": s.host_id},
-                on_lost=lambda lost: flight.stop(
+                on_lost=lambda lost: flight.stop.request(
                     StopReason.REQUEUE, "lost its build slot; will run again"
                 ),
-                cancel=flight.wait_cancel,
+                cancel=flight.stop.event,
             )
         except SlotTimeout as exc:
             self._end(build.id, Outcome(State.TIMED_OUT, None, str(exc)), flight=flight)
             return
         except WaitCancelled:
-            if flight.reason == StopReason.CANCEL:
-                self._end(
-                    build.id,
-                    Outcome(State.CANCELLED, None, flight.note or "cancelled"),
-                    flight=flight,
-                )
-            else:
-                self._end(build.id, Outcome(State.QUEUED, None, flight.note or None), flight=flight)
+            self._end(build.id, flight.stop.outcome(), flight=flight)
             return
         except (RedisUnavailable, SlotNameInUse) as exc:
-            log.warning("build %d: no slot: %s", build.id, exc, extra={"build_id": build.id})
+            build_event(build.id, f"no slot: {exc}", logging.WARNING)
             self._end(build.id, Outcome(State.QUEUED, None, str(exc)), flight=flight)
             return
         try:
@@ -222,40 +205,32 @@ class Scheduler:
             try:
                 self.limiter.release(name)
             except RedisUnavailable:
-                log.warning(
-                    "build %d: could not release slot %s: Redis unreachable; its lease frees it",
+                build_event(
                     build.id,
-                    name,
-                    extra={"build_id": build.id},
+                    f"could not release slot {name}: Redis unreachable; its lease frees it",
+                    logging.WARNING,
                 )
 
     def _build(self, flight: Flight, build: Build, slot: Slot, s: Settings) -> None:
         running = self.store.transition(
             build.id, State.BUILDING, slot_token=slot.token, runs=build.runs + 1
         )
-        log.info(
-            "build %d: building %s in %s-%s (slot %s, token %d)",
+        build_event(
             build.id,
-            build.source,
-            build.chroot,
-            f"build{build.id}",
-            slot.name,
-            slot.token,
-            extra={"build_id": build.id},
+            f"building {build.source} in {build.chroot}-build{build.id} "
+            f"(slot {slot.name}, token {slot.token})",
         )
         run = BuildRun(
             running,
-            self.store.build_dir(build.id),
+            self.store.files(build.id),
             s,
             self.runner,
             on_started=lambda pid, started: self.store.update(
                 build.id, pid=pid, pid_started=started
             ),
+            stop=flight.stop,
         )
-        with flight.lock:
-            flight.run = run
-            if flight.reason is not None:
-                run.stop(flight.reason, flight.note)
+        flight.building = True
         outcome = run.run()
         self._end(build.id, outcome, count_retry=not self.stopping, flight=flight)
 
@@ -267,24 +242,20 @@ class Scheduler:
         flight: Flight | None = None,
     ) -> None:
         with self._lock:  # serialised with cancel()
-            state = outcome.state
-            changes: dict[str, Any] = {"exit_code": outcome.exit_code, "error": outcome.error}
-            if flight is not None and flight.reason == StopReason.CANCEL and state == State.QUEUED:
-                state, changes["error"] = State.CANCELLED, flight.note or "cancelled"
             build = self.store.get(build_id)
-            if state == State.QUEUED and count_retry:
-                changes["retries"] = build.retries + 1
-                if build.retries + 1 > int(self.settings().max_build_retries):
-                    state = State.FAILED
-                    changes["error"] = f"gave up after {build.retries} retries: {outcome.error}"
-            if state == State.QUEUED:
-                changes.pop("exit_code")
+            state, changes = settle(
+                outcome,
+                stop=flight.stop if flight is not None else None,
+                retries=build.retries,
+                max_retries=self.settings().max_build_retries,
+                count_retry=count_retry,
+            )
             self.store.transition(build_id, state, **changes)
             if flight is not None:
                 flight.ended = True
         level = logging.INFO if state in (State.SUCCEEDED, State.QUEUED) else logging.WARNING
         error = f" ({changes['error']})" if changes.get("error") else ""
-        log.log(level, "build %d: %s%s", build_id, state, error, extra={"build_id": build_id})
+        build_event(build_id, f"{state}{error}", level)
 
     # -- start-up ---------------------------------------------------------------------
 
@@ -297,9 +268,7 @@ class Scheduler:
             if build.pid:
                 stopper.kill_orphan(build.pid, build.pid_started)
             if build.state == State.BUILDING:
-                bdir = self.store.build_dir(build.id)
-                with open(bdir / "build.log", "ab") as logf:
-                    scrub(build, bdir, s, self.runner, logf)
+                scrub_after_crash(build, self.store.files(build.id), s, self.runner)
             with contextlib.suppress(RedisUnavailable):  # else its lease frees the slot
                 self.limiter.force_release(slot_name(build.id, s.host_id))
             self._end(
@@ -307,5 +276,6 @@ class Scheduler:
                 Outcome(State.QUEUED, None, "interrupted by a daemon crash; re-queued"),
                 count_retry=build.state == State.BUILDING,
             )
+            build_event(build.id, "left running by an earlier instance; re-queued", logging.WARNING)
             recovered.append(build.id)
         return recovered

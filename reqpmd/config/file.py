@@ -9,17 +9,15 @@ the file, so a write can never leave a config that means something else.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from reqpmd.settings import parse_text
+from reqpmd.config.parse import parse_text
+from reqpmd.fsutil import atomic_write
 
 
 def render(value: Any) -> str:
@@ -73,30 +71,3 @@ def write_changes(path: Path, changes: Mapping[str, Any]) -> None:
                 f"refusing to write {path}: {key} would read back as {raw.get(key)!r}, not {want!r}"
             )
     atomic_write(path, new_text.encode())
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    try:
-        st: os.stat_result | None = path.stat()
-    except FileNotFoundError:
-        st = None
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            if st is not None:
-                os.fchmod(f.fileno(), st.st_mode & 0o7777)
-                with contextlib.suppress(PermissionError):
-                    os.fchown(f.fileno(), st.st_uid, st.st_gid)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 
-from reqpmd.settings import Settings
+from reqpmd.config.schema import Settings
 
 GB = 1000**3
 
@@ -48,7 +48,7 @@ class Gates:
 
     def check(self, settings: Settings, building_here: int) -> list[Gate]:
         gates = []
-        cap = int(settings.host_max_builds)
+        cap = settings.host_max_builds
         if cap:
             gates.append(
                 Gate(
@@ -57,8 +57,8 @@ class Gates:
                     f"{building_here}/{cap} builds on this host",
                 )
             )
-        want = float(settings.min_free_disk_gb)
-        free = self.disk_free(Path(settings.mock_root_dir)) / GB
+        want = settings.min_free_disk_gb
+        free = self.disk_free(settings.mock_root_dir) / GB
         gates.append(
             Gate(
                 "disk",
@@ -67,7 +67,7 @@ class Gates:
                 f"under {settings.mock_root_dir}",
             )
         )
-        limit = float(settings.max_load_per_cpu)
+        limit = settings.max_load_per_cpu
         if limit > 0:
             load = self.load()
             gates.append(

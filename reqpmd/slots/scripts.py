@@ -10,7 +10,11 @@ Every script takes the same KEYS, in the order of ``keys.SlotKeys.as_list()``:
     KEYS[6] meta           HASH  token, seq, run_id, grace_until
     KEYS[7] grants         pub/sub channel (passed here so no name is built in Lua)
 
-and ARGV[1] = restart grace in ms. A record is "owner token t lease_ms json": the owner
+and ARGV[1] = restart grace in ms. Every script replies with a list whose first element is
+a ``Reply`` code; the Lua side reads the codes by name (``R.GRANTED``) from a table
+generated from the enum, so Python and Lua cannot drift apart.
+
+A record is "owner token t lease_ms json": the owner
 (a random id per acquisition), the fencing token (0 while waiting), the time it was
 granted or queued (ms), its lease length and the caller's JSON. Numbers are formatted
 with %d because Lua's own tostring would round tokens above 1e14.
@@ -27,20 +31,34 @@ from enum import IntEnum
 
 
 class Reply(IntEnum):
-    """First element of every script's reply."""
+    """First element of every script's reply; each script's header names its codes."""
 
-    GRANTED = 0  # + token
-    WAITING = 1  # + position (1 = next), active count, ms until worth polling again
-    BUSY = 2  # + active count, ms until worth polling again (try-only acquire)
-    IN_USE = 3  # the name is held or awaited by another owner
-    RENEWED = 4  # + 1 if the holder re-registered after a Redis restart, else 0
-    LOST = 5  # the holder no longer holds the slot
+    GRANTED = 0  # ACQUIRE: + token
+    WAITING = 1  # ACQUIRE: + position (1 = next), active, ms until worth polling, grace left ms
+    BUSY = 2  # ACQUIRE (try-only): + active count, ms until worth polling again
+    IN_USE = 3  # ACQUIRE: the name is held or awaited by another owner
+    RENEWED = 4  # RENEW: + 1 if the holder re-registered after a Redis restart, else 0
+    LOST = 5  # RENEW: the holder no longer holds the slot
+    FREED = 6  # RELEASE: the holder's slot was freed
+    WITHDRAWN = 7  # RELEASE: the waiter left the queue
+    UNKNOWN = 8  # RELEASE: nobody (of that owner) holds or awaits the name
+    CLEARED = 9  # CLEAR: + how many slots were freed
+    GRACE_ENDED = 10  # END_GRACE
+    LIMIT_SET = 11  # SET_LIMIT: + the previous cluster limit, or -1
+    SNAPSHOT = 12  # SNAPSHOT: + now, grace_until, holders, waiters, cluster limit or -1
+    COUNTS = 13  # COUNTS: + now, grace_until, holders, waiters, cluster limit or -1
 
 
 # Highest priority magnitude the waiters' score packing allows: 1000 * 2^42 < 2^53.
 MAX_PRIORITY = 1000
 
-_PRELUDE = """
+_CODES = ", ".join(f"{r.name} = {r.value:d}" for r in Reply)
+
+_PRELUDE = (
+    "local R = {"
+    + _CODES
+    + "}\n"
+    + """
 local H, HI, W, WL, WI, META, CHAN = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local grace_ms = tonumber(ARGV[1])
 local t = redis.call('TIME')
@@ -126,28 +144,29 @@ local function wake_ms()
   return wake
 end
 """
+)
 
 ACQUIRE = (
     _PRELUDE
     + """
 -- ARGV: 2 name, 3 owner, 4 priority, 5 max, 6 lease_ms, 7 info json, 8 try_only (0|1)
 -- Enqueue the caller (or refresh its waiter lease), grant what the limit allows.
--- Returns {GRANTED, token} | {WAITING, position, active, wake_ms} | {BUSY, active, wake_ms}
---       | {IN_USE}
+-- Returns {GRANTED, token} | {WAITING, position, active, wake_ms, grace_left_ms}
+--       | {BUSY, active, wake_ms} | {IN_USE}
 local name, owner, priority = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local max, lease_ms, info, try_only = limit(tonumber(ARGV[5])), tonumber(ARGV[6]), ARGV[7], ARGV[8]
 
 local held = redis.call('HGET', HI, name)
 if held then
   local o, token = parse(held)
-  if o ~= owner then return {3} end
+  if o ~= owner then return {R.IN_USE} end
   -- granted while we were not listening: the lease counts from now, as the caller's does
   redis.call('ZADD', H, string.format('%d', now + lease_ms), name)
-  return {0, token}
+  return {R.GRANTED, token}
 end
 local queued = redis.call('HGET', WI, name)
 if queued then
-  if parse(queued) ~= owner then return {3} end
+  if parse(queued) ~= owner then return {R.IN_USE} end
   redis.call('ZADD', WL, string.format('%d', now + lease_ms), name)
 else
   local seq = redis.call('HINCRBY', META, 'seq', 1)
@@ -159,13 +178,14 @@ promote(max)
 held = redis.call('HGET', HI, name)
 if held then
   local _, token = parse(held)
-  return {0, token}
+  return {R.GRANTED, token}
 end
 if try_only == '1' then
   remove_waiter(name)
-  return {2, redis.call('ZCARD', H), wake_ms()}
+  return {R.BUSY, redis.call('ZCARD', H), wake_ms()}
 end
-return {1, redis.call('ZRANK', W, name) + 1, redis.call('ZCARD', H), wake_ms()}
+return {R.WAITING, redis.call('ZRANK', W, name) + 1, redis.call('ZCARD', H), wake_ms(),
+        math.max(0, grace_until() - now)}
 """
 )
 
@@ -174,23 +194,23 @@ RELEASE = (
     + """
 -- ARGV: 2 name, 3 owner ('' = whoever holds or awaits it), 4 max
 -- Free the holder's slot or withdraw the waiter, then hand free slots to the queue.
--- Returns 1 if a slot was freed, 2 if a waiter was withdrawn, 0 if the name was unknown.
+-- Returns {FREED} | {WITHDRAWN} | {UNKNOWN}
 local name, owner, max = ARGV[2], ARGV[3], limit(tonumber(ARGV[4]))
-local result = 0
+local result = R.UNKNOWN
 local held = redis.call('HGET', HI, name)
 if held and (owner == '' or parse(held) == owner) then
   redis.call('ZREM', H, name)
   redis.call('HDEL', HI, name)
-  result = 1
+  result = R.FREED
 else
   local queued = redis.call('HGET', WI, name)
   if queued and (owner == '' or parse(queued) == owner) then
     remove_waiter(name)
-    result = 2
+    result = R.WITHDRAWN
   end
 end
 promote(max)
-return result
+return {result}
 """
 )
 
@@ -205,9 +225,9 @@ local name, owner, token = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local lease_ms, info, acquired_at = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
 local held = redis.call('HGET', HI, name)
 if held then
-  if parse(held) ~= owner then return {5} end
+  if parse(held) ~= owner then return {R.LOST} end
   redis.call('ZADD', H, string.format('%d', now + lease_ms), name)
-  return {4, 0}
+  return {R.RENEWED, 0}
 end
 if now < grace_until() then
   remove_waiter(name)
@@ -216,9 +236,9 @@ if now < grace_until() then
   if tonumber(redis.call('HGET', META, 'token') or '0') < token then
     redis.call('HSET', META, 'token', string.format('%d', token))
   end
-  return {4, 1}
+  return {R.RENEWED, 1}
 end
-return {5}
+return {R.LOST}
 """
 )
 
@@ -227,11 +247,11 @@ CLEAR = (
     + """
 -- ARGV: 2 max
 -- Free every held slot (an operator's last resort), then serve the queue.
--- Returns the number of slots freed.
+-- Returns {CLEARED, number of slots freed}
 local n = redis.call('ZCARD', H)
 redis.call('DEL', H, HI)
 promote(limit(tonumber(ARGV[2])))
-return n
+return {R.CLEARED, n}
 """
 )
 
@@ -240,9 +260,9 @@ END_GRACE = (
     + """
 -- ARGV: only the grace
 -- The caller vouches that no holder is missing from Redis (e.g. a private server it
--- has just started): end any restart grace period now. Returns 1.
+-- has just started): end any restart grace period now. Returns {GRACE_ENDED}
 redis.call('HSET', META, 'grace_until', '0')
-return 1
+return {R.GRACE_ENDED}
 """
 )
 
@@ -251,7 +271,7 @@ SET_LIMIT = (
     + """
 -- ARGV: 2 limit (>= 1), or 0 to drop the cluster-wide limit (callers' own then apply)
 -- Set the limit every caller of the namespace obeys; a raised limit is served at once.
--- Returns the previous cluster limit, or -1 if there was none.
+-- Returns {LIMIT_SET, the previous cluster limit or -1}
 local previous = limit(-1)
 local new = tonumber(ARGV[2])
 if new > 0 then
@@ -260,7 +280,7 @@ if new > 0 then
 else
   redis.call('HDEL', META, 'limit')
 end
-return previous
+return {R.LIMIT_SET, previous}
 """
 )
 
@@ -268,8 +288,9 @@ SNAPSHOT = (
     _PRELUDE
     + """
 -- ARGV: only the grace
--- Returns {now, grace_until, {name, lease_expiry, record, ...}, {name, lease_expiry, record, ...},
---          cluster limit or -1} with waiters in queue order.
+-- Returns {SNAPSHOT, now, grace_until, {name, lease_expiry, record, ...},
+--          {name, lease_expiry, record, ...}, cluster limit or -1}, waiters in queue order.
+-- Costs O(holders + waiters): for listings; scalar reads use COUNTS.
 local function dump(zset, hash)
   local out = {}
   local names = redis.call('ZRANGE', zset, 0, -1)
@@ -281,6 +302,16 @@ local function dump(zset, hash)
   end
   return out
 end
-return {now, grace_until(), dump(H, HI), dump(W, WI), limit(-1)}
+return {R.SNAPSHOT, now, grace_until(), dump(H, HI), dump(W, WI), limit(-1)}
+"""
+)
+
+COUNTS = (
+    _PRELUDE
+    + """
+-- ARGV: only the grace
+-- The cheap read behind health checks and scalar getters: O(1) replies, whatever the queue.
+-- Returns {COUNTS, now, grace_until, holders, waiters, cluster limit or -1}
+return {R.COUNTS, now, grace_until(), redis.call('ZCARD', H), redis.call('ZCARD', W), limit(-1)}
 """
 )

@@ -14,15 +14,15 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import redis
 
+from reqpmd.backoff import Backoff
 from reqpmd.errors import RedisUnavailable
+from reqpmd.slots.connection import REDIS_ERRORS, text
 
 log = logging.getLogger(__name__)
 
-_REDIS_ERRORS = (redis.RedisError,)
 IDLE_EXIT = 30.0  # seconds without waiters before the listener lets go of its connection
 SUBSCRIBE_TIMEOUT = 5.0
 
@@ -33,10 +33,6 @@ class Pending:
     event: threading.Event = field(default_factory=threading.Event)
     token: int | None = None
     repoll: bool = False
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class GrantListener:
@@ -82,7 +78,7 @@ class GrantListener:
                 p.event.set()
 
     def _run(self) -> None:
-        backoff = 0.05
+        backoff = Backoff(first=0.05, cap=2.0)
         idle_since: float | None = None
         pubsub = None
         try:
@@ -103,9 +99,9 @@ class GrantListener:
                             raise redis.TimeoutError("no confirmation of SUBSCRIBE")
                         self._subscribed.set()
                         self._wake_all()  # grants published before we listened: ask again
-                        backoff = 0.05
+                        backoff.succeeded()
                     msg = pubsub.get_message(timeout=1.0)
-                except (*_REDIS_ERRORS, OSError, ValueError) as exc:
+                except (*REDIS_ERRORS, OSError, ValueError) as exc:
                     # ValueError/OSError: the client's connection pool was closed under us
                     self._error = str(exc)
                     self._subscribed.clear()
@@ -114,11 +110,10 @@ class GrantListener:
                         with contextlib.suppress(Exception):
                             pubsub.close()
                         pubsub = None
-                    time.sleep(backoff)
-                    backoff = min(backoff * 2, 2.0)
+                    time.sleep(backoff.failed())
                     continue
                 if msg and msg.get("type") == "message":
-                    self._dispatch(_text(msg["data"]))
+                    self._dispatch(text(msg["data"]))
         except Exception:
             log.exception(
                 "grant listener failed; waiters fall back to polling until the "

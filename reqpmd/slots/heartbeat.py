@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -20,11 +20,14 @@ class Renewable(Protocol):
     next_renewal: float
 
 
-class Heartbeat:
+R = TypeVar("R", bound=Renewable)
+
+
+class Heartbeat(Generic[R]):
     def __init__(
         self,
-        held: Callable[[], list[Renewable]],
-        renew: Callable[[Renewable], float | None],
+        held: Callable[[], list[R]],
+        renew: Callable[[R], float | None],
         clock: Callable[[], float],
         name: str = "slot-heartbeat",
     ) -> None:
@@ -38,7 +41,7 @@ class Heartbeat:
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def watch(self, slot: Renewable, first_in: float) -> None:
+    def watch(self, slot: R, first_in: float) -> None:
         with self._cond:
             slot.next_renewal = self._clock() + first_in
             if self._thread is None and not self._closed:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reqpmd import protocol
+from reqpmd.control import protocol
 from reqpmd.errors import BadRequest, ReqpmError
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,11 @@ class Peer:
     @property
     def role(self) -> str:
         return "admin" if self.admin else "user"
+
+    @property
+    def who(self) -> str:
+        """How logs and the audit trail name the peer."""
+        return f"{self.user} (uid {self.uid})"
 
 
 @dataclass

@@ -1,0 +1,66 @@
+"""mock command lines: what reqpm asks mock to do, and how mock answers.
+
+Every build runs in a root of its own, ``--uniqueext build<id>``: mock names it
+``<chroot>-build<id>`` (and ``<chroot>-bootstrap-build<id>``), so two reqpm builds never
+share a root lock. argv lists only, never a shell.
+
+Scrubbing: ``--scrub=chroot`` deletes this build's root. ``--scrub=bootstrap`` deletes
+this build's bootstrap root *and* rmtree's the bootstrap cache under ``cache_topdir``,
+which every uniqueext of the config shares (mock backend.py, Commands.scrub); ``all``
+wipes the package cache too. So the scrub run points ``cache_topdir`` at a private,
+empty directory: mock deletes the unique roots and an empty throwaway cache, and the
+shared caches stay untouched.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+BUILD_ROOT_LOCKED = 60  # mock's BuildRootLocked exit code
+
+
+def uniqueext(build_id: int) -> str:
+    return f"build{build_id}"
+
+
+def _base(mock: Path, chroot: str, build_id: int) -> list[str]:
+    return [str(mock), "-r", chroot, "--uniqueext", uniqueext(build_id)]
+
+
+def buildsrpm_argv(
+    mock: Path, chroot: str, build_id: int, result_dir: Path, spec: Path, sources: Path
+) -> list[str]:
+    return [
+        *_base(mock, chroot, build_id),
+        "--resultdir",
+        str(result_dir),
+        "--buildsrpm",
+        "--spec",
+        str(spec),
+        "--sources",
+        str(sources),
+    ]
+
+
+def rebuild_argv(mock: Path, chroot: str, build_id: int, result_dir: Path, srpm: Path) -> list[str]:
+    return [*_base(mock, chroot, build_id), "--resultdir", str(result_dir), "--rebuild", str(srpm)]
+
+
+def scrub_argv(mock: Path, chroot: str, build_id: int, private_cache: Path) -> list[str]:
+    return [
+        *_base(mock, chroot, build_id),
+        "--config-opts",
+        f"cache_topdir={private_cache}",
+        "--scrub=chroot",
+        "--scrub=bootstrap",
+    ]
+
+
+def check_executable(mock: Path) -> str | None:
+    """Why mock cannot be run, or None if it can."""
+    if not mock.exists():
+        return f"mock_command {mock} does not exist (is mock installed?)"
+    if not mock.is_file() or not os.access(mock, os.X_OK):
+        return f"mock_command {mock} is not an executable file"
+    return None

@@ -1,0 +1,252 @@
+"""This host's view of the cluster: Redis health, the limit in force, host heartbeats.
+
+The only place that decides "the limit in force". ``max_concurrent_builds`` is one value
+for the whole cluster, kept in Redis; ``decide_limit`` is the policy (a pure function,
+tested branch by branch) and ``Cluster`` carries it out against Redis and remembers what
+this host last published in its own store, so a file edited while the daemon was
+stopped is still recognised as this host's change at the next start.
+
+The main loop calls ``check()`` (rate-limited, with backoff while Redis is down) and
+``heartbeat()``; everything else only reads what they found, so a status request never
+waits for Redis more than once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import redis
+
+from reqpmd.backoff import Backoff
+from reqpmd.config.schema import Settings, redact_url
+from reqpmd.config.transaction import Change
+from reqpmd.errors import RedisUnavailable
+from reqpmd.slots import keys
+from reqpmd.slots.connection import REDIS_ERRORS, unavailable
+from reqpmd.slots.limiter import BuildConcurrencyLimiter
+from reqpmd.slots.server import RedisServer
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_EVERY = 5.0  # seconds between this host's heartbeats
+CHECK_EVERY = 2.0  # seconds between Redis checks while it is healthy
+PUBLISHED = "published_limit"  # the store key of the limit this host last published
+NOT_CONNECTED = "not connected yet"
+
+
+class Memory(Protocol):
+    """Small facts this host keeps across restarts (the store's daemon_state)."""
+
+    def get_state(self, key: str) -> str | None: ...
+    def set_state(self, key: str, value: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class LimitDecision:
+    publish: bool  # write this host's value to Redis
+    remember: bool  # record this host's value as the one it last published
+    in_force: int
+    warning: str | None = None
+
+
+def decide_limit(
+    mine: int,
+    shared: int | None,
+    last_published: str | None,
+    changed_here: bool,
+    in_force_before: int | None,
+    namespace: str,
+) -> LimitDecision:
+    """Whose ``max_concurrent_builds`` applies.
+
+    This host publishes its value when its admin changed it: through reqpmctl or a
+    reload (``changed_here``), or an edited file found at start (it differs from what
+    this host last published). Otherwise the cluster's value applies, and a differing
+    file is reported once. A Redis without a value (new, or its data lost) gets ours.
+    """
+    if last_published is None and shared is not None and not changed_here:
+        # this host's first start in a cluster that has a limit: join it; only a later
+        # change of this host's file is published
+        return LimitDecision(
+            False, True, shared, _disagree(shared, mine, in_force_before, namespace)
+        )
+    publish = changed_here or shared is None or str(mine) != last_published
+    if publish:
+        warning = None
+        if shared is not None and shared != mine:
+            warning = (
+                f"max_concurrent_builds is now {mine} on every host sharing namespace "
+                f"{namespace} (was {shared})"
+            )
+        return LimitDecision(True, True, mine, warning)
+    assert shared is not None
+    return LimitDecision(False, False, shared, _disagree(shared, mine, in_force_before, namespace))
+
+
+def _disagree(shared: int, mine: int, before: int | None, namespace: str) -> str | None:
+    if shared in (mine, before):
+        return None  # agreed, or already reported
+    return (
+        f"max_concurrent_builds is {shared} cluster-wide (set on a host sharing namespace "
+        f"{namespace}); this host's config says {mine}; the cluster's value applies"
+    )
+
+
+class Cluster:
+    def __init__(
+        self,
+        client: redis.Redis,
+        limiter: BuildConcurrencyLimiter,
+        settings: Callable[[], Settings],
+        memory: Memory,
+        embedded: RedisServer | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self._client = client
+        self._limiter = limiter
+        self._settings = settings
+        self._memory = memory
+        self._embedded = embedded
+        self._clock = clock
+        self._wall = wall
+        self.ok = False
+        self.detail = NOT_CONNECTED
+        self.active: int | None = None  # slots held cluster-wide, at the last check
+        self.grace_left = 0.0  # of a Redis restart grace, at the last check
+        self.cluster_limit: int | None = None  # max_concurrent_builds as Redis has it
+        self._to_publish = False  # changed here while Redis was unreachable
+        self._next_check = 0.0
+        self._next_heartbeat = 0.0
+        self._backoff = Backoff(first=0.5, cap=30.0)
+        self._namespace = settings().namespace  # restart-only
+        self._hosts_key = keys.hosts_key(self._namespace)
+
+    @property
+    def label(self) -> str:
+        """Where Redis is, fit to show users (no password)."""
+        if self._embedded is not None:
+            return f"embedded ({self._embedded.url})"
+        return redact_url(self._settings().redis_url)
+
+    def limit(self) -> int:
+        """The limit in force: the cluster's, or this host's until Redis has told us."""
+        return self.cluster_limit or self._settings().max_concurrent_builds
+
+    # -- the main loop's part ---------------------------------------------------------
+
+    def check(self, force: bool = False) -> None:
+        now = self._clock()
+        if not force and now < self._next_check:
+            return
+        embedded_down = self._embedded is not None and not self._embedded.alive()
+        if embedded_down and not self._restart_embedded(now):
+            return
+        try:
+            counts = self._limiter.counts()
+            self.active, self.grace_left = counts.active, counts.grace_left
+            self._sync_limit(counts.cluster_limit, changed_here=self._to_publish)
+        except RedisUnavailable as exc:
+            self._down(str(exc), now)
+            return
+        if not self.ok and self.detail != NOT_CONNECTED:
+            log.info("Redis at %s reachable again; taking slots again", self.label)
+        self.ok, self.detail = True, "ok"
+        self._backoff.succeeded()
+        self._next_check = now + CHECK_EVERY
+
+    def _restart_embedded(self, now: float) -> bool:
+        assert self._embedded is not None
+        try:
+            self._embedded.start()
+        except (RuntimeError, OSError) as exc:
+            self._down(f"embedded redis-server will not start: {exc}", now)
+            return False
+        try:
+            # our private server: our own running builds are the only possible holders
+            self._limiter.recover_private_server()
+            log.warning(
+                "embedded redis-server had stopped; restarted it and "
+                "re-registered %d running build(s)",
+                len(self._limiter.held()),
+            )
+        except RedisUnavailable as exc:
+            log.warning(
+                "embedded redis-server restarted, but re-registering builds "
+                "failed (%s); no new slot for one lease",
+                exc,
+            )
+        return True
+
+    def _down(self, detail: str, now: float) -> None:
+        if self.ok or self.detail == NOT_CONNECTED:
+            log.warning(
+                "Redis at %s unreachable (%s): running builds go on, submissions are "
+                "queued, no new slot is taken until it is back",
+                self.label,
+                detail,
+            )
+        self.ok, self.detail = False, detail
+        self.active = None
+        self._next_check = now + self._backoff.failed()
+
+    def _sync_limit(self, shared: int | None, changed_here: bool) -> None:
+        mine = self._settings().max_concurrent_builds
+        decision = decide_limit(
+            mine,
+            shared,
+            self._memory.get_state(PUBLISHED),
+            changed_here,
+            self.cluster_limit,
+            self._namespace,
+        )
+        if decision.publish:
+            self._limiter.set_cluster_limit(mine)
+        if decision.remember:
+            self._memory.set_state(PUBLISHED, str(mine))
+        if decision.warning:
+            log.warning("%s", decision.warning)
+        self._to_publish = False
+        self.cluster_limit = decision.in_force
+
+    def on_settings_change(self, settings: Settings, change: Change) -> None:
+        """A subscriber of the settings transaction: tell the other hosts now."""
+        self._next_heartbeat = 0.0
+        if "max_concurrent_builds" not in change.diff:
+            return
+        self._to_publish = True
+        try:
+            self._sync_limit(self._limiter.get_cluster_limit(), changed_here=True)
+        except RedisUnavailable:
+            log.warning("max_concurrent_builds will reach the other hosts when Redis is back")
+
+    # -- hosts ------------------------------------------------------------------------------
+
+    def heartbeat(self, record: Callable[[], dict[str, Any]]) -> None:
+        """Publish this host's record (from ``record()``) when one is due."""
+        now = self._clock()
+        if not self.ok or now < self._next_heartbeat:
+            return
+        self._next_heartbeat = now + HEARTBEAT_EVERY
+        data = {**record(), "last_seen": self._wall()}
+        with contextlib.suppress(*REDIS_ERRORS):  # the next check reports Redis down
+            self._client.hset(self._hosts_key, self._settings().host_id, json.dumps(data))
+
+    def hosts(self) -> list[dict[str, Any]]:
+        """Every daemon sharing the namespace, with how long ago it was heard of."""
+        try:
+            raw = self._client.hgetall(self._hosts_key)
+        except REDIS_ERRORS as exc:
+            raise unavailable(exc) from exc
+        now = self._wall()
+        hosts = [json.loads(v) for v in raw.values()]
+        for h in hosts:
+            h["age"] = max(0.0, now - float(h.get("last_seen", 0)))
+            h["stale"] = h["age"] > 3 * HEARTBEAT_EVERY
+        return sorted(hosts, key=lambda h: str(h.get("host_id")))

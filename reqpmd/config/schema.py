@@ -1,0 +1,265 @@
+"""The settings schema: every key, its type, default, bounds and doc, in one place.
+
+``Settings`` is a frozen dataclass whose fields *are* the schema: each field carries its
+rule (bounds, pattern, restart-only) as metadata, and ``FIELDS`` is derived from it, so
+a new setting is one line here and is typed at every call site (no casts). A reload
+builds a new object and swaps it in whole, so a half-applied change cannot exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reqpmd.checks import is_int
+
+DEFAULT_CONFIG = "/etc/reqpm/reqpmd.yaml"
+_URL_RE = re.compile(r"^(embedded|(redis|rediss|unix)://\S+)$")
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+CHROOT_RE = re.compile(r"^[A-Za-z0-9_.+-]{1,128}$")
+CHROOT_DOC = "a mock config name: 1-128 characters from A-Z a-z 0-9 _ . + -"
+_NAME_DOC = "1-64 characters from A-Z a-z 0-9 _ . -"
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    kind: type  # int, float, bool, str, Path
+    default: Any
+    doc: str
+    lo: float | None = None
+    hi: float | None = None
+    pattern: re.Pattern[str] | None = None
+    pattern_doc: str = ""
+    restart: bool = False  # a change only takes effect at the next start
+
+    def allowed(self) -> str:
+        if self.kind is bool:
+            return "true or false"
+        if self.lo is not None and self.hi is not None:
+            what = "an integer" if self.kind is int else "a number"
+            return f"{what} from {self.lo:g} to {self.hi:g}"
+        if self.pattern_doc:
+            return self.pattern_doc
+        if self.kind is Path:
+            return "an absolute path, or one relative to the config file"
+        return "a string"
+
+    def convert(self, value: Any) -> Any:
+        """The value as this field's type, or raise ValueError saying what is allowed."""
+        bad = ValueError(f"{value!r} is not allowed (allowed: {self.allowed()})")
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            raise bad
+        if self.kind in (int, float):
+            if not (is_int(value) or isinstance(value, float)):
+                raise bad
+            # .nan compares false with everything, so it would pass the range check
+            if isinstance(value, float) and not math.isfinite(value):
+                raise bad
+            if self.kind is int and isinstance(value, float) and not value.is_integer():
+                raise bad
+            # compare before converting: float() of a huge int raises OverflowError
+            if (self.lo is not None and value < self.lo) or (
+                self.hi is not None and value > self.hi
+            ):
+                raise ValueError(f"{value!r} is out of range (allowed: {self.allowed()})")
+            return self.kind(value)
+        if not isinstance(value, str) or not value.strip():
+            raise bad
+        if self.pattern is not None and not self.pattern.match(value):
+            raise bad
+        return Path(value) if self.kind is Path else value
+
+
+def _setting(
+    default: Any,
+    doc: str,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    pattern: re.Pattern[str] | None = None,
+    pattern_doc: str = "",
+    restart: bool = False,
+) -> Any:
+    rule = {
+        "doc": doc,
+        "lo": lo,
+        "hi": hi,
+        "pattern": pattern,
+        "pattern_doc": pattern_doc,
+        "restart": restart,
+    }
+    return dataclasses.field(default=default, metadata=rule)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated, immutable settings (build them with ``config.parse.validate``)."""
+
+    # The seed's settings: names, bounds and defaults are a contract.
+    max_concurrent_builds: int = _setting(
+        4, "builds running at once across every host sharing the Redis namespace", 1, 20
+    )
+    cleanup_builds_after_days: int = _setting(30, "days a finished build's files are kept", 1, 365)
+    cleanup_repos_after_days: int = _setting(7, "days unused repository clones are kept", 1, 90)
+    auto_sync_projects: bool = _setting(True, "sync projects from git periodically")
+    sync_interval_hours: int = _setting(6, "hours between project syncs", 1, 24)
+    repository_sync_interval_minutes: int = _setting(
+        30, "minutes between repository metadata updates", 5, 1440
+    )
+    # The daemon's own settings.
+    redis_url: str = _setting(
+        "embedded",
+        "'embedded' (a private redis-server in state_dir) or a "
+        "redis://, rediss:// or unix:// URL shared by all hosts",
+        pattern=_URL_RE,
+        pattern_doc="'embedded' or a redis://, rediss:// or unix:// URL",
+        restart=True,
+    )
+    namespace: str = _setting(
+        "reqpm",
+        "Redis namespace; hosts sharing slots use the same one",
+        pattern=NAME_RE,
+        pattern_doc=_NAME_DOC,
+        restart=True,
+    )
+    host_id: str = _setting(
+        "",
+        "this daemon's name among the hosts (default: the hostname)",
+        pattern=NAME_RE,
+        pattern_doc=_NAME_DOC,
+        restart=True,
+    )
+    socket_path: Path = _setting(Path("/run/reqpm/reqpmd.sock"), "control socket", restart=True)
+    socket_group: str = _setting(
+        "reqpm",
+        "group owning the control socket (mode 0660)",
+        pattern=NAME_RE,
+        pattern_doc="a group name",
+        restart=True,
+    )
+    admin_group: str = _setting(
+        "reqpm-admin",
+        "members may change settings and free slots",
+        pattern=NAME_RE,
+        pattern_doc="a group name",
+    )
+    state_dir: Path = _setting(
+        Path("/var/lib/reqpm"), "queue database, build logs, results", restart=True
+    )
+    mock_command: Path = _setting(Path("/usr/bin/mock"), "the mock executable")
+    mock_root_dir: Path = _setting(
+        Path("/var/lib/mock"), "mock's basedir (checked by the disk gate)"
+    )
+    default_chroot: str = _setting(
+        "fedora-rawhide-x86_64",
+        "mock config used when a submission names none",
+        pattern=CHROOT_RE,
+        pattern_doc=CHROOT_DOC,
+    )
+    slot_wait_timeout: int = _setting(
+        300, "seconds a build may wait for a slot (0 = forever)", 0, 604800
+    )
+    slot_lease_seconds: int = _setting(
+        60,
+        "lease of a held slot; a dead holder's slot returns after this; the same on every host",
+        5,
+        3600,
+        restart=True,
+    )
+    host_max_builds: int = _setting(
+        0, "builds at once on this host (0 = only the cluster limit)", 0, 20
+    )
+    min_free_disk_gb: float = _setting(
+        10.0, "take no new slot while mock_root_dir has less free space (GB)", 0, 100000
+    )
+    max_load_per_cpu: float = _setting(
+        0.0,
+        "take no new slot while the 1-minute load per CPU is above this (0 = no load gate)",
+        0,
+        1000,
+    )
+    build_timeout_minutes: float = _setting(
+        480.0, "cancel builds running longer (0 = never)", 0, 10080
+    )
+    max_build_retries: int = _setting(
+        3, "re-runs of a build interrupted by a crash or a locked root before it fails", 0, 20
+    )
+    keep_failed_roots: bool = _setting(False, "keep a failed build's mock root for debugging")
+    cancel_grace_seconds: int = _setting(
+        5, "seconds between SIGINT, SIGTERM and SIGKILL when stopping mock", 1, 120
+    )
+
+    def as_dict(self, redact: bool = False) -> dict[str, Any]:
+        """Plain values; with ``redact``, secrets (a password in redis_url) are masked."""
+        out = {
+            f.name: (str(v) if isinstance(v := getattr(self, f.name), Path) else v)
+            for f in dataclasses.fields(self)
+        }
+        if redact:
+            out["redis_url"] = redact_url(self.redis_url)
+        return out
+
+    def changed(self, other: Settings) -> dict[str, tuple[Any, Any]]:
+        """{key: (old, new)} for every key whose value differs in ``other``."""
+        return {
+            f.name: (getattr(self, f.name), getattr(other, f.name))
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        }
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _fields() -> tuple[Field, ...]:
+    kinds = typing.get_type_hints(Settings)
+    return tuple(
+        Field(f.name, kinds[f.name], f.default, **f.metadata) for f in dataclasses.fields(Settings)
+    )
+
+
+FIELDS: tuple[Field, ...] = _fields()
+BY_NAME: Mapping[str, Field] = {f.name: f for f in FIELDS}
+
+
+@dataclass(frozen=True)
+class SettingError:
+    key: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f"line {self.line}: " if self.line else ""
+        return f"{where}{self.key}: {self.message}"
+
+
+class SettingsInvalid(ValueError):
+    """A config (or a change to it) has errors; nothing was applied."""
+
+    def __init__(self, errors: list[SettingError], source: str = "") -> None:
+        self.errors = errors
+        self.source = source
+        head = f"{source}: " if source else ""
+        super().__init__(head + "; ".join(str(e) for e in errors))
+
+
+def redact_url(url: str) -> str:
+    """``redis://user:secret@host`` -> ``redis://user:***@host``: users may read settings
+    and status, but a Redis password would let them bypass the admin role."""
+    return re.sub(r"^(\w+://[^:/@]*):[^@/]*@", r"\1:***@", url)
+
+
+def unknown_key_error(key: str, line: int | None = None) -> SettingError:
+    guess = difflib.get_close_matches(key, BY_NAME, n=1)
+    hint = f" (did you mean {guess[0]!r}?)" if guess else ""
+    return SettingError(key, f"unknown setting{hint}", line)

@@ -1,0 +1,141 @@
+"""The settings transaction: the one way settings change while the daemon runs.
+
+Whatever the source (``reqpmctl settings set``, ``settings edit``, a SIGHUP reload), a
+change goes the same way, under one lock: validate everything, write the file
+atomically (for a client's change), swap in the new Settings whole, audit each key, then
+tell every subscriber (the cluster publishes a new limit, the daemon wakes its loop).
+Nothing is applied unless all of it is valid. Restart-only keys are written and audited
+but keep their running value until the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from reqpmd.config import file as config_file
+from reqpmd.config.parse import load, parse_text, validate
+from reqpmd.config.schema import BY_NAME, Settings, SettingsInvalid, unknown_key_error
+from reqpmd.errors import InvalidArgument, ReqpmError
+from reqpmd.fsutil import atomic_write
+
+log = logging.getLogger(__name__)
+
+RELOAD_UID = -1  # the audit trail's uid for a change that came from a SIGHUP reload
+
+
+class AuditLog(Protocol):
+    def audit_setting(self, uid: int, user: str, key: str, old: Any, new: Any) -> None: ...
+
+
+@dataclass(frozen=True)
+class Change:
+    """What one transaction changed: {key: (old, new)}, and which keys wait for a restart."""
+
+    diff: dict[str, tuple[Any, Any]]
+    restart_required: tuple[str, ...]
+
+    def reply(self) -> dict[str, Any]:
+        return {
+            "changed": {k: [str(a), str(b)] for k, (a, b) in self.diff.items()},
+            "restart_required": list(self.restart_required),
+        }
+
+
+OnChange = Callable[[Settings, Change], None]
+
+
+class SettingsService:
+    def __init__(self, path: Path, initial: Settings, audit: AuditLog) -> None:
+        self.path = path
+        self._current = initial
+        self._audit = audit
+        self._lock = threading.Lock()
+        self._subscribers: list[OnChange] = []
+
+    def current(self) -> Settings:
+        """The settings in force (a frozen object: read it once per decision)."""
+        return self._current
+
+    def subscribe(self, hook: OnChange) -> None:
+        """``hook(new_settings, change)`` after every applied change, under the lock, so
+        hooks see changes in the order they were made."""
+        self._subscribers.append(hook)
+
+    # -- the three sources of a change ------------------------------------------------
+
+    def set(self, changes: dict[str, Any], who: str, uid: int) -> Change:
+        """Change some keys: validate all against the file, write, apply, audit."""
+        with self._lock:
+            try:
+                raw, _ = parse_text(self._read(), str(self.path))
+            except SettingsInvalid as exc:
+                raise InvalidArgument(f"the config file is broken, fix it first: {exc}") from exc
+            errors = [unknown_key_error(k) for k in changes if k not in BY_NAME]
+            if errors:
+                raise InvalidArgument("; ".join(str(e) for e in errors))
+            try:
+                new = validate({**raw, **changes}, base_dir=self._base_dir())
+            except SettingsInvalid as exc:
+                bad = [e for e in exc.errors if e.key in changes] or exc.errors
+                raise InvalidArgument("; ".join(str(e) for e in bad)) from exc
+            self._write(lambda: config_file.write_changes(self.path, changes))
+            return self._apply(new, who, uid)
+
+    def replace_text(self, text: str, who: str, uid: int) -> Change:
+        """A whole new config (``reqpmctl settings edit``): valid, or nothing changes."""
+        with self._lock:
+            try:
+                raw, lines = parse_text(text, str(self.path))
+                new = validate(raw, lines, base_dir=self._base_dir())
+            except SettingsInvalid as exc:
+                raise InvalidArgument("; ".join(str(e) for e in exc.errors)) from exc
+            self._write(lambda: atomic_write(self.path, text.encode()))
+            return self._apply(new, who, uid)
+
+    def reload(self) -> Change:
+        """Re-read the file (SIGHUP). SettingsInvalid keeps the running settings."""
+        new = load(self.path)
+        with self._lock:
+            return self._apply(new, "SIGHUP reload", RELOAD_UID)
+
+    def file_text(self) -> str:
+        return self._read()
+
+    # -- the steps ------------------------------------------------------------------------
+
+    def _read(self) -> str:
+        return self.path.read_text() if self.path.exists() else ""
+
+    def _base_dir(self) -> Path:
+        return self.path.parent.resolve()
+
+    def _write(self, write: Callable[[], None]) -> None:
+        try:
+            write()
+        except OSError as exc:
+            raise ReqpmError(
+                f"cannot write {self.path}: {exc.strerror or exc}; reqpmd's user needs "
+                f"write access to {self.path.parent} (nothing was changed)"
+            ) from exc
+
+    def _apply(self, new: Settings, who: str, uid: int) -> Change:
+        old = self._current
+        diff = old.changed(new)
+        pending = tuple(k for k in diff if BY_NAME[k].restart)
+        self._current = new.replace(**{k: diff[k][0] for k in pending})
+        change = Change(diff, pending)
+        for key, (before, after) in diff.items():
+            note = " (takes effect at the next restart)" if key in pending else ""
+            log.warning("setting %s: %s -> %s by %s%s", key, before, after, who, note)
+            self._audit.audit_setting(uid, who, key, before, after)
+        for hook in self._subscribers:
+            try:
+                hook(self._current, change)
+            except Exception:  # the change is made; one subscriber must not undo it
+                log.exception("a subscriber of settings changes failed")
+        return change

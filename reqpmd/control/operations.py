@@ -1,0 +1,260 @@
+"""What the control socket can be asked, who may ask it, and the answers.
+
+Each operation names the role it needs; the check happens here, once, before the
+operation runs. Arguments are validated before anything changes. Operations use the
+services they name in ``__init__`` and nothing else: no daemon object.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from reqpmd import __version__
+from reqpmd.builds.events import build_event
+from reqpmd.builds.scheduler import Scheduler
+from reqpmd.builds.states import State
+from reqpmd.builds.store import Build, Store
+from reqpmd.checks import int_in_range
+from reqpmd.cluster import Cluster
+from reqpmd.config.schema import BY_NAME, unknown_key_error
+from reqpmd.config.transaction import SettingsService
+from reqpmd.control.server import Request
+from reqpmd.control.submission import MAX_FILE_BYTES, check_chroot, check_submission
+from reqpmd.errors import BadRequest, Busy, InvalidArgument, NotFound, PermissionDenied
+from reqpmd.slots.limiter import BuildConcurrencyLimiter
+from reqpmd.slots.scripts import MAX_PRIORITY
+from reqpmd.status import Status, build_json, slot_listing
+
+log = logging.getLogger(__name__)
+
+MAX_UPLOADS = 4  # submissions copied to disk at once
+MAX_ID = 2**62
+_LOG_CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Op:
+    run: Callable[[Request], Any]
+    admin: bool = False
+
+
+def _int_arg(args: dict[str, Any], key: str, lo: int, hi: int, default: int | None = None) -> int:
+    return int_in_range(key, args.get(key, default), lo, hi)
+
+
+class Operations:
+    def __init__(
+        self,
+        settings: SettingsService,
+        status: Status,
+        scheduler: Scheduler,
+        store: Store,
+        limiter: BuildConcurrencyLimiter,
+        cluster: Cluster,
+        wake: Callable[[], None],
+    ) -> None:
+        self.settings = settings
+        self.status_view = status
+        self.scheduler = scheduler
+        self.store = store
+        self.limiter = limiter
+        self.cluster = cluster
+        self.wake = wake
+        self._uploads = threading.BoundedSemaphore(MAX_UPLOADS)
+        self.ops: dict[str, Op] = {
+            "ping": Op(self.ping),
+            "status": Op(self.status),
+            "submit": Op(self.submit),
+            "build.show": Op(self.build_show),
+            "build.list": Op(self.build_list),
+            "build.cancel": Op(self.build_cancel),
+            "build.retry": Op(self.build_retry),
+            "build.log": Op(self.build_log),
+            "settings.show": Op(self.settings_show),
+            "settings.get": Op(self.settings_get),
+            "settings.set": Op(self.settings_set, admin=True),
+            # the file may hold a Redis password: admins only
+            "settings.file": Op(self.settings_file, admin=True),
+            "settings.replace": Op(self.settings_replace, admin=True),
+            "settings.history": Op(self.settings_history),
+            "slots.list": Op(self.slots_list),
+            "slots.release": Op(self.slots_release, admin=True),
+            "slots.clear": Op(self.slots_clear, admin=True),
+            "slots.end_grace": Op(self.slots_end_grace, admin=True),
+            "hosts": Op(self.hosts),
+        }
+
+    def __call__(self, req: Request) -> Any:
+        op = self.ops.get(req.op)
+        if op is None:
+            raise BadRequest(f"unknown operation {req.op!r}; known: {', '.join(sorted(self.ops))}")
+        if op.admin and not req.peer.admin:
+            raise PermissionDenied(
+                f"{req.op} needs the admin role (root or group "
+                f"{self.settings.current().admin_group}); {req.peer.user} is a user"
+            )
+        return op.run(req)
+
+    def _json(self, build: Build) -> dict[str, Any]:
+        return build_json(build, self.store)
+
+    # -- reading ---------------------------------------------------------------------
+
+    def ping(self, req: Request) -> dict[str, Any]:
+        return {"version": __version__, "role": req.peer.role, "uid": req.peer.uid}
+
+    def status(self, req: Request) -> dict[str, Any]:
+        return self.status_view.status()
+
+    def build_show(self, req: Request) -> dict[str, Any]:
+        return self._json(self.store.get(_int_arg(req.args, "id", 1, MAX_ID)))
+
+    def build_list(self, req: Request) -> list[dict[str, Any]]:
+        state = req.args.get("state")
+        if state is not None:
+            try:
+                state = State(state)
+            except ValueError:
+                raise InvalidArgument(
+                    f"state {state!r} is not one of: {', '.join(s.value for s in State)}"
+                ) from None
+        limit = _int_arg(req.args, "limit", 1, 10000, 50)
+        return [self._json(b) for b in self.store.recent(state, limit)]
+
+    def build_log(self, req: Request) -> dict[str, Any]:
+        build = self.store.get(_int_arg(req.args, "id", 1, MAX_ID))
+        offset = _int_arg(req.args, "offset", 0, MAX_ID, 0)
+        data = b""
+        try:
+            with open(self.store.files(build.id).log, "rb") as f:
+                f.seek(offset)
+                data = f.read(_LOG_CHUNK)
+        except FileNotFoundError:
+            pass
+        return {
+            "data": data.decode(errors="replace"),
+            "offset": offset + len(data),
+            "state": str(build.state),
+            "done": build.state.final and len(data) < _LOG_CHUNK,
+        }
+
+    def settings_show(self, req: Request) -> dict[str, Any]:
+        return self.settings.current().as_dict(redact=True)
+
+    def settings_get(self, req: Request) -> Any:
+        key = req.args.get("key")
+        if not isinstance(key, str) or key not in BY_NAME:
+            raise NotFound(str(unknown_key_error(str(key))))
+        return self.settings.current().as_dict(redact=True)[key]
+
+    def settings_history(self, req: Request) -> list[dict[str, Any]]:
+        return self.store.settings_history(_int_arg(req.args, "limit", 1, 10000, 100))
+
+    def slots_list(self, req: Request) -> dict[str, Any]:
+        return slot_listing(self.limiter, self.cluster.limit())
+
+    def hosts(self, req: Request) -> list[dict[str, Any]]:
+        return self.cluster.hosts()
+
+    # -- changing ---------------------------------------------------------------------
+
+    def submit(self, req: Request) -> dict[str, Any]:
+        args = req.args
+        chroot = check_chroot(args.get("chroot") or self.settings.current().default_chroot)
+        priority = _int_arg(args, "priority", -MAX_PRIORITY, MAX_PRIORITY, 0)
+        sub = check_submission(args.get("files"), req.fds)
+        if not self._uploads.acquire(blocking=False):
+            raise Busy(f"{MAX_UPLOADS} submissions are being stored already; try again")
+        try:
+            staged = self.store.stage(dict(sub.files), max_file_bytes=MAX_FILE_BYTES)
+        finally:
+            self._uploads.release()
+        build_id = self.store.submit(
+            chroot=chroot,
+            kind=sub.kind,
+            source=sub.main,
+            inputs=staged,
+            priority=priority,
+            uid=req.peer.uid,
+            user=req.peer.user,
+        )
+        build_event(
+            build_id,
+            f"submitted by {req.peer.who}: {sub.main} for {chroot}, priority {priority}",
+        )
+        self.wake()
+        return {"id": build_id}
+
+    def _own_build(self, req: Request, verb: str) -> Build:
+        build = self.store.get(_int_arg(req.args, "id", 1, MAX_ID))
+        if build.submitted_by != req.peer.uid and not req.peer.admin:
+            raise PermissionDenied(
+                f"only the submitter or an admin may {verb} build "
+                f"{build.id}; {req.peer.user} is neither"
+            )
+        return build
+
+    def build_cancel(self, req: Request) -> dict[str, Any]:
+        build = self._own_build(req, "cancel")
+        build_event(build.id, f"cancel requested by {req.peer.user}")
+        return self._json(self.scheduler.cancel(build.id, f"cancelled by {req.peer.user}"))
+
+    def build_retry(self, req: Request) -> dict[str, Any]:
+        build = self._own_build(req, "retry")
+        result = self._json(self.scheduler.retry(build.id))
+        build_event(build.id, f"retry requested by {req.peer.user}")
+        self.wake()
+        return result
+
+    def settings_set(self, req: Request) -> dict[str, Any]:
+        changes = req.args.get("changes")
+        if not isinstance(changes, dict) or not changes:
+            raise BadRequest("settings.set needs 'changes': {key: value, ...}")
+        return self.settings.set(changes, req.peer.who, req.peer.uid).reply()
+
+    def settings_file(self, req: Request) -> dict[str, Any]:
+        return {"path": str(self.settings.path), "text": self.settings.file_text()}
+
+    def settings_replace(self, req: Request) -> dict[str, Any]:
+        text = req.args.get("text")
+        if not isinstance(text, str):
+            raise BadRequest("settings.replace needs 'text': the whole config file")
+        return self.settings.replace_text(text, req.peer.who, req.peer.uid).reply()
+
+    def slots_release(self, req: Request) -> dict[str, Any]:
+        names = req.args.get("names")
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise BadRequest("slots.release needs 'names': [slot name, ...]")
+        released = {}
+        for name in names:
+            released[name] = self.limiter.force_release(name)
+            if released[name]:
+                log.warning("slot %s force-released by %s", name, req.peer.who)
+        missing = [n for n, ok in released.items() if not ok]
+        if missing and len(missing) == len(names):
+            raise NotFound(f"no slot named {', '.join(missing)}")
+        return {"released": [n for n, ok in released.items() if ok], "missing": missing}
+
+    def slots_clear(self, req: Request) -> dict[str, Any]:
+        if req.args.get("yes") is not True:
+            raise BadRequest("slots.clear frees every slot; it needs 'yes': true")
+        count = self.limiter.clear_all()
+        log.warning("all %d slots cleared by %s", count, req.peer.who)
+        return {"cleared": count}
+
+    def slots_end_grace(self, req: Request) -> dict[str, Any]:
+        """End a Redis restart grace: the admin vouches that no holder survives unseen."""
+        if req.args.get("yes") is not True:
+            raise BadRequest(
+                "slots.end_grace grants slots at once even if a holder from before the "
+                "Redis restart is still running; it needs 'yes': true"
+            )
+        left = self.limiter.in_restart_grace()
+        self.limiter.declare_no_survivors()
+        log.warning("restart grace (%.0fs left) ended by %s", left, req.peer.who)
+        self.wake()
+        return {"ended": left > 0, "grace_left": left}

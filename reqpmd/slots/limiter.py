@@ -1,0 +1,653 @@
+"""Cluster-wide build-slot limiter on Redis: at most ``max_concurrent`` holders at once.
+
+Why this shape (see slot_scripts.py for the Redis side):
+
+* Each holder has its own lease, renewed by a heartbeat thread while held, so a holder
+  that dies frees its slot within one lease instead of pinning it until a set expires.
+* Waiters queue in one sorted set (priority first, then arrival), also under leases, so
+  a dead waiter never blocks the line. A release grants the next slot inside the same
+  script and publishes the grant; the waiter only has to read it: hand-over costs one
+  pub/sub delivery. A waiter polls only when the state can change silently (a lease
+  running out, a restart grace ending) or as a slow safety net.
+* Leases run on the Redis clock, so hosts need not agree on the time; local deadlines
+  use the injected monotonic clock.
+* Every grant carries a fencing token that only grows, also across Redis restarts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from reqpmd.checks import int_in_range
+from reqpmd.errors import (
+    InvalidArgument,
+    RedisUnavailable,
+    SlotLost,
+    SlotNameInUse,
+    SlotTimeout,
+    WaitCancelled,
+)
+from reqpmd.slots import keys
+from reqpmd.slots.connection import REDIS_ERRORS, text, unavailable
+from reqpmd.slots.grants import GrantListener, Pending
+from reqpmd.slots.heartbeat import Heartbeat
+from reqpmd.slots.scripts import (
+    ACQUIRE,
+    CLEAR,
+    COUNTS,
+    END_GRACE,
+    MAX_PRIORITY,
+    RELEASE,
+    RENEW,
+    SET_LIMIT,
+    SNAPSHOT,
+    Reply,
+)
+from reqpmd.slots.waiter import Attempt, Waiter
+
+__all__ = [
+    "BuildConcurrencyLimiter",
+    "Counts",
+    "RedisUnavailable",
+    "Slot",
+    "SlotInfo",
+    "SlotLost",
+    "SlotNameInUse",
+    "SlotTimeout",
+    "WaitCancelled",
+    "WaiterInfo",
+]
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+MaxConcurrent = int | Callable[[], int]
+
+DEFAULT_GRACE_HINT = (
+    "if no process can still hold a slot of this namespace (a new Redis, or every holder "
+    "is known dead), call declare_no_survivors() to end it now"
+)
+
+
+@dataclass(frozen=True)
+class SlotInfo:
+    """One holder as Redis records it (times are Unix seconds on the Redis clock)."""
+
+    name: str
+    host: str
+    pid: int
+    token: int
+    acquired_at: float
+    lease_expires_at: float
+    owner: str
+    labels: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WaiterInfo:
+    """One queued acquirer, in queue order (position 1 is served next)."""
+
+    name: str
+    host: str
+    pid: int
+    priority: int
+    position: int
+    enqueued_at: float
+    lease_expires_at: float
+    labels: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Slot:
+    """A granted slot, held by this process until released or lost."""
+
+    name: str
+    token: int
+    owner: str
+    acquired_at: float  # Unix seconds (local clock; Redis keeps its own)
+    info: str
+    lease_deadline: float  # monotonic: past it, the lease may have run out in Redis
+    lost: threading.Event = field(default_factory=threading.Event)
+    on_lost: Callable[[Slot], None] | None = None
+    next_renewal: float = 0.0  # monotonic, kept by the heartbeat
+    renew_failing: bool = False  # Redis unreachable at the last renewal
+    # held while a renewal or the release is in flight, so they never overlap
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass(frozen=True)
+class Counts:
+    """The scalar state of the namespace, read in one cheap step (no listing)."""
+
+    active: int
+    waiting: int
+    cluster_limit: int | None  # None: no cluster-wide limit was set
+    grace_left: float  # seconds of a Redis-restart grace period still to run (0: none)
+
+
+def _records(flat: list[Any]) -> Iterator[tuple[str, int, str, int, int, dict[str, Any]]]:
+    """(name, lease expiry ms, owner, token, granted/queued at ms, caller's JSON) from the
+    SNAPSHOT script's flat name, expiry, record triples."""
+    for i in range(0, len(flat), 3):
+        owner, token, at, _, info = text(flat[i + 2]).split(" ", 4)
+        yield (
+            text(flat[i]),
+            int(flat[i + 1]),
+            owner,
+            int(token),
+            int(at),
+            json.loads(info or "{}"),
+        )
+
+
+def _optional_limit(value: Any) -> int | None:
+    limit = int(value)
+    return None if limit < 0 else limit
+
+
+class BuildConcurrencyLimiter:
+    """Caps concurrent builds across every process and host sharing one Redis namespace.
+
+    ``max_concurrent`` may be an int or a callable read at each decision, so the limit
+    can change at run time; lowering it never evicts holders, it only delays new grants.
+    ``grace_hint`` tells a reader of the restart-grace warning how to end the grace in
+    the caller's world (reqpmd names its reqpmctl command).
+    """
+
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        max_concurrent: MaxConcurrent = 4,
+        namespace: str = "reqpm",
+        lease_ttl: float = 60,
+        host: str | None = None,
+        *,
+        restart_grace: float | None = None,
+        auto_renew: bool = True,
+        clock: Clock = time.monotonic,
+        grace_hint: str = DEFAULT_GRACE_HINT,
+    ) -> None:
+        if lease_ttl < 1:
+            raise InvalidArgument(f"lease_ttl {lease_ttl!r} is out of range: at least 1 second")
+        self._redis = redis_client
+        self.max_concurrent = max_concurrent
+        self.namespace = keys.validate_namespace(namespace)
+        self.lease_ttl = float(lease_ttl)
+        self.restart_grace = self.lease_ttl if restart_grace is None else float(restart_grace)
+        self.host = host or socket.gethostname()
+        self.auto_renew = auto_renew
+        self.grace_hint = grace_hint
+        self._clock = clock
+        self._keys = keys.slot_keys(namespace)
+        self._key_list = self._keys.as_list()
+        self._acquire = redis_client.register_script(ACQUIRE)
+        self._release = redis_client.register_script(RELEASE)
+        self._renew = redis_client.register_script(RENEW)
+        self._clear = redis_client.register_script(CLEAR)
+        self._snapshot = redis_client.register_script(SNAPSHOT)
+        self._counts = redis_client.register_script(COUNTS)
+        self._end_grace = redis_client.register_script(END_GRACE)
+        self._set_limit = redis_client.register_script(SET_LIMIT)
+        self._held: dict[str, Slot] = {}
+        self._lock = threading.Lock()
+        self._heartbeat: Heartbeat[Slot] = Heartbeat(self.held, self._renew_due, clock)
+        self._grants = GrantListener(redis_client, self._keys.grants)
+        self._steps = _Steps(self)
+        self._grace_warned_until = 0.0  # monotonic end of the grace period last warned of
+
+    # -- configuration -------------------------------------------------------------
+
+    def current_limit(self) -> int:
+        value = self.max_concurrent() if callable(self.max_concurrent) else self.max_concurrent
+        return int_in_range("max_concurrent", value, 1)
+
+    def _run(self, script: Any, *args: Any) -> list[Any]:
+        """Run a script; its reply as a list whose first element is a ``Reply``."""
+        grace_ms = int(self.restart_grace * 1000)
+        try:
+            reply = script(keys=self._key_list, args=[grace_ms, *args])
+        except REDIS_ERRORS as exc:
+            raise unavailable(exc) from exc
+        return list(reply)
+
+    def _info_json(self, labels: dict[str, Any] | None, priority: int) -> str:
+        return json.dumps(
+            {"host": self.host, "pid": os.getpid(), "priority": priority, "labels": labels or {}},
+            separators=(",", ":"),
+        )
+
+    @staticmethod
+    def _check_name(name: str) -> None:
+        if not name or len(name) > 200 or any(c.isspace() for c in name):
+            raise InvalidArgument(f"slot name {name!r} is invalid: 1-200 characters, no spaces")
+
+    @staticmethod
+    def _check_priority(priority: int) -> None:
+        int_in_range("priority", priority, -MAX_PRIORITY, MAX_PRIORITY)
+
+    # -- acquiring -----------------------------------------------------------------
+
+    def _attempt(self, name: str, owner: str, priority: int, info: str, try_only: bool) -> Attempt:
+        reply = self._run(
+            self._acquire,
+            name,
+            owner,
+            priority,
+            self.current_limit(),
+            int(self.lease_ttl * 1000),
+            info,
+            1 if try_only else 0,
+        )
+        code = Reply(reply[0])
+        if code == Reply.IN_USE:
+            raise SlotNameInUse(f"slot {name!r} is already held or awaited by another owner")
+        if code == Reply.GRANTED:
+            return Attempt(int(reply[1]))
+        if code == Reply.WAITING:
+            self._warn_grace(int(reply[4]) / 1000)
+            wake = int(reply[3])
+        else:  # BUSY
+            wake = int(reply[2])
+        return Attempt(None, wake / 1000 if wake >= 0 else None)
+
+    def _warn_grace(self, left: float) -> None:
+        """Once per grace period: a waiter that waits a whole lease with nothing in the
+        log looks like a hang."""
+        if left <= 0:
+            return
+        now = self._clock()
+        with self._lock:
+            if now < self._grace_warned_until:
+                return
+            self._grace_warned_until = now + left
+        log.warning(
+            "grants of namespace %s are paused for %.0fs more: the Redis server is new or "
+            "restarted (a new run_id), so holders from before may still re-register; %s",
+            self.namespace,
+            left,
+            self.grace_hint,
+        )
+
+    def _granted(
+        self,
+        name: str,
+        owner: str,
+        token: int,
+        info: str,
+        sent_at: float,
+        on_lost: Callable[[Slot], None] | None,
+    ) -> Slot:
+        slot = Slot(
+            name=name,
+            token=int(token),
+            owner=owner,
+            acquired_at=time.time(),
+            info=info,
+            lease_deadline=sent_at + self.lease_ttl,
+            on_lost=on_lost,
+        )
+        with self._lock:
+            self._held[name] = slot
+        if self.auto_renew:
+            self._heartbeat.watch(slot, self.lease_ttl / 3)
+        return slot
+
+    def try_acquire(
+        self,
+        name: str,
+        priority: int = 0,
+        labels: dict[str, Any] | None = None,
+        on_lost: Callable[[Slot], None] | None = None,
+    ) -> Slot | None:
+        """Take a slot now if one is free and nobody of equal or higher priority waits."""
+        self._check_name(name)
+        self._check_priority(priority)
+        owner = uuid.uuid4().hex
+        info = self._info_json(labels, priority)
+        sent_at = self._clock()
+        attempt = self._attempt(name, owner, priority, info, try_only=True)
+        if attempt.token is None:
+            return None
+        return self._granted(name, owner, attempt.token, info, sent_at, on_lost)
+
+    def wait_for_slot(
+        self,
+        name: str,
+        timeout: float | None = 300,
+        priority: int = 0,
+        labels: dict[str, Any] | None = None,
+        on_lost: Callable[[Slot], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Slot:
+        """Queue for a slot and block until granted; ``timeout=None`` waits forever.
+
+        Raises SlotTimeout when the timeout passes (the caller is withdrawn from the
+        queue first) and RedisUnavailable when Redis stayed unreachable that long.
+        Setting ``cancel`` withdraws the caller and raises WaitCancelled.
+        """
+        self._check_name(name)
+        self._check_priority(priority)
+        if timeout is not None and timeout < 0:
+            raise InvalidArgument(f"timeout {timeout!r} is out of range: >= 0 or None")
+        owner = uuid.uuid4().hex
+        info = self._info_json(labels, priority)
+        deadline = None if timeout is None else self._clock() + timeout
+        waiter = Waiter(
+            self._steps, name, owner, priority, info, deadline, cancel, clock=self._clock
+        )
+        token, sent_at = waiter.run()
+        return self._granted(name, owner, token, info, sent_at, on_lost)
+
+    @contextmanager
+    def acquire(
+        self,
+        name: str,
+        timeout: float | None = 300,
+        priority: int = 0,
+        labels: dict[str, Any] | None = None,
+        on_lost: Callable[[Slot], None] | None = None,
+    ) -> Iterator[Slot]:
+        """Hold a slot for the ``with`` block; it is released however the block ends."""
+        slot = self.wait_for_slot(name, timeout, priority, labels, on_lost)
+        try:
+            yield slot
+        finally:
+            try:
+                self.release(name)
+            except RedisUnavailable:
+                log.warning(
+                    "could not release slot %s: Redis unreachable; its lease will "
+                    "free it within %gs",
+                    name,
+                    self.lease_ttl,
+                )
+
+    def timeout_error(self, waited: float) -> SlotTimeout:
+        """Why no slot came within ``waited`` seconds, pointing the operator the right way:
+        a restart grace is not a full cluster."""
+        limit = self.current_limit()
+        head = f"Could not acquire build slot after {waited:g}s"
+        try:
+            counts = self.counts()
+        except RedisUnavailable:
+            return SlotTimeout(f"{head}: Redis unreachable (max_concurrent_builds={limit}).")
+        limit = counts.cluster_limit or limit
+        if counts.grace_left > 0:
+            until = time.strftime("%H:%M:%S", time.localtime(time.time() + counts.grace_left))
+            return SlotTimeout(
+                f"{head}: grants are paused until {until} ({counts.grace_left:.0f}s more) "
+                f"for the restart grace: the Redis server is new or restarted, and slots held "
+                f"before may still re-register ({counts.active}/{limit} slots busy). "
+                f"{self.grace_hint[:1].upper()}{self.grace_hint[1:]}."
+            )
+        return SlotTimeout(
+            f"{head}: {counts.active}/{limit} slots busy "
+            f"(max_concurrent_builds={limit}). Raise max_concurrent_builds or free stuck "
+            f"slots with 'reqpmctl slots release'."
+        )
+
+    # -- holding -------------------------------------------------------------------
+
+    def _sweep_expired(self) -> None:
+        """Declare lost every slot whose local lease deadline has passed, without any I/O:
+        a renewal of another slot that blocked on an unreachable Redis must not delay it."""
+        now = self._clock()
+        for other in self.held():
+            if now >= other.lease_deadline and other.lock.acquire(blocking=False):
+                try:
+                    with self._lock:
+                        still_held = self._held.get(other.name) is other
+                    if still_held:
+                        self._mark_lost(other)
+                finally:
+                    other.lock.release()
+                if still_held:
+                    log.error(
+                        "slot %s lost: lease of %gs ran out while Redis was unreachable",
+                        other.name,
+                        self.lease_ttl,
+                    )
+                    if other.on_lost is not None:
+                        other.on_lost(other)
+
+    def _renew_due(self, slot: Slot) -> float | None:
+        """The heartbeat's renewal: seconds until the next one, None once the slot is gone."""
+        interval = self.lease_ttl / 3
+        self._sweep_expired()
+        with slot.lock:
+            with self._lock:
+                if self._held.get(slot.name) is not slot:
+                    return None  # released meanwhile
+            try:
+                self._renew_locked(slot)
+                if slot.renew_failing:
+                    slot.renew_failing = False
+                    log.info("slot %s renewed again", slot.name)
+                return interval
+            except RedisUnavailable as exc:
+                left = slot.lease_deadline - self._clock()
+                if not slot.renew_failing:  # once per outage, not once per retry
+                    slot.renew_failing = True
+                    log.warning(
+                        "cannot renew slot %s (%.1fs of lease left), retrying: %s",
+                        slot.name,
+                        left,
+                        exc,
+                    )
+                # retry sooner as the deadline nears, and wake at the deadline itself
+                return max(0.05, min(interval, left / 4, 1.0, left))
+            except SlotLost as exc:
+                log.error("slot %s lost: %s", slot.name, exc)
+        if slot.on_lost is not None:
+            slot.on_lost(slot)
+        return None
+
+    def renew(self, name: str) -> Slot:
+        """Extend this process's lease on ``name``; raises SlotLost if it is gone."""
+        with self._lock:
+            slot = self._held.get(name)
+        if slot is None or slot.lost.is_set():
+            raise SlotLost(f"slot {name!r} is not held by this process")
+        with slot.lock:
+            return self._renew_locked(slot)
+
+    def _renew_locked(self, slot: Slot) -> Slot:
+        name = slot.name
+        sent_at = self._clock()
+        if sent_at >= slot.lease_deadline:
+            self._mark_lost(slot)
+            raise SlotLost(
+                f"slot {name!r}: lease of {self.lease_ttl:g}s ran out before it could be renewed"
+            )
+        acquired_ms = int(slot.acquired_at * 1000)
+        reply = self._run(
+            self._renew,
+            name,
+            slot.owner,
+            slot.token,
+            int(self.lease_ttl * 1000),
+            slot.info,
+            acquired_ms,
+        )
+        if reply[0] == Reply.LOST:
+            self._mark_lost(slot)
+            raise SlotLost(f"slot {name!r} was taken away (lease expired or force-released)")
+        if reply[1] == 1:
+            log.warning("slot %s re-registered after a Redis restart", name)
+        slot.lease_deadline = sent_at + self.lease_ttl
+        return slot
+
+    def _mark_lost(self, slot: Slot) -> None:
+        slot.lost.set()
+        with self._lock:
+            if self._held.get(slot.name) is slot:
+                del self._held[slot.name]
+
+    def _release_name(self, name: str, owner: str) -> Reply:
+        """RELEASE for ``owner`` ('' = whoever holds or awaits the name)."""
+        return Reply(self._run(self._release, name, owner, self.current_limit())[0])
+
+    def release(self, name: str) -> bool:
+        """Give back a slot this process holds; False if it held none by that name."""
+        with self._lock:
+            slot = self._held.pop(name, None)
+        if slot is None:
+            return False
+        with slot.lock:  # waits for a renewal in flight
+            return self._release_name(name, slot.owner) == Reply.FREED
+
+    def close(self) -> None:
+        """Release every slot this limiter holds (best effort), stop its threads."""
+        for slot in self.held():
+            with contextlib.suppress(RedisUnavailable):
+                self.release(slot.name)
+        self._heartbeat.close()
+        self._grants.close()
+
+    def held(self) -> list[Slot]:
+        with self._lock:
+            return list(self._held.values())
+
+    # -- operators -----------------------------------------------------------------
+
+    def force_release(self, name: str) -> bool:
+        """Free ``name`` whoever holds it; its holder learns at its next renewal."""
+        return self._release_name(name, "") == Reply.FREED
+
+    def clear_all(self) -> int:
+        """Free every slot of the namespace; returns how many were held."""
+        return int(self._run(self._clear, self.current_limit())[1])
+
+    # -- reading -------------------------------------------------------------------
+
+    def snapshot(self) -> tuple[list[SlotInfo], list[WaiterInfo]]:
+        """Holders and waiters (in queue order) read in one atomic step."""
+        _, _, _, holders, waiters, _ = self._run(self._snapshot)
+        slots = [
+            SlotInfo(
+                name,
+                info.get("host", ""),
+                int(info.get("pid", 0)),
+                token,
+                at / 1000,
+                expiry / 1000,
+                owner,
+                info.get("labels", {}),
+            )
+            for name, expiry, owner, token, at, info in _records(holders)
+        ]
+        queue = [
+            WaiterInfo(
+                name,
+                info.get("host", ""),
+                int(info.get("pid", 0)),
+                int(info.get("priority", 0)),
+                position,
+                at / 1000,
+                expiry / 1000,
+                info.get("labels", {}),
+            )
+            for position, (name, expiry, _, _, at, info) in enumerate(_records(waiters), 1)
+        ]
+        return slots, queue
+
+    def counts(self) -> Counts:
+        """Holders, waiters, the cluster limit and the grace left, without listing anyone."""
+        _, now, grace_until, active, waiting, limit = self._run(self._counts)
+        return Counts(
+            int(active),
+            int(waiting),
+            _optional_limit(limit),
+            max(0.0, (int(grace_until) - int(now)) / 1000),
+        )
+
+    def get_slots(self) -> list[SlotInfo]:
+        return self.snapshot()[0]
+
+    def get_active_builds(self) -> list[str]:
+        return [s.name for s in self.get_slots()]
+
+    def get_active_count(self) -> int:
+        return self.counts().active
+
+    def get_waiting(self) -> list[WaiterInfo]:
+        return self.snapshot()[1]
+
+    def declare_no_survivors(self) -> None:
+        """End the restart grace period now.
+
+        After Redis restarts (or on a brand-new, empty Redis, which looks the same) the
+        limiter grants nothing for one grace period so holders it forgot can re-register.
+        Call this only when no process holds a slot Redis does not record: a private
+        server this process just started, before it granted anything.
+        """
+        self._run(self._end_grace)
+
+    def recover_private_server(self) -> None:
+        """After restarting a private Redis that only this process uses: re-register every
+        slot held here (a slot whose lease ran out meanwhile is lost, and its owner told),
+        then end the restart grace, since no other holder can be missing."""
+        for slot in self.held():
+            try:
+                self.renew(slot.name)
+            except SlotLost as exc:
+                log.error("slot %s lost: %s", slot.name, exc)
+                if slot.on_lost is not None:
+                    slot.on_lost(slot)
+        self.declare_no_survivors()
+
+    def in_restart_grace(self) -> float:
+        """Seconds left of a Redis-restart grace period (0 when none)."""
+        return self.counts().grace_left
+
+    # -- the cluster-wide limit ------------------------------------------------------
+
+    def set_cluster_limit(self, limit: int | None) -> int | None:
+        """Make ``limit`` the limit of every caller in the namespace (None: drop it, and
+        each caller's own ``max_concurrent`` applies again). Returns the previous one.
+
+        Without it each grant uses the granting caller's limit, and callers that disagree
+        get whichever acts. A raised limit is served at once; a lowered one evicts nobody.
+        """
+        if limit is not None:
+            int_in_range("limit", limit, 1)
+        return _optional_limit(self._run(self._set_limit, limit or 0)[1])
+
+    def get_cluster_limit(self) -> int | None:
+        return self.counts().cluster_limit
+
+
+class _Steps:
+    """The limiter as a waiter sees it (``waiter.WaitSteps``): the few steps of a wait."""
+
+    def __init__(self, limiter: BuildConcurrencyLimiter) -> None:
+        self._lim = limiter
+        self.lease_ttl = limiter.lease_ttl
+
+    def attempt(self, name: str, owner: str, priority: int, info: str) -> Attempt:
+        return self._lim._attempt(name, owner, priority, info, try_only=False)
+
+    def withdraw(self, name: str, owner: str) -> None:
+        self._lim._release_name(name, owner)
+
+    def listen(self, name: str, owner: str) -> Pending:
+        return self._lim._grants.register(name, owner)
+
+    def unlisten(self, pending: Pending) -> None:
+        self._lim._grants.unregister(pending)
+
+    def timed_out(self, waited: float) -> SlotTimeout:
+        return self._lim.timeout_error(waited)

@@ -1,0 +1,148 @@
+"""What is shown: the status reply, the STATUS= line, this host's heartbeat record, and
+the JSON shapes of builds and slots. It reads the services; it changes nothing."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from reqpmd import __version__
+from reqpmd.builds.gates import describe_closed
+from reqpmd.builds.scheduler import InFlight, Scheduler
+from reqpmd.builds.states import State
+from reqpmd.builds.store import Build, Store
+from reqpmd.cluster import Cluster
+from reqpmd.config.schema import Settings
+from reqpmd.errors import RedisUnavailable
+from reqpmd.slots.limiter import BuildConcurrencyLimiter
+
+_INTERNAL = ("pid", "pid_started")  # where mock runs is the daemon's business
+
+
+def build_json(b: Build, store: Store) -> dict[str, Any]:
+    files = store.files(b.id)
+    out = {k: v for k, v in b.as_dict().items() if k not in _INTERNAL}
+    out["state"] = str(b.state)
+    out["result_dir"] = str(files.result)
+    out["log_path"] = str(files.log)
+    return out
+
+
+def grace_text(seconds: float) -> str:
+    """Why no slot is granted during a Redis restart grace, and until when."""
+    until = time.strftime("%H:%M:%S", time.localtime(time.time() + seconds))
+    return (
+        f"grants paused until {until} ({seconds:.0f}s more): restart grace of a new or "
+        "restarted Redis, so slots held before may re-register"
+    )
+
+
+def slot_listing(lim: BuildConcurrencyLimiter, max_concurrent: int) -> dict[str, Any]:
+    """Holders and waiters as the control socket shows them (ages in seconds)."""
+    holders, waiters = lim.snapshot()
+    now = time.time()
+    return {
+        "max_concurrent": max_concurrent,
+        "holders": [
+            {
+                "name": s.name,
+                "host": s.host,
+                "pid": s.pid,
+                "token": s.token,
+                "build": s.labels.get("build_id"),
+                "acquired_at": s.acquired_at,
+                "age": max(0.0, now - s.acquired_at),
+                "lease_expires_at": s.lease_expires_at,
+                "lease_left": max(0.0, s.lease_expires_at - now),
+            }
+            for s in holders
+        ],
+        "waiting": [
+            {
+                "name": w.name,
+                "host": w.host,
+                "priority": w.priority,
+                "position": w.position,
+                "enqueued_at": w.enqueued_at,
+                "build": w.labels.get("build_id"),
+            }
+            for w in waiters
+        ],
+    }
+
+
+class Status:
+    def __init__(
+        self,
+        settings: Callable[[], Settings],
+        cluster: Cluster,
+        scheduler: Scheduler,
+        store: Store,
+        limiter: BuildConcurrencyLimiter,
+    ) -> None:
+        self._settings = settings
+        self._cluster = cluster
+        self._scheduler = scheduler
+        self._store = store
+        self._limiter = limiter
+
+    def line(self, flight: InFlight | None = None, queued: int | None = None) -> str:
+        """The one-line summary (STATUS=); ``status()`` passes what it has already read."""
+        flight = flight or self._scheduler.in_flight()
+        queued = self._store.count(State.QUEUED) if queued is None else queued
+        here = f"{flight.building} building here, {queued} queued"
+        c = self._cluster
+        if not c.ok:
+            return f"waiting for Redis at {c.label}: {c.detail}; {here}"
+        parts = [f"{c.active}/{c.limit()} slots busy cluster-wide, {here}"]
+        if c.grace_left > 0:
+            parts.insert(0, grace_text(c.grace_left))
+        shut = describe_closed(self._scheduler.last_gates)
+        if shut:
+            parts.insert(0, shut)
+        return "; ".join(parts)
+
+    def status(self) -> dict[str, Any]:
+        s, c = self._settings(), self._cluster
+        flight = self._scheduler.in_flight()
+        queued = self._store.count(State.QUEUED)
+        result: dict[str, Any] = {
+            "host_id": s.host_id,
+            "version": __version__,
+            "max_concurrent": c.limit(),
+            "configured_limit": s.max_concurrent_builds,
+            "active_count": None,
+            "active_builds": [],
+            "waiting": [],
+            "queued": queued,
+            "building_here": flight.building,
+            "waiting_here": flight.waiting,
+            "gates": [g.__dict__ for g in self._scheduler.last_gates],
+            "redis": {"url": c.label, "ok": c.ok, "detail": c.detail},
+            "restart_grace_left": c.grace_left if c.ok else 0.0,
+            "summary": self.line(flight, queued),
+        }
+        if c.ok:
+            try:
+                listing = slot_listing(self._limiter, c.limit())
+                result["active_builds"] = listing["holders"]
+                result["waiting"] = listing["waiting"]
+                result["active_count"] = len(listing["holders"])
+            except RedisUnavailable as exc:
+                result["redis"] = {"url": c.label, "ok": False, "detail": str(exc)}
+        return result
+
+    def host_record(self) -> dict[str, Any]:
+        """What this host tells the others with its heartbeat (``reqpmctl hosts``)."""
+        s, flight = self._settings(), self._scheduler.in_flight()
+        return {
+            "host_id": s.host_id,
+            "version": __version__,
+            "building": flight.building,
+            "waiting": flight.waiting,
+            "queued": self._store.count(State.QUEUED),
+            "max_concurrent_builds": s.max_concurrent_builds,
+            "host_max_builds": s.host_max_builds,
+            "gates": [g.__dict__ for g in self._scheduler.last_gates],
+        }
