@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -70,12 +71,14 @@ class Scheduler:
         settings: Callable[[], Settings],
         runner: Runner,
         gates: Gates | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.limiter = limiter
         self.settings = settings
         self.runner = runner
         self.gates = gates or Gates()
+        self.clock = clock  # for build deadlines (build_timeout_minutes)
         self.last_gates: list[Gate] = []
         self.stopping = False
         self._flights: dict[int, Flight] = {}
@@ -229,6 +232,7 @@ class Scheduler:
                 build.id, pid=pid, pid_started=started
             ),
             stop=flight.stop,
+            clock=self.clock,
         )
         flight.building = True
         outcome = run.run()
