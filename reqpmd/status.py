@@ -118,6 +118,7 @@ class Status:
             "queued": queued,
             "building_here": flight.building,
             "waiting_here": flight.waiting,
+            "scheduler_ticks": self._scheduler.ticks,
             "gates": [g.__dict__ for g in self._scheduler.last_gates],
             "redis": {"url": c.label, "ok": c.ok, "detail": c.detail},
             "restart_grace_left": c.grace_left if c.ok else 0.0,

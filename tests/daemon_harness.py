@@ -13,12 +13,13 @@ from typing import Any
 import yaml
 
 from reqpmctl.client import Client, ClientError
+from reqpmd.builds import states
 from tests.workers import wait_until
 
 HERE = Path(__file__).resolve().parent
 FAKEMOCK = HERE / "fakemock" / "mock"
 HELLO = HERE / "data" / "hello"
-FINAL = {"succeeded", "failed", "cancelled", "timed_out"}
+FINAL = {s.value for s in states.FINAL}  # as wire strings
 
 
 class Reqpmd:

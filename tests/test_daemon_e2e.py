@@ -146,6 +146,13 @@ def test_cancel_stops_mock_with_sigint_scrubs_and_frees_the_slot(daemons: MakeDa
     assert wait_for(lambda: d.call("status")["active_count"] == 0)
 
 
+def _ticks_pass(d: Reqpmd, passes: int = 3) -> None:
+    """Wait until the scheduler has made ``passes`` more passes: the positive event
+    that proves a "must not start" window was really observed."""
+    start = d.call("status")["scheduler_ticks"]
+    wait_for(lambda: d.call("status")["scheduler_ticks"] >= start + passes)
+
+
 def _mock_running(d: Reqpmd, build_id: int) -> bool:
     return (d.mock_root / f"fedora-42-x86_64-build{build_id}").exists()
 
@@ -160,7 +167,7 @@ def test_cancel_of_queued_and_waiting_builds(daemons: MakeDaemon) -> None:
     assert d.wait_state(waiting, FINAL)["state"] == "cancelled"
     d.call("settings.set", {"changes": {"host_max_builds": 1}})
     queued = d.submit()
-    time.sleep(1)  # several ticks: with the host at its cap it stays queued
+    _ticks_pass(d)  # the scheduler looked again: with the host at its cap it stays queued
     assert d.build(queued)["state"] == "queued"
     d.call("build.cancel", {"id": queued})
     assert d.build(queued)["state"] == "cancelled"
@@ -211,7 +218,7 @@ def test_disk_gate_closed_takes_no_slot_and_says_why(daemons: MakeDaemon) -> Non
     disk = next(g for g in status["gates"] if g["name"] == "disk")
     assert not disk["open"] and "GB free <" in disk["detail"]
     assert "disk gate closed" in status["summary"]
-    time.sleep(1.5)  # several scheduler ticks: the build must stay queued
+    _ticks_pass(d)  # the scheduler looked again: the build must stay queued
     assert d.build(build_id)["state"] == "queued"
     assert d.mock_runs() == []
 
@@ -285,7 +292,7 @@ def test_redis_down_keeps_builds_running_and_accepts_submissions(
     wait_for(lambda: "waiting for Redis" in d.call("status")["summary"])
     queued = d.submit()  # accepted while Redis is down
     assert d.wait_state(running, FINAL, timeout=30)["state"] == "succeeded"
-    time.sleep(1)
+    _ticks_pass(d)  # the scheduler looked again, with the slot free but Redis gone
     assert d.build(queued)["state"] == "queued", d.log()  # no new slot without Redis
     redis_server.start()
     assert d.wait_state(queued, FINAL, timeout=60)["state"] == "succeeded"
@@ -402,7 +409,9 @@ def test_hosts_warns_when_daemons_disagree_on_the_limit(
     )
     assert r.returncode == 0, r.stderr
     assert "host-a" in r.stdout and "host-b" in r.stdout
-    assert "hosts disagree on max_concurrent_builds (3, 5)" in r.stderr
+    assert "disagree on max_concurrent_builds (3, 5)" in r.stderr
+    # the warning tells the truth: one value for the cluster, not the granting host's
+    assert "the cluster obeys one value" in r.stderr and "granting host" not in r.stderr
     # one limit for the cluster: the first host's, until an admin changes it
     assert b.call("status")["max_concurrent"] == 3
     assert b.call("status")["configured_limit"] == 5
@@ -437,3 +446,30 @@ def test_an_edited_file_wins_at_the_next_start(daemons: MakeDaemon) -> None:
     assert d.stop() == 0
     d.start()  # unchanged file: nothing to publish, the value stays
     assert d.call("status")["max_concurrent"] == 3
+
+
+def test_restart_grace_is_shown_explained_and_can_be_ended(
+    daemons: MakeDaemon, short_tmp: Path
+) -> None:
+    """A new shared Redis grants nothing for one lease. status and the timeout say why and
+    until when (not "raise max_concurrent_builds"), and an admin can end it."""
+    server = RedisServer(short_tmp / "new", persist=False)
+    server.start()  # no fresh_start(): the grace of a brand-new server is in force
+    try:
+        d = daemons(
+            redis_url=server.url,
+            settings={"slot_wait_timeout": 1, "slot_lease_seconds": 300},
+        ).start()
+        status = wait_for(lambda: (s := d.call("status"))["restart_grace_left"] > 0 and s)
+        assert "grants paused until" in status["summary"]
+        build = d.wait_state(d.submit(), FINAL, timeout=20)
+        assert build["state"] == "timed_out"
+        assert "grants are paused until" in build["error"]
+        assert "reqpmctl slots end-grace --yes" in build["error"]
+        assert "Raise max_concurrent_builds" not in build["error"]
+        assert d.log().count("are paused for") == 1  # the warning, once
+        assert d.call("slots.end_grace", {"yes": True})["ended"] is True
+        assert d.wait_state(d.submit(), FINAL, timeout=30)["state"] == "succeeded"
+        wait_for(lambda: "grants paused" not in d.call("status")["summary"])
+    finally:
+        server.kill()

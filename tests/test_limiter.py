@@ -102,7 +102,8 @@ def test_bad_arguments_are_refused_and_change_nothing(
         lim.try_acquire("ok", priority=10_000)
     with pytest.raises(InvalidArgument, match="max_concurrent"):
         make_limiter(rclient, max_concurrent=0).try_acquire("ok")
-    assert rclient.keys("*") == [] or lim.get_active_count() == 0
+    counts = lim.counts()
+    assert (counts.active, counts.waiting) == (0, 0)  # nobody holds, nobody queued
 
 
 def test_slot_timeout_message_names_wait_busy_count_and_setting(
@@ -173,18 +174,21 @@ def test_never_more_holders_than_the_limit_across_processes(
 # -- 2. leases ----------------------------------------------------------------------
 
 
-def test_killed_holder_frees_its_slot_within_its_lease(workers: MakeWorker) -> None:
+def test_killed_holder_frees_its_slot_within_its_lease(
+    workers: MakeWorker, redis_server: RedisServer
+) -> None:
     holder = workers(lease=2)
     holder.send("acquire a")
     holder.granted("a")
     waiter = workers(lease=2)
     waiter.send("acquire b")
-    time.sleep(0.2)  # let the waiter queue; it must not be granted while a is alive
-    assert waiter.poll(lambda m: m["cmd"] == "acquire") is None
+    obs = BuildConcurrencyLimiter(redis_server.client(), lease_ttl=2)
+    wait_until(lambda: [w.name for w in obs.get_waiting()] == ["b"], what="b queued")
+    assert obs.get_active_builds() == ["a"]  # b is seen waiting behind a live holder
     killed_at = time.monotonic()
     holder.kill9()
     granted = waiter.granted("b", timeout=10)
-    assert granted["t"] - killed_at <= 2 + 1
+    assert killed_at < granted["t"] <= killed_at + 2 + 1  # granted after, within the lease
 
 
 def test_heartbeat_keeps_a_slot_past_its_lease(
@@ -292,8 +296,9 @@ def test_hand_over_is_notified_not_polled(
     assert lim.try_acquire("holder")
     waiter = workers(lease=60)
     waiter.send("acquire next")
+    # queued means listening: a waiter subscribes before it joins the queue, and its next
+    # poll is a safety poll 5 s away
     wait_until(lambda: lim.get_waiting())
-    time.sleep(0.3)  # make sure the waiter is past its first poll and listening
     released_at = time.monotonic()
     lim.release("holder")
     assert waiter.granted("next")["t"] - released_at < 1.0
@@ -341,8 +346,18 @@ def test_restart_that_loses_data_admits_nobody_new_until_survivors_are_back(
         time.sleep(0.02)
     assert sorted(lim.get_active_builds()) == ["a", "b"]
     assert {s.name: s.token for s in lim.get_slots()}["a"] == token_a
-    time.sleep(2.5)  # past the grace period: still no room for c
+    grace_end = time.time() + lim.in_restart_grace()
+    # c asks again once the grace is over (its waiter lease is refreshed then): with a and
+    # b back, there is still no room for it
+    wait_until(
+        lambda: any(
+            w.name == "c" and w.lease_expires_at > grace_end + 1.9 for w in lim.get_waiting()
+        ),
+        what="c's first attempt after the grace",
+    )
+    assert lim.in_restart_grace() == 0
     assert c.poll(lambda m: m["cmd"] == "acquire") is None
+    assert sorted(lim.get_active_builds()) == ["a", "b"]
     assert a.call("renew a")["ok"]
     a.send("release a")
     token_c = c.granted("c")["token"]
@@ -385,8 +400,10 @@ def test_lowering_the_limit_keeps_holders_and_delays_new_grants(
     wait_until(lambda: lim.get_waiting())
     lim.release("a")
     lim.release("b")
-    time.sleep(0.3)
-    assert got == []  # 1 holder left, limit 1: no room
+    # a release grants inside its own script: had d been admitted, it would hold now
+    assert lim.get_active_builds() == ["c"]  # 1 holder left, limit 1: no room
+    assert [w.name for w in lim.get_waiting()] == ["d"]
+    assert got == []
     lim.release("c")
     t.join(5)
     assert got == ["d"]
@@ -421,7 +438,13 @@ def test_an_error_reply_during_renewal_does_not_stop_the_heartbeat(
     slot = lim.wait_for_slot("kept", timeout=5)
     rclient.config_set("maxmemory-policy", "noeviction")
     rclient.config_set("maxmemory", "1")  # every write is refused with OOM
-    time.sleep(0.8)  # at least two renewals are refused
+
+    def refused() -> int:
+        # the OOM reply comes from inside the renewal script; count every error reply
+        stats = rclient.info("errorstats")
+        return sum(int(v.get("count", 0)) for v in stats.values() if isinstance(v, dict))
+
+    wait_until(lambda: refused() >= 2, timeout=0.9, what="two renewals refused with OOM")
     rclient.config_set("maxmemory", "0")
     other = make_limiter(rclient, lease_ttl=1)
     with pytest.raises(SlotTimeout):
@@ -431,7 +454,7 @@ def test_an_error_reply_during_renewal_does_not_stop_the_heartbeat(
 
 
 def test_a_malformed_grant_message_does_not_stop_the_listener(
-    rclient: redis.Redis, make_limiter: MakeLimiter
+    rclient: redis.Redis, make_limiter: MakeLimiter, caplog: pytest.LogCaptureFixture
 ) -> None:
     from reqpmd.slots.keys import slot_keys
 
@@ -449,9 +472,11 @@ def test_a_malformed_grant_message_does_not_stop_the_listener(
     wait_until(lambda: holder.get_waiting())
     for junk in ("garbage without a token", "x y notanumber"):
         rclient.publish(slot_keys("reqpm").grants, junk)
-    time.sleep(0.3)
-    listener = lim._grants._thread
-    assert listener is not None and listener.is_alive()
+    # the listener read both (and said so) before the real grant is published
+    wait_until(
+        lambda: caplog.text.count("ignoring a malformed grant message") == 2,
+        what="both malformed messages read",
+    )
     released_at = time.monotonic()
     holder.release("holder")
     t.join(10)
@@ -513,3 +538,31 @@ def test_raising_the_cluster_limit_serves_waiters_at_once(
     assert got and got[0] - raised_at < 1.0  # granted by SET_LIMIT itself, not by a poll
     assert lim.set_cluster_limit(None) == 2
     assert lim.get_cluster_limit() is None
+
+
+def test_a_wait_in_the_restart_grace_says_so_and_logs_it_once(
+    short_tmp: object, make_limiter: MakeLimiter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A brand-new Redis looks like a restarted one: no grant for one grace period. The
+    timeout must say so (not "raise max_concurrent_builds"), and the log must too."""
+    server = RedisServer(short_tmp / "new", persist=False)  # type: ignore[operator]
+    server.start()  # no fresh_start(): the grace is in force
+    try:
+        lim = make_limiter(server.client(), max_concurrent=3, lease_ttl=60)
+        with pytest.raises(SlotTimeout) as first:
+            lim.wait_for_slot("b1", timeout=0.5)
+        with pytest.raises(SlotTimeout):
+            lim.wait_for_slot("b2", timeout=0.5)
+        message = str(first.value)
+        assert "grants are paused until" in message and "restart grace" in message
+        assert "0/3 slots busy" in message
+        assert "Raise max_concurrent_builds" not in message
+        assert "declare_no_survivors()" in message  # how to end it, for a library user
+        warnings = [r for r in caplog.records if "are paused for" in r.getMessage()]
+        assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
+        assert "declare_no_survivors()" in warnings[0].getMessage()
+        lim.declare_no_survivors()
+        assert lim.in_restart_grace() == 0
+        assert lim.try_acquire("b1") is not None
+    finally:
+        server.kill()

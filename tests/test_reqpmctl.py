@@ -276,7 +276,9 @@ def test_slots_list_release_and_clear(daemon: Reqpmd) -> None:
         timeout=20,
     )
     assert ctl(daemon, "slots", "release", "nope").returncode == protocol.EXIT_NOT_FOUND
-    assert ok_json(daemon, "slots", "clear", "--yes")["cleared"] >= 0
+    # the re-queued build takes a slot again; clearing frees exactly that one
+    wait_for(lambda: len(ok_json(daemon, "slots", "list")["holders"]) == 1, timeout=20)
+    assert ok_json(daemon, "slots", "clear", "--yes")["cleared"] == 1
 
 
 def test_hosts_lists_this_daemon(daemon: Reqpmd) -> None:
@@ -389,3 +391,31 @@ def test_completion_offers_the_commands() -> None:
     )
     assert r.returncode == 0, r.stderr
     assert "plain,slots" in r.stdout
+
+
+def test_submit_with_a_bad_chroot_is_a_usage_error_naming_the_rule(daemon: Reqpmd) -> None:
+    r = ctl(
+        daemon,
+        "submit",
+        "--chroot",
+        "bad name;rm",
+        "--spec",
+        str(HELLO / "hello.spec"),
+        "--sources",
+        str(HELLO),
+    )
+    assert r.returncode == protocol.EXIT_USAGE, r.stderr
+    assert "'bad name;rm'" in r.stderr and "A-Z a-z 0-9 _ . + -" in r.stderr
+    assert "internal error" not in r.stderr
+    assert ok_json(daemon, "builds", "list") == []  # nothing was queued
+    assert "Traceback" not in daemon.log()
+
+
+def test_slots_end_grace_needs_yes_and_the_admin_role(daemon: Reqpmd) -> None:
+    r = ctl(daemon, "slots", "end-grace")
+    assert r.returncode == protocol.EXIT_USAGE and "--yes" in r.stderr
+    r = ctl(daemon, "slots", "end-grace", "--yes", as_user=(65534, 65534))
+    assert r.returncode == protocol.EXIT_PERMISSION, r.stderr
+    # the embedded Redis is private: reqpmd ended its grace at start already
+    result = ok_json(daemon, "slots", "end-grace", "--yes")
+    assert result["ended"] is False and result["grace_left"] == 0

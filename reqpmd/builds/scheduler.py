@@ -81,6 +81,7 @@ class Scheduler:
         self.clock = clock  # for build deadlines (build_timeout_minutes)
         self.last_gates: list[Gate] = []
         self.stopping = False
+        self.ticks = 0  # passes of tick(): a reader can tell the scheduler looked again
         self._flights: dict[int, Flight] = {}
         self._lock = threading.RLock()
 
@@ -89,6 +90,7 @@ class Scheduler:
     def tick(self, redis_ok: bool) -> None:
         """Start what may start now; withdraw waiters while a gate is closed."""
         with self._lock:
+            self.ticks += 1
             self._flights = {i: f for i, f in self._flights.items() if f.alive}
             if self.stopping:
                 return
