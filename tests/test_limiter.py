@@ -371,7 +371,8 @@ def test_restart_with_persistence_keeps_slots(short_tmp: object, make_limiter: M
     try:
         lim = make_limiter(server.client(socket_timeout=2), lease_ttl=5, auto_renew=False)
         slot = lim.wait_for_slot("kept", timeout=5)
-        server.restart(crash=False)
+        server.stop()  # a clean shutdown persists
+        server.start()
         lim.renew("kept")  # AOF kept the record: plain renewal
         assert lim.get_active_builds() == ["kept"]
         assert lim.in_restart_grace() > 0  # a new server: no new grants for a while

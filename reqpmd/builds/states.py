@@ -26,7 +26,6 @@ class State(StrEnum):
 
 
 FINAL = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED, State.TIMED_OUT})
-ACTIVE = frozenset({State.WAITING, State.BUILDING})
 
 ALLOWED: dict[State, frozenset[State]] = {
     State.QUEUED: frozenset({State.WAITING, State.CANCELLED, State.FAILED}),

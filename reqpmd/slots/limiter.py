@@ -38,7 +38,6 @@ from reqpmd.errors import (
     SlotLost,
     SlotNameInUse,
     SlotTimeout,
-    WaitCancelled,
 )
 from reqpmd.slots import keys
 from reqpmd.slots.connection import REDIS_ERRORS, text, unavailable
@@ -58,18 +57,7 @@ from reqpmd.slots.scripts import (
 )
 from reqpmd.slots.waiter import Attempt, Waiter
 
-__all__ = [
-    "BuildConcurrencyLimiter",
-    "Counts",
-    "RedisUnavailable",
-    "Slot",
-    "SlotInfo",
-    "SlotLost",
-    "SlotNameInUse",
-    "SlotTimeout",
-    "WaitCancelled",
-    "WaiterInfo",
-]
+__all__ = ["BuildConcurrencyLimiter", "Counts", "Slot", "SlotInfo", "WaiterInfo"]
 
 log = logging.getLogger(__name__)
 

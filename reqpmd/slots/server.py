@@ -156,7 +156,3 @@ class RedisServer:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
-
-    def restart(self, *, crash: bool = True) -> None:
-        self.kill() if crash else self.stop()
-        self.start()
