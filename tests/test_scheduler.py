@@ -39,15 +39,18 @@ STEP_FLAGS = {"--rebuild": "rebuild", "--buildsrpm": "buildsrpm", "--scrub=chroo
 GIVE_UP = 10.0  # a fake that is never told what to do gives up, so no test hangs
 
 
-def wait_until(pred: Callable[[], Any], timeout: float = 5.0, what: str = "") -> Any:
-    """Poll ``pred`` every 10 ms until it is truthy; fail with ``what`` after ``timeout``."""
+def wait_until(
+    pred: Callable[[], Any], timeout: float = 5.0, what: str | Callable[[], str] = ""
+) -> Any:
+    """Poll ``pred`` every 10 ms until it is truthy; fail saying ``what`` after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
         value = pred()
         if value:
             return value
         if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what or pred}")
+            said = what() if callable(what) else what
+            pytest.fail(f"timed out after {timeout}s waiting for {said or pred}")
         time.sleep(0.01)
 
 
@@ -110,6 +113,7 @@ class FakeRunner:
         self.codes: dict[str, int | None] = {"buildsrpm": 0, "rebuild": 0, "scrub": 0}
         self.srpm_name = SRPM
         self.exit_on_sigint = True
+        self.errors: dict[str, OSError] = {}  # a step that cannot even start
         self.calls: list[Call] = []
         self.events: list[str] | None = None  # shared with the limiter: order of things
         self._pids = itertools.count(PID_BASE)
@@ -117,6 +121,8 @@ class FakeRunner:
 
     def __call__(self, argv: list[str], log: IO[bytes], cwd: Path) -> FakeProcess:
         step = next((s for flag, s in STEP_FLAGS.items() if flag in argv), "unknown")
+        if step in self.errors:
+            raise self.errors[step]
         proc = FakeProcess(next(self._pids), step, list(argv), self.exit_on_sigint)
         log.write(f"fake mock: {step}\n".encode())
         code = self.codes.get(step)
@@ -368,7 +374,7 @@ class Rig:
         wait_until(
             lambda: self.get(build_id).state == state,
             timeout,
-            what=f"build {build_id} to be {state} (it is {self.get(build_id).state})",
+            what=lambda: f"build {build_id} to be {state} (it is {self.get(build_id).state})",
         )
         return self.get(build_id)
 
@@ -388,6 +394,8 @@ class Rig:
 
 @pytest.fixture
 def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rig]:
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    assert pid_max < PID_BASE, "the fake mock pids could be real process groups"
     r = Rig(tmp_path)
     real_signal_group = process.signal_group
 
@@ -657,6 +665,37 @@ def test_cancel_wins_over_a_requeue_stop_in_progress(rig: Rig, requeue_by: str) 
     assert rig.limiter.released == [slot_name(bid, HOST)]
 
 
+@pytest.mark.parametrize("requeue_by", ["lost slot", "shutdown", "exit 60"])
+def test_cancel_during_the_scrub_wins_over_a_requeue(rig: Rig, requeue_by: str) -> None:
+    """mock has ended and the outcome "run it again" is known; the cancel comes while the
+    root is being scrubbed, before the build gets its end state."""
+    rig.runner.codes["rebuild"] = 60 if requeue_by == "exit 60" else None
+    rig.runner.codes["scrub"] = None
+    bid = rig.submit_srpm()
+    rig.tick()
+    proc = rig.runner.started("rebuild", bid)
+    stopping: threading.Thread | None = None
+    if requeue_by == "lost slot":
+        rig.limiter.call_for(bid).lose()
+    elif requeue_by == "shutdown":
+        wait_until(lambda: rig.scheduler.in_flight().building, what="the flight building")
+        stopping = threading.Thread(target=rig.scheduler.shutdown, args=(10,))
+        stopping.start()
+    scrub = rig.runner.started("scrub", bid)
+    assert proc.poll() is not None
+    assert rig.get(bid).state == State.BUILDING
+
+    rig.scheduler.cancel(bid)
+    scrub.finish(0)
+    done = rig.reach(bid, State.CANCELLED)
+    if stopping is not None:
+        stopping.join(5)
+    rig.idle()
+    assert done.error == "cancelled"
+    assert done.retries == 0
+    assert rig.limiter.released == [slot_name(bid, HOST)]
+
+
 # -- 7, 8, 9: a lost slot, timeouts, Redis -------------------------------------------------
 
 
@@ -743,6 +782,15 @@ def test_redis_unavailable_puts_the_build_back_in_the_queue(rig: Rig) -> None:
     rig.run_one(bid, State.SUCCEEDED)
 
 
+def test_internal_error_requeues_and_counts_a_retry(rig: Rig) -> None:
+    rig.runner.errors["rebuild"] = OSError(8, "Exec format error")
+    bid = rig.submit_srpm()
+    done = rig.run_one(bid, State.QUEUED)
+    assert done.error == "internal error; will retry"
+    assert done.retries == 1
+    assert rig.limiter.released == [slot_name(bid, HOST)]
+
+
 # -- 10, 11: gates, the host cap, priority --------------------------------------------
 
 
@@ -794,6 +842,29 @@ def test_closed_gate_does_not_touch_a_running_build(rig: Rig) -> None:
     proc.finish(0)
     rig.reach(bid, State.SUCCEEDED)
     assert proc.signals == []
+
+
+def test_gate_closing_just_after_the_grant_costs_no_retry(rig: Rig) -> None:
+    """The main thread's tick() may run after wait_for_slot() returned but before the flight
+    is marked building. The build has not run mock: it must go back to the queue as any
+    withdrawn waiter does, without using up its retries (here: none, so it fails)."""
+    rig.overrides["min_free_disk_gb"] = 1
+    rig.overrides["max_build_retries"] = 0
+    bid = rig.submit_srpm()
+
+    def close_the_gate_now(call: WaitCall) -> None:
+        rig.free_bytes = 0
+        tick = threading.Thread(target=rig.tick)  # the daemon's main thread
+        tick.start()
+        tick.join(5)
+
+    rig.limiter.on_grant = close_the_gate_now
+    rig.tick()
+    wait_until(lambda: rig.get(bid).state.final or rig.get(bid).state == State.QUEUED)
+    rig.idle()
+    done = rig.get(bid)
+    assert rig.runner.of("rebuild") == []  # mock never ran
+    assert (done.state, done.retries) == (State.QUEUED, 0), done.error
 
 
 def test_host_max_builds_caps_the_flights(rig: Rig) -> None:

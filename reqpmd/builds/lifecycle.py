@@ -4,11 +4,12 @@ says which one a build takes, so no other module decides it.
 
 Rules:
 * A user's cancel wins over every other reason to stop (timeout, re-queue), whenever it
-  comes: before the slot, while waiting, while mock runs, or as mock is being stopped.
+  comes: before the slot, while waiting, while mock runs, or as mock is being stopped;
+  an outcome of "run again" or "timed out" that meets a cancel ends cancelled.
 * mock exit 0 goes on; exit 60 (root locked) runs the build again; any other code fails.
 * A run that must happen again (crash, locked root, lost slot) counts against
-  ``max_build_retries``, except when the daemon itself is stopping; past the budget the
-  build fails, saying how many retries it had.
+  ``max_build_retries`` if mock ran, except when the daemon itself is stopping; past the
+  budget the build fails, saying how many retries it had.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ _DEFAULT_NOTE = {
     StopReason.TIMEOUT: "timed out",
     StopReason.REQUEUE: "interrupted; will run again",
 }
+
+
+# outcomes a user's cancel turns into "cancelled" (mock's own success or failure stands)
+_CANCELLABLE = frozenset({State.QUEUED, State.TIMED_OUT})
 
 
 @dataclass(frozen=True)
@@ -98,7 +103,7 @@ def settle(
     """The state a build ends this run in, and the fields to store with it."""
     state = outcome.state
     changes: dict[str, Any] = {"exit_code": outcome.exit_code, "error": outcome.error}
-    if stop is not None and stop.reason == StopReason.CANCEL and state == State.QUEUED:
+    if stop is not None and stop.reason == StopReason.CANCEL and state in _CANCELLABLE:
         state, changes["error"] = State.CANCELLED, stop.note or _DEFAULT_NOTE[StopReason.CANCEL]
     if state == State.QUEUED and count_retry:
         changes["retries"] = retries + 1

@@ -47,6 +47,7 @@ class BuildRun:
         self.stop = stop
         self.clock = clock
         self.stopper = Stopper(grace=settings.cancel_grace_seconds)
+        self.mock_started = False  # whether this run started mock at all
 
     def run(self) -> Outcome:
         problem = mock.check_executable(self.settings.mock_command)
@@ -57,7 +58,9 @@ class BuildRun:
         deadline = self.clock() + timeout_min * 60 if timeout_min else None
         with open(self.layout.log, "ab", buffering=0) as logf:
             outcome = self._steps(logf, deadline)
-            if outcome.state == State.FAILED and self.settings.keep_failed_roots:
+            if not self.mock_started:
+                pass  # stopped before mock ran: no root to scrub
+            elif outcome.state == State.FAILED and self.settings.keep_failed_roots:
                 note(logf, "keeping the failed build's mock root (keep_failed_roots)")
             else:
                 scrub(self.build, self.layout, self.settings, self.runner, logf, self.on_started)
@@ -90,6 +93,7 @@ class BuildRun:
             return self.stop.outcome()
         note(logf, "running: " + " ".join(argv))
         proc = self.runner(argv, logf, self.layout.root)
+        self.mock_started = True
         try:
             self.on_started(proc.pid, start_time(proc.pid))
             code = self._wait(proc, deadline)

@@ -217,6 +217,8 @@ class Scheduler:
                 )
 
     def _build(self, flight: Flight, build: Build, slot: Slot, s: Settings) -> None:
+        with self._lock:  # from now on a closed gate leaves this flight alone
+            flight.building = True
         running = self.store.transition(
             build.id, State.BUILDING, slot_token=slot.token, runs=build.runs + 1
         )
@@ -236,9 +238,11 @@ class Scheduler:
             stop=flight.stop,
             clock=self.clock,
         )
-        flight.building = True
         outcome = run.run()
-        self._end(build.id, outcome, count_retry=not self.stopping, flight=flight)
+        # a re-run counts against the retries only if mock ran (a gate that closed just
+        # after the grant, or a stop before the first step, costs nothing)
+        count = run.mock_started and not self.stopping
+        self._end(build.id, outcome, count_retry=count, flight=flight)
 
     def _end(
         self,
