@@ -5,8 +5,9 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -14,6 +15,24 @@ import redis
 from reqpmd.concurrency import BuildConcurrencyLimiter
 from reqpmd.slots.server import RedisServer
 from tests.sandbox import Sandbox, SandboxRefused
+
+MakeLimiter = Callable[..., BuildConcurrencyLimiter]
+
+
+@pytest.fixture
+def make_limiter() -> Iterator[MakeLimiter]:
+    """Limiters that release what they hold (and stop their threads) after the test."""
+    made: list[BuildConcurrencyLimiter] = []
+
+    def make(client: redis.Redis, **kwargs: Any) -> BuildConcurrencyLimiter:
+        kwargs.setdefault("max_concurrent", 1)
+        lim = BuildConcurrencyLimiter(client, **kwargs)
+        made.append(lim)
+        return lim
+
+    yield make
+    for lim in made:
+        lim.close()
 
 
 def fresh_start(server: RedisServer) -> None:

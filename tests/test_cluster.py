@@ -5,7 +5,7 @@ no sleeps."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +23,11 @@ from reqpmd.cluster import (
     decide_limit,
 )
 from reqpmd.config.parse import load
-from reqpmd.config.schema import Settings
 from reqpmd.config.transaction import SettingsService
 from reqpmd.errors import RedisUnavailable
 from reqpmd.slots.limiter import BuildConcurrencyLimiter
 from reqpmd.slots.server import RedisServer
+from tests.conftest import MakeLimiter
 
 NS = "clu"
 
@@ -136,29 +136,8 @@ class Env:
         self.limiter.set_cluster_limit(limit)
 
 
-MakeLimiter = Callable[..., BuildConcurrencyLimiter]
-
-
 @pytest.fixture
-def make_limiter() -> Iterator[MakeLimiter]:
-    """Limiters that release what they hold (and stop their threads) after the test."""
-    made: list[BuildConcurrencyLimiter] = []
-
-    def make(client: redis.Redis, **kwargs: Any) -> BuildConcurrencyLimiter:
-        kwargs.setdefault("max_concurrent", 1)
-        lim = BuildConcurrencyLimiter(client, **kwargs)
-        made.append(lim)
-        return lim
-
-    yield make
-    for lim in made:
-        lim.close()
-
-
-@pytest.fixture
-def make_env(
-    tmp_path: Path, rclient: redis.Redis, make_limiter: MakeLimiter
-) -> Callable[..., Env]:
+def make_env(tmp_path: Path, rclient: redis.Redis, make_limiter: MakeLimiter) -> Callable[..., Env]:
     def make(max_concurrent: int = 3, memory: Memory | None = None) -> Env:
         config = tmp_path / "reqpmd.yaml"
         config.write_text(
@@ -388,11 +367,16 @@ def test_heartbeat_then_hosts_lists_this_host(make_env: Callable[..., Env]) -> N
 def test_a_settings_change_makes_the_next_heartbeat_due(make_env: Callable[..., Env]) -> None:
     env = make_env()
     env.cluster.check()
-    sent: list[Settings] = []
-    env.cluster.heartbeat(lambda: {"host_id": "h1", "n": sent.append(env.settings.current())})
+    sent: list[int] = []
+
+    def record() -> dict[str, Any]:
+        sent.append(env.settings.current().host_max_builds)
+        return {"host_id": "h1"}
+
+    env.cluster.heartbeat(record)
     env.settings.set({"host_max_builds": 2}, "root (uid 0)", 0)
-    env.cluster.heartbeat(lambda: {"host_id": "h1", "n": sent.append(env.settings.current())})
-    assert [s.host_max_builds for s in sent] == [0, 2]
+    env.cluster.heartbeat(record)  # no time has passed, but the change is news
+    assert sent == [0, 2]
 
 
 def test_hosts_with_redis_down_is_unavailable(

@@ -18,7 +18,7 @@ from reqpmd.concurrency import (
 )
 from reqpmd.errors import InvalidArgument, WaitCancelled
 from reqpmd.slots.server import RedisServer
-from tests.conftest import fresh_start
+from tests.conftest import MakeLimiter, fresh_start
 from tests.workers import Worker, wait_until
 
 MakeWorker = Callable[..., Worker]
@@ -36,25 +36,6 @@ def workers(redis_server: RedisServer) -> Iterator[MakeWorker]:
     yield make
     for w in started:
         w.close()
-
-
-MakeLimiter = Callable[..., BuildConcurrencyLimiter]
-
-
-@pytest.fixture
-def make_limiter() -> Iterator[MakeLimiter]:
-    """Limiters that release what they hold (and stop their heartbeats) after the test."""
-    made: list[BuildConcurrencyLimiter] = []
-
-    def make(client: redis.Redis, **kwargs: object) -> BuildConcurrencyLimiter:
-        kwargs.setdefault("max_concurrent", 1)
-        lim = BuildConcurrencyLimiter(client, **kwargs)  # type: ignore[arg-type]
-        made.append(lim)
-        return lim
-
-    yield make
-    for lim in made:
-        lim.close()
 
 
 # -- basics ------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from reqpmd.slots import keys
 from reqpmd.slots.limiter import BuildConcurrencyLimiter
 from reqpmd.slots.server import RedisServer
 from reqpmd.status import Status
+from tests.conftest import MakeLimiter
 
 USER = Peer(pid=1001, uid=4242, gid=4242, groups=frozenset({4242}), admin=False)
 OTHER = Peer(pid=1002, uid=4343, gid=4343, groups=frozenset({4343}), admin=False)
@@ -48,24 +49,6 @@ ADMIN_OPS = {
     "slots.clear",
     "slots.end_grace",
 }
-
-MakeLimiter = Callable[..., BuildConcurrencyLimiter]
-
-
-@pytest.fixture
-def make_limiter() -> Iterator[MakeLimiter]:
-    """Limiters that release what they hold (and stop their threads) after the test."""
-    made: list[BuildConcurrencyLimiter] = []
-
-    def make(client: redis.Redis, **kwargs: Any) -> BuildConcurrencyLimiter:
-        kwargs.setdefault("max_concurrent", 1)
-        lim = BuildConcurrencyLimiter(client, **kwargs)
-        made.append(lim)
-        return lim
-
-    yield make
-    for lim in made:
-        lim.close()
 
 
 def never_run(*args: Any, **kwargs: Any) -> Any:
@@ -257,7 +240,8 @@ def test_settings_set_is_all_or_nothing(env: Env) -> None:
 
 
 def test_settings_set_without_changes_is_a_bad_request(env: Env) -> None:
-    for args in ({}, {"changes": {}}, {"changes": ["max_concurrent_builds", 3]}):
+    bad: list[dict[str, Any]] = [{}, {"changes": {}}, {"changes": ["max_concurrent_builds", 3]}]
+    for args in bad:
         with pytest.raises(BadRequest):
             env.call("settings.set", ADMIN, **args)
 
@@ -275,6 +259,31 @@ def test_settings_get(env: Env) -> None:
 def test_settings_file_shows_the_file_to_an_admin(env: Env) -> None:
     reply = env.call("settings.file", ADMIN)
     assert reply == {"path": str(env.config), "text": CONFIG}
+
+
+def test_settings_set_of_a_restart_only_key_is_written_but_waits(env: Env) -> None:
+    before = env.settings.current().namespace
+    reply = env.call("settings.set", ADMIN, changes={"namespace": "elsewhere"})
+    assert reply["changed"] == {"namespace": [before, "elsewhere"]}
+    assert reply["restart_required"] == ["namespace"]
+    assert load(env.config, environ={}).namespace == "elsewhere"
+    assert env.settings.current().namespace == before  # until the next start
+
+
+def test_settings_replace_by_an_admin(env: Env) -> None:
+    text_before = env.config.read_text()
+    with pytest.raises(InvalidArgument) as info:
+        env.call("settings.replace", ADMIN, text="max_concurrent_builds: 0\n")
+    assert "max_concurrent_builds" in str(info.value)
+    assert env.config.read_text() == text_before
+    with pytest.raises(BadRequest):
+        env.call("settings.replace", ADMIN)
+    new_text = CONFIG.replace("max_concurrent_builds: 2", "max_concurrent_builds: 4")
+    reply = env.call("settings.replace", ADMIN, text=new_text)
+    assert reply["changed"] == {"max_concurrent_builds": ["2", "4"]}
+    assert env.config.read_text() == new_text
+    assert env.settings.current().max_concurrent_builds == 4
+    assert env.store.settings_history()[0]["user"] == ADMIN.who
 
 
 # -- builds -----------------------------------------------------------------------------
@@ -337,6 +346,17 @@ def test_submit_with_malformed_files_is_refused_not_a_crash(
             env.call("submit", USER, [fd], files=files)
     finally:
         os.close(fd)
+    assert env.store.recent() == []
+
+
+def test_submit_of_a_directory_descriptor_is_invalid(env: Env, tmp_path: Path) -> None:
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        with pytest.raises(InvalidArgument) as info:
+            env.call("submit", USER, [fd], files=[{"name": "x.src.rpm", "role": "srpm"}])
+    finally:
+        os.close(fd)
+    assert "not a regular file" in str(info.value)
     assert env.store.recent() == []
 
 
@@ -435,7 +455,8 @@ def test_slots_release_frees_a_slot_and_an_unknown_name_is_not_found(env: Env) -
 
 
 def test_slots_release_needs_a_list_of_names(env: Env) -> None:
-    for args in ({}, {"names": []}, {"names": "stuck"}, {"names": [1]}):
+    bad: list[dict[str, Any]] = [{}, {"names": []}, {"names": "stuck"}, {"names": [1]}]
+    for args in bad:
         with pytest.raises(BadRequest):
             env.call("slots.release", ADMIN, **args)
 

@@ -122,8 +122,10 @@ class GrantListener:
             self._wake_all()
         finally:
             with self._lock:
-                self._thread = None
-                self._subscribed.clear()
+                # an idle exit let go already, and a new listener may have started since
+                if self._thread is threading.current_thread():
+                    self._thread = None
+                    self._subscribed.clear()
             if pubsub is not None:
                 with contextlib.suppress(Exception):
                     pubsub.close()

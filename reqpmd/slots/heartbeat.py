@@ -60,6 +60,8 @@ class Heartbeat(Generic[R]):
                 with self._cond:
                     slots = self._held()
                     if not slots or self._closed:
+                        # let go under the lock: a watch() from now on starts a new thread
+                        self._thread = None
                         return
                     now = self._clock()
                     due = [s for s in slots if s.next_renewal <= now]
@@ -76,4 +78,5 @@ class Heartbeat(Generic[R]):
                         slot.next_renewal = self._clock() + delay
         finally:
             with self._cond:
-                self._thread = None  # a later watch() starts a new thread
+                if self._thread is threading.current_thread():  # ended by an exception
+                    self._thread = None
