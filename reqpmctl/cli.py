@@ -110,12 +110,8 @@ def status(c: Ctx) -> None:
     lines.append(
         f"redis:   {'ok' if redis['ok'] else 'DOWN: ' + redis['detail']}  ({redis['url']})"
     )
-    if st.get("restart_grace_left"):
-        lines.append(
-            f"grace:   no new slot for {output.duration(st['restart_grace_left'])}: Redis is "
-            "new or restarted; 'reqpmctl slots end-grace --yes' ends it if no build from "
-            "before can still be running"
-        )
+    if st.get("restart_grace"):
+        lines.append(f"grace:   {st['restart_grace']}")
     for g in st["gates"]:
         lines.append(f"gate:    {g['name']}: {'open' if g['open'] else 'CLOSED'} ({g['detail']})")
     if st["active_builds"]:
@@ -303,7 +299,7 @@ def slots_end_grace(c: Ctx, yes: bool) -> None:
     """End a Redis restart grace now (only if no build from before can still run).
 
     After Redis restarts empty, or on a new Redis, no slot is granted for one lease so
-    that running builds can re-register theirs; this grants slots at once.
+    that running builds can re-register theirs; this grants the free slots at once.
     """
     if not yes:
         raise click.UsageError(

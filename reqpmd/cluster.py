@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -122,6 +123,8 @@ class Cluster:
         self.grace_left = 0.0  # of a Redis restart grace, at the last check
         self.cluster_limit: int | None = None  # max_concurrent_builds as Redis has it
         self._to_publish = False  # changed here while Redis was unreachable
+        # the main loop's check and a settings change (a control thread) both sync the limit
+        self._limit_lock = threading.Lock()
         self._next_check = 0.0
         self._next_heartbeat = 0.0
         self._backoff = Backoff(first=0.5, cap=30.0)
@@ -197,6 +200,10 @@ class Cluster:
         self._next_check = now + self._backoff.failed()
 
     def _sync_limit(self, shared: int | None, changed_here: bool) -> None:
+        with self._limit_lock:
+            self._sync_limit_locked(shared, changed_here or self._to_publish)
+
+    def _sync_limit_locked(self, shared: int | None, changed_here: bool) -> None:
         mine = self._settings().max_concurrent_builds
         decision = decide_limit(
             mine,

@@ -22,6 +22,7 @@ import redis
 
 from reqpmd import __version__
 from reqpmd.builds.gates import Gates
+from reqpmd.builds.layout import StateLayout
 from reqpmd.builds.process import Runner, Stopper, popen_runner
 from reqpmd.builds.scheduler import Scheduler
 from reqpmd.builds.store import Store
@@ -70,7 +71,7 @@ class Daemon:
 
     def _redis(self, s: Settings) -> tuple[redis.Redis, RedisServer | None]:
         if s.redis_url == "embedded":
-            server = RedisServer(s.state_dir / "redis", persist=True)
+            server = RedisServer(StateLayout(s.state_dir).redis, persist=True)
             server.start()
             return server.client(), server
         return connect(s.redis_url), None

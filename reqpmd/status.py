@@ -3,6 +3,7 @@ the JSON shapes of builds and slots. It reads the services; it changes nothing."
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +16,7 @@ from reqpmd.builds.store import Build, Store
 from reqpmd.cluster import Cluster
 from reqpmd.config.schema import Settings
 from reqpmd.errors import RedisUnavailable
-from reqpmd.slots.limiter import BuildConcurrencyLimiter
+from reqpmd.slots.limiter import BuildConcurrencyLimiter, grace_text
 
 _INTERNAL = ("pid", "pid_started")  # where mock runs is the daemon's business
 
@@ -27,15 +28,6 @@ def build_json(b: Build, store: Store) -> dict[str, Any]:
     out["result_dir"] = str(files.result)
     out["log_path"] = str(files.log)
     return out
-
-
-def grace_text(seconds: float) -> str:
-    """Why no slot is granted during a Redis restart grace, and until when."""
-    until = time.strftime("%H:%M:%S", time.localtime(time.time() + seconds))
-    return (
-        f"grants paused until {until} ({seconds:.0f}s more): restart grace of a new or "
-        "restarted Redis, so slots held before may re-register"
-    )
 
 
 def slot_listing(lim: BuildConcurrencyLimiter, max_concurrent: int) -> dict[str, Any]:
@@ -87,17 +79,23 @@ class Status:
         self._store = store
         self._limiter = limiter
 
-    def line(self, flight: InFlight | None = None, queued: int | None = None) -> str:
+    def line(
+        self,
+        flight: InFlight | None = None,
+        queued: int | None = None,
+        grace_left: float | None = None,
+    ) -> str:
         """The one-line summary (STATUS=); ``status()`` passes what it has already read."""
         flight = flight or self._scheduler.in_flight()
         queued = self._store.count(State.QUEUED) if queued is None else queued
+        grace_left = self._cluster.grace_left if grace_left is None else grace_left
         here = f"{flight.building} building here, {queued} queued"
         c = self._cluster
         if not c.ok:
             return f"waiting for Redis at {c.label}: {c.detail}; {here}"
         parts = [f"{c.active}/{c.limit()} slots busy cluster-wide, {here}"]
-        if c.grace_left > 0:
-            parts.insert(0, grace_text(c.grace_left))
+        if grace_left > 0:
+            parts.insert(0, grace_text(grace_left))
         shut = describe_closed(self._scheduler.last_gates)
         if shut:
             parts.insert(0, shut)
@@ -107,6 +105,11 @@ class Status:
         s, c = self._settings(), self._cluster
         flight = self._scheduler.in_flight()
         queued = self._store.count(State.QUEUED)
+        grace_left = 0.0
+        if c.ok:
+            # read now, not at the last check: an admin may have just ended the grace
+            with contextlib.suppress(RedisUnavailable):
+                grace_left = self._limiter.counts().grace_left
         result: dict[str, Any] = {
             "host_id": s.host_id,
             "version": __version__,
@@ -121,8 +124,11 @@ class Status:
             "scheduler_ticks": self._scheduler.ticks,
             "gates": [g.__dict__ for g in self._scheduler.last_gates],
             "redis": {"url": c.label, "ok": c.ok, "detail": c.detail},
-            "restart_grace_left": c.grace_left if c.ok else 0.0,
-            "summary": self.line(flight, queued),
+            "restart_grace_left": grace_left,
+            "restart_grace": (
+                f"{grace_text(grace_left)}; {self._limiter.grace_hint}" if grace_left else None
+            ),
+            "summary": self.line(flight, queued, grace_left),
         }
         if c.ok:
             try:

@@ -461,15 +461,18 @@ def test_restart_grace_is_shown_explained_and_can_be_ended(
             settings={"slot_wait_timeout": 1, "slot_lease_seconds": 300},
         ).start()
         status = wait_for(lambda: (s := d.call("status"))["restart_grace_left"] > 0 and s)
-        assert "grants paused until" in status["summary"]
+        assert "grants are paused until" in status["summary"]
+        assert "reqpmctl slots end-grace --yes" in status["restart_grace"]
         build = d.wait_state(d.submit(), FINAL, timeout=20)
         assert build["state"] == "timed_out"
         assert "grants are paused until" in build["error"]
         assert "reqpmctl slots end-grace --yes" in build["error"]
         assert "Raise max_concurrent_builds" not in build["error"]
-        assert d.log().count("are paused for") == 1  # the warning, once
+        assert d.log().count("namespace reqpm: grants are paused until") == 1  # warned once
         assert d.call("slots.end_grace", {"yes": True})["ended"] is True
+        after = d.call("status")  # read at once, not at the next Redis check
+        assert after["restart_grace_left"] == 0 and after["restart_grace"] is None
+        assert "grants are paused" not in after["summary"]
         assert d.wait_state(d.submit(), FINAL, timeout=30)["state"] == "succeeded"
-        wait_for(lambda: "grants paused" not in d.call("status")["summary"])
     finally:
         server.kill()

@@ -540,11 +540,35 @@ def test_a_wait_in_the_restart_grace_says_so_and_logs_it_once(
         assert "0/3 slots busy" in message
         assert "Raise max_concurrent_builds" not in message
         assert "declare_no_survivors()" in message  # how to end it, for a library user
-        warnings = [r for r in caplog.records if "are paused for" in r.getMessage()]
+        warnings = [r for r in caplog.records if "grants are paused until" in r.getMessage()]
         assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
         assert "declare_no_survivors()" in warnings[0].getMessage()
         lim.declare_no_survivors()
         assert lim.in_restart_grace() == 0
         assert lim.try_acquire("b1") is not None
+    finally:
+        server.kill()
+
+
+def test_ending_the_grace_serves_the_queue_at_once(
+    short_tmp: object, make_limiter: MakeLimiter
+) -> None:
+    """A waiter queued in the grace polls again only when the grace would end (a lease
+    away): ending it early must grant by notification, not at that poll."""
+    server = RedisServer(short_tmp / "new", persist=False)  # type: ignore[operator]
+    server.start()  # in its grace
+    try:
+        lim = make_limiter(server.client(), max_concurrent=2, lease_ttl=60)
+        got: list[float] = []
+        t = threading.Thread(
+            target=lambda: got.append((lim.wait_for_slot("w", timeout=30), time.monotonic())[1])
+        )
+        t.start()
+        wait_until(lambda: [w.name for w in lim.get_waiting()] == ["w"], what="w queued")
+        assert lim.in_restart_grace() > 50
+        ended_at = time.monotonic()
+        lim.declare_no_survivors()
+        t.join(10)
+        assert got and got[0] - ended_at < 1.0
     finally:
         server.kill()

@@ -7,6 +7,8 @@
         build.log         mock's output and reqpm's notes, as the build runs
         scrub-cache/      a throwaway cache_topdir while the root is scrubbed
     <state_dir>/incoming/ submissions being written, before they get an id
+    <state_dir>/reqpm.db  the queue and history (SQLite)
+    <state_dir>/redis/    the embedded redis-server's socket and data
 
 Nothing stores these paths: they follow from the id, so moving state_dir moves them all.
 """
@@ -68,6 +70,10 @@ class StateLayout:
     @property
     def database(self) -> Path:
         return self.state_dir / "reqpm.db"
+
+    @property
+    def redis(self) -> Path:
+        return self.state_dir / "redis"
 
     def build(self, build_id: int) -> BuildLayout:
         return BuildLayout(self.builds / str(build_id))

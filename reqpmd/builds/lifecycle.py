@@ -92,6 +92,15 @@ def step_outcome(step: str, code: int) -> Outcome | None:
     return Outcome(State.FAILED, code, f"mock --{step} exited with {code}; see build.log")
 
 
+def counts_as_retry(*, mock_ran: bool, daemon_stopping: bool, internal_error: bool = False) -> bool:
+    """Whether a run that must happen again uses up one of the build's retries.
+
+    A run counts if mock ran (or may have: a crash mid-build), unless the daemon itself
+    stopped it. A wait for a slot never counts. An internal error always counts, so one
+    that repeats cannot loop forever."""
+    return internal_error or (mock_ran and not daemon_stopping)
+
+
 def settle(
     outcome: Outcome,
     *,

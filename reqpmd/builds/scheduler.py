@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 from reqpmd.builds import gates as gates_mod
 from reqpmd.builds.events import build_event
 from reqpmd.builds.gates import Gate, Gates
-from reqpmd.builds.lifecycle import Outcome, StopReason, StopRequest, settle
+from reqpmd.builds.lifecycle import (
+    Outcome,
+    StopReason,
+    StopRequest,
+    counts_as_retry,
+    settle,
+)
 from reqpmd.builds.process import Runner, Stopper
 from reqpmd.builds.run import BuildRun, scrub_after_crash
 from reqpmd.builds.states import State
@@ -178,7 +184,10 @@ class Scheduler:
             log.exception("build %d: internal error", build.id, extra={"build_id": build.id})
             if not flight.ended:  # one end state per run, whatever failed after it
                 outcome = Outcome(State.QUEUED, None, "internal error; will retry")
-                self._end(build.id, outcome, count_retry=True, flight=flight)
+                count = counts_as_retry(
+                    mock_ran=flight.building, daemon_stopping=self.stopping, internal_error=True
+                )
+                self._end(build.id, outcome, count_retry=count, flight=flight)
 
     def _fly_inner(self, flight: Flight, build: Build) -> None:
         s = self.settings()
@@ -219,9 +228,7 @@ class Scheduler:
     def _build(self, flight: Flight, build: Build, slot: Slot, s: Settings) -> None:
         with self._lock:  # from now on a closed gate leaves this flight alone
             flight.building = True
-        running = self.store.transition(
-            build.id, State.BUILDING, slot_token=slot.token, runs=build.runs + 1
-        )
+        running = self.store.transition(build.id, State.BUILDING, slot_token=slot.token)
         build_event(
             build.id,
             f"building {build.source} in {build.chroot}-build{build.id} "
@@ -232,17 +239,23 @@ class Scheduler:
             self.store.files(build.id),
             s,
             self.runner,
-            on_started=lambda pid, started: self.store.update(
-                build.id, pid=pid, pid_started=started
-            ),
+            on_started=lambda pid, started: self._started(build, pid, started),
             stop=flight.stop,
             clock=self.clock,
         )
         outcome = run.run()
-        # a re-run counts against the retries only if mock ran (a gate that closed just
-        # after the grant, or a stop before the first step, costs nothing)
-        count = run.mock_started and not self.stopping
+        # a gate that closed just after the grant, or a stop before mock ran, costs nothing
+        count = counts_as_retry(mock_ran=run.mock_started, daemon_stopping=self.stopping)
         self._end(build.id, outcome, count_retry=count, flight=flight)
+
+    def _started(self, build: Build, pid: int, started: float | None) -> None:
+        """mock (or its scrub) started: record its pid for crash recovery; the first mock
+        process of this run is one more run of the build."""
+        current = self.store.get(build.id)
+        first = current.pid is None
+        self.store.update(
+            build.id, pid=pid, pid_started=started, **({"runs": build.runs + 1} if first else {})
+        )
 
     def _end(
         self,
@@ -284,7 +297,9 @@ class Scheduler:
             self._end(
                 build.id,
                 Outcome(State.QUEUED, None, "interrupted by a daemon crash; re-queued"),
-                count_retry=build.state == State.BUILDING,
+                count_retry=counts_as_retry(
+                    mock_ran=build.state == State.BUILDING, daemon_stopping=False
+                ),
             )
             build_event(build.id, "left running by an earlier instance; re-queued", logging.WARNING)
             recovered.append(build.id)

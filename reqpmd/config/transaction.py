@@ -42,7 +42,7 @@ class Change:
     def reply(self) -> dict[str, Any]:
         return {
             "changed": {k: [str(a), str(b)] for k, (a, b) in self.diff.items()},
-            "restart_required": list(self.restart_required),
+            "restart_required": sorted(self.restart_required),
         }
 
 

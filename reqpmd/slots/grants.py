@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 import redis
 
 from reqpmd.backoff import Backoff
-from reqpmd.errors import RedisUnavailable
-from reqpmd.slots.connection import REDIS_ERRORS, text
+from reqpmd.slots.connection import REDIS_ERRORS, text, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +56,8 @@ class GrantListener:
                 self._thread.start()
         if not self._subscribed.wait(SUBSCRIBE_TIMEOUT):
             self.unregister(pending)
-            raise RedisUnavailable(
-                f"Redis is unreachable: cannot subscribe to grants "
-                f"({self._error or 'no confirmation'})"
+            raise unavailable(
+                RuntimeError(f"cannot subscribe to grants ({self._error or 'no confirmation'})")
             )
         return pending
 

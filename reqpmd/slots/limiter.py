@@ -1,6 +1,6 @@
 """Cluster-wide build-slot limiter on Redis: at most ``max_concurrent`` holders at once.
 
-Why this shape (see slot_scripts.py for the Redis side):
+Why this shape (see scripts.py for the Redis side):
 
 * Each holder has its own lease, renewed by a heartbeat thread while held, so a holder
   that dies frees its slot within one lease instead of pinning it until a set expires.
@@ -63,6 +63,16 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 MaxConcurrent = int | Callable[[], int]
+
+
+def grace_text(seconds: float) -> str:
+    """The one explanation of a restart grace: what, until when, and why."""
+    until = time.strftime("%H:%M:%S", time.localtime(time.time() + seconds))
+    return (
+        f"grants are paused until {until} ({seconds:.0f}s more) for the restart grace: the "
+        "Redis server is new or restarted, so slots held before may still re-register"
+    )
+
 
 DEFAULT_GRACE_HINT = (
     "if no process can still hold a slot of this namespace (a new Redis, or every holder "
@@ -261,13 +271,7 @@ class BuildConcurrencyLimiter:
             if now < self._grace_warned_until:
                 return
             self._grace_warned_until = now + left
-        log.warning(
-            "grants of namespace %s are paused for %.0fs more: the Redis server is new or "
-            "restarted (a new run_id), so holders from before may still re-register; %s",
-            self.namespace,
-            left,
-            self.grace_hint,
-        )
+        log.warning("namespace %s: %s; %s", self.namespace, grace_text(left), self.grace_hint)
 
     def _granted(
         self,
@@ -374,12 +378,9 @@ class BuildConcurrencyLimiter:
             return SlotTimeout(f"{head}: Redis unreachable (max_concurrent_builds={limit}).")
         limit = counts.cluster_limit or limit
         if counts.grace_left > 0:
-            until = time.strftime("%H:%M:%S", time.localtime(time.time() + counts.grace_left))
             return SlotTimeout(
-                f"{head}: grants are paused until {until} ({counts.grace_left:.0f}s more) "
-                f"for the restart grace: the Redis server is new or restarted, and slots held "
-                f"before may still re-register ({counts.active}/{limit} slots busy). "
-                f"{self.grace_hint[:1].upper()}{self.grace_hint[1:]}."
+                f"{head}: {grace_text(counts.grace_left)} ({counts.active}/{limit} slots "
+                f"busy). {self.grace_hint[:1].upper()}{self.grace_hint[1:]}."
             )
         return SlotTimeout(
             f"{head}: {counts.active}/{limit} slots busy "
@@ -582,7 +583,7 @@ class BuildConcurrencyLimiter:
         Call this only when no process holds a slot Redis does not record: a private
         server this process just started, before it granted anything.
         """
-        self._run(self._end_grace)
+        self._run(self._end_grace, self.current_limit())
 
     def recover_private_server(self) -> None:
         """After restarting a private Redis that only this process uses: re-register every

@@ -258,10 +258,12 @@ return {R.CLEARED, n}
 END_GRACE = (
     _PRELUDE
     + """
--- ARGV: only the grace
+-- ARGV: 2 max
 -- The caller vouches that no holder is missing from Redis (e.g. a private server it
--- has just started): end any restart grace period now. Returns {GRACE_ENDED}
+-- has just started): end any restart grace period now, and serve the queue at once.
+-- Returns {GRACE_ENDED}
 redis.call('HSET', META, 'grace_until', '0')
+promote(limit(tonumber(ARGV[2])))
 return {R.GRACE_ENDED}
 """
 )
