@@ -30,6 +30,7 @@ from reqpmd.config.parse import validate
 from reqpmd.config.schema import Settings
 from reqpmd.errors import InvalidArgument, RedisUnavailable, SlotTimeout, WaitCancelled
 from reqpmd.slots.limiter import BuildConcurrencyLimiter
+from tests.fakes import FakeClock
 
 HOST = "testhost"
 CHROOT = "fedora-40-x86_64"
@@ -261,32 +262,6 @@ class FakeLimiter:
     def names(self) -> list[str]:
         with self._lock:
             return [c.name for c in self.calls]
-
-
-class FakeClock:
-    """Monotonic time that only moves when the test says. ``reads`` counts the reads: a
-    running build reads it once per turn of its wait loop (every 0.2 s), so two reads after
-    a change prove the loop has seen it and acted on it."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.reads = 0
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            self.reads += 1
-            return self.now
-
-    def polled(self, times: int = 2) -> None:
-        """Wait until the clock was read ``times`` more times."""
-        with self._lock:
-            target = self.reads + times
-        wait_until(lambda: self.reads >= target, what=f"{times} more reads of the clock")
-
-    def advance(self, seconds: float) -> None:
-        with self._lock:
-            self.now += seconds
 
 
 # -- the rig -----------------------------------------------------------------------------

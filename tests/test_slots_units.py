@@ -19,6 +19,7 @@ from reqpmd.slots.grants import GrantListener, Pending
 from reqpmd.slots.heartbeat import Heartbeat
 from reqpmd.slots.server import RedisServer
 from reqpmd.slots.waiter import Attempt, Waiter
+from tests.fakes import FakeClock
 
 _names = itertools.count()
 
@@ -43,24 +44,6 @@ class FakeSlot:
     name: str
     # not due until watch() says when: the thread may look between hold() and watch()
     next_renewal: float = 1e6
-
-
-class Clock:
-    """A clock the test moves; counts reads, so a test can see the heartbeat looked."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.reads = 0
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            self.reads += 1
-            return self.now
-
-    def advance(self, seconds: float) -> None:
-        with self._lock:
-            self.now += seconds
 
 
 class Renewals:
@@ -103,8 +86,8 @@ class Renewals:
 
 
 @pytest.fixture
-def beat() -> Iterator[tuple[Heartbeat[FakeSlot], Renewals, Clock, str]]:
-    renewals, clock = Renewals(), Clock()
+def beat() -> Iterator[tuple[Heartbeat[FakeSlot], Renewals, FakeClock, str]]:
+    renewals, clock = Renewals(), FakeClock(0.0)
     name = f"test-heartbeat-{next(_names)}"
     hb: Heartbeat[FakeSlot] = Heartbeat(renewals.held, renewals.renew, clock, name=name)
     yield hb, renewals, clock, name
@@ -115,15 +98,13 @@ def thread_alive(name: str) -> bool:
     return any(t.name == name and t.is_alive() for t in threading.enumerate())
 
 
-def looked(clock: Clock, times: int = 3) -> None:
-    """Wait until the heartbeat has read the clock ``times`` more times: it has looked
-    at its slots since the caller's last change."""
-    start = clock.reads
-    wait_until(lambda: clock.reads >= start + times, what="the heartbeat to look again")
+def looked(clock: FakeClock, times: int = 3) -> None:
+    """Wait until the heartbeat has looked at its slots since the caller's last change."""
+    clock.polled(times)
 
 
 def test_heartbeat_renews_each_slot_when_it_is_due(
-    beat: tuple[Heartbeat[FakeSlot], Renewals, Clock, str],
+    beat: tuple[Heartbeat[FakeSlot], Renewals, FakeClock, str],
 ) -> None:
     hb, renewals, clock, _ = beat
     a = renewals.hold(FakeSlot("a"))
@@ -143,7 +124,7 @@ def test_heartbeat_renews_each_slot_when_it_is_due(
 
 
 def test_heartbeat_stops_renewing_a_slot_once_renew_answers_none(
-    beat: tuple[Heartbeat[FakeSlot], Renewals, Clock, str],
+    beat: tuple[Heartbeat[FakeSlot], Renewals, FakeClock, str],
 ) -> None:
     hb, renewals, clock, _ = beat
     a = renewals.hold(FakeSlot("a"))
@@ -160,7 +141,7 @@ def test_heartbeat_stops_renewing_a_slot_once_renew_answers_none(
 
 
 def test_heartbeat_goes_on_after_a_renewal_raises(
-    beat: tuple[Heartbeat[FakeSlot], Renewals, Clock, str],
+    beat: tuple[Heartbeat[FakeSlot], Renewals, FakeClock, str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     hb, renewals, clock, _ = beat
@@ -191,7 +172,7 @@ def test_heartbeat_goes_on_after_a_renewal_raises(
 
 
 def test_heartbeat_thread_exits_when_nothing_is_held_and_restarts_on_watch(
-    beat: tuple[Heartbeat[FakeSlot], Renewals, Clock, str],
+    beat: tuple[Heartbeat[FakeSlot], Renewals, FakeClock, str],
 ) -> None:
     hb, renewals, clock, name = beat
     a = renewals.hold(FakeSlot("a"))
@@ -254,7 +235,7 @@ def test_heartbeat_does_not_miss_a_slot_watched_as_its_thread_exits() -> None:
 
 
 def test_heartbeat_close_stops_the_thread(
-    beat: tuple[Heartbeat[FakeSlot], Renewals, Clock, str],
+    beat: tuple[Heartbeat[FakeSlot], Renewals, FakeClock, str],
 ) -> None:
     hb, renewals, _, name = beat
     a = renewals.hold(FakeSlot("a"))
