@@ -192,3 +192,22 @@ def test_submit_refuses_bad_names_and_non_regular_files(
     finally:
         os.close(r)
         os.close(w)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"[" * 100_000 + b"]" * 100_000,  # deeper than the JSON parser's recursion limit
+        b'{"v": 1, "op": "build.show", "args": {"id": ' + b"9" * 5000 + b"}}",
+    ],
+    ids=["deeply nested", "5000-digit integer"],
+)
+def test_deep_nesting_and_huge_integers_are_bad_requests(busy_daemon: Reqpmd, frame: bytes) -> None:
+    before = busy_daemon.log().count("Traceback")
+    raw = exchange(busy_daemon, frame + b"\n")
+    [line] = raw.splitlines()
+    reply = json.loads(line)
+    assert reply["ok"] is False and reply["error"]["code"] == "bad_request"
+    assert reply["error"]["message"].startswith("not JSON this daemon accepts")
+    assert busy_daemon.call("ping")["version"]
+    assert busy_daemon.log().count("Traceback") == before  # answered, not logged as a crash

@@ -29,7 +29,7 @@ def _hostname() -> str:
     """The full hostname: short names repeat across sites (build01.dc1, build01.dc2), and
     two hosts with one host_id would share slot names."""
     name = socket.gethostname()
-    if NAME_RE.match(name):
+    if NAME_RE.fullmatch(name):
         return name
     return name.split(".")[0][:64] or "localhost"
 
@@ -55,6 +55,8 @@ def parse_text(text: str, source: str = "") -> tuple[dict[str, Any], dict[str, i
         raise SettingsInvalid(
             [SettingError("(file)", f"not valid YAML: {exc}", _error_line(exc, text))], source
         ) from exc
+    except ValueError:  # a value YAML reads but Python will not hold (a 5000-digit integer)
+        raise SettingsInvalid(_unconstructable(text), source) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -62,6 +64,29 @@ def parse_text(text: str, source: str = "") -> tuple[dict[str, Any], dict[str, i
             [SettingError("(file)", "must be a mapping of key: value", _root_line(text))], source
         )
     return data, _key_lines(text)
+
+
+def _unconstructable(text: str) -> list[SettingError]:
+    """One error per top-level value that safe_load cannot turn into a Python value."""
+    errors = []
+    node = yaml.compose(text)  # composing builds no values: it cannot fail the same way
+    pairs = node.value if isinstance(node, yaml.MappingNode) else []
+    for key_node, value_node in pairs:
+        try:
+            yaml.SafeLoader(text).construct_object(value_node, deep=True)
+        except ValueError:
+            key = str(key_node.value)
+            field = BY_NAME.get(key)
+            allowed = f" (allowed: {field.allowed()})" if field else ""
+            shown = str(value_node.value)
+            errors.append(
+                SettingError(
+                    key,
+                    f"{shown[:20]}... ({len(shown)} characters) is not allowed{allowed}",
+                    key_node.start_mark.line + 1,
+                )
+            )
+    return errors or [SettingError("(file)", "holds a value that cannot be read")]
 
 
 def _error_line(exc: yaml.YAMLError, text: str) -> int | None:
@@ -130,7 +155,7 @@ def _scalar(text: str) -> Any:
     """A command-line or environment value, typed the way YAML would type it."""
     try:
         return yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # ValueError: an integer of thousands of digits
         return text
 
 

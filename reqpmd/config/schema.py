@@ -21,10 +21,14 @@ from typing import Any
 from reqpmd.checks import is_int
 
 DEFAULT_CONFIG = "/etc/reqpm/reqpmd.yaml"
-_URL_RE = re.compile(r"^(embedded|(redis|rediss|unix)://\S+)$")
-NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-CHROOT_RE = re.compile(r"^[A-Za-z0-9_.+-]{1,128}$")
-CHROOT_DOC = "a mock config name: 1-128 characters from A-Z a-z 0-9 _ . + -"
+# Every pattern is used with fullmatch(): "$" also matches before a trailing newline.
+_URL_RE = re.compile(r"embedded|(redis|rediss|unix)://\S+")
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# not starting with "-": a chroot name goes into mock's argv
+CHROOT_RE = re.compile(r"[A-Za-z0-9_.+][A-Za-z0-9_.+-]{0,127}")
+CHROOT_DOC = (
+    "a mock config name: 1-128 characters from A-Z a-z 0-9 _ . + -, not starting with -"
+)
 _NAME_DOC = "1-64 characters from A-Z a-z 0-9 _ . -"
 
 
@@ -54,7 +58,7 @@ class Field:
 
     def convert(self, value: Any) -> Any:
         """The value as this field's type, or raise ValueError saying what is allowed."""
-        bad = ValueError(f"{value!r} is not allowed (allowed: {self.allowed()})")
+        bad = ValueError(f"{shown(value)} is not allowed (allowed: {self.allowed()})")
         if self.kind is bool:
             if isinstance(value, bool):
                 return value
@@ -71,13 +75,19 @@ class Field:
             if (self.lo is not None and value < self.lo) or (
                 self.hi is not None and value > self.hi
             ):
-                raise ValueError(f"{value!r} is out of range (allowed: {self.allowed()})")
+                raise ValueError(f"{shown(value)} is out of range (allowed: {self.allowed()})")
             return self.kind(value)
         if not isinstance(value, str) or not value.strip():
             raise bad
-        if self.pattern is not None and not self.pattern.match(value):
+        if self.pattern is not None and not self.pattern.fullmatch(value):
             raise bad
         return Path(value) if self.kind is Path else value
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """A value as an error message quotes it: repr, cut short (a value may be huge)."""
+    text = repr(value) if not (is_int(value) and abs(value) > 10**limit) else "a huge integer"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _setting(

@@ -98,10 +98,13 @@ class SettingsService:
             return self._apply(new, who, uid)
 
     def reload(self) -> Change:
-        """Re-read the file (SIGHUP). SettingsInvalid keeps the running settings."""
-        new = load(self.path)
+        """Re-read the file (SIGHUP). SettingsInvalid keeps the running settings.
+
+        The read is under the lock too: a file read before a concurrent ``set`` wrote it
+        and applied after would revert the admin's change in memory (and publish the old
+        limit to the cluster) while the file says otherwise."""
         with self._lock:
-            return self._apply(new, "SIGHUP reload", RELOAD_UID)
+            return self._apply(load(self.path), "SIGHUP reload", RELOAD_UID)
 
     def file_text(self) -> str:
         return self._read()

@@ -117,8 +117,10 @@ class LineReader:
 def decode(line: bytes) -> dict[str, Any]:
     try:
         obj = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FrameError(f"not JSON: {exc}") from exc
+    except RecursionError:
+        raise FrameError("not JSON this daemon accepts: nested too deeply") from None
+    except ValueError as exc:  # bad UTF-8, bad JSON, an integer of thousands of digits
+        raise FrameError(f"not JSON this daemon accepts: {str(exc)[:200]}") from None
     if not isinstance(obj, dict):
         raise FrameError("a frame must be a JSON object")
     return obj

@@ -19,7 +19,7 @@ from reqpmd.errors import BadRequest, InvalidArgument
 
 MAX_FILE_BYTES = 2 * 1024**3
 MAX_TOTAL_BYTES = 4 * 1024**3
-_FILE_NAME = re.compile(r"^[A-Za-z0-9_+~@=,-][A-Za-z0-9._+~@=,-]{0,254}$")
+_FILE_NAME = re.compile(r"[A-Za-z0-9_+~@=,-][A-Za-z0-9._+~@=,-]{0,254}")  # fullmatch
 
 
 @dataclass(frozen=True)
@@ -30,13 +30,13 @@ class Submission:
 
 
 def check_chroot(chroot: Any) -> str:
-    if not isinstance(chroot, str) or not CHROOT_RE.match(chroot):
+    if not isinstance(chroot, str) or not CHROOT_RE.fullmatch(chroot):
         raise InvalidArgument(f"chroot {chroot!r} is not allowed: {CHROOT_DOC}")
     return chroot
 
 
 def check_file_name(name: Any) -> str:
-    if not isinstance(name, str) or name in (".", "..") or not _FILE_NAME.match(name):
+    if not isinstance(name, str) or name in (".", "..") or not _FILE_NAME.fullmatch(name):
         raise InvalidArgument(
             f"file name {name!r} is not allowed: 1-255 characters from "
             "A-Z a-z 0-9 . _ + ~ @ = , - with no '/' and not '.' or '..'"

@@ -1,0 +1,127 @@
+"""Hostile values at every door: names, numbers and races that used to get through."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reqpmd.config import parse, transaction
+from reqpmd.config.schema import SettingsInvalid
+from reqpmd.config.transaction import SettingsService
+from reqpmd.control.submission import check_chroot, check_file_name
+from reqpmd.errors import InvalidArgument
+from reqpmd.slots.keys import validate_namespace
+
+HUGE = "9" * 5000
+
+
+# -- full matches: "$" used to match before a trailing newline ----------------------------
+
+
+@pytest.mark.parametrize("chroot", ["fedora-42-x86_64\n", "-r", "--scrub=all", "", "a b"])
+def test_bad_chroot_names_are_refused(chroot: str) -> None:
+    with pytest.raises(InvalidArgument, match="not starting with -"):
+        check_chroot(chroot)
+    with pytest.raises(SettingsInvalid, match="default_chroot"):
+        parse.validate({"default_chroot": chroot}, environ={})
+
+
+def test_good_chroot_names_pass() -> None:
+    for chroot in ("fedora-42-x86_64", "epel-9-x86_64", "custom+local.cfg", "_x"):
+        assert check_chroot(chroot) == chroot
+
+
+@pytest.mark.parametrize("name", ["x\n", "hello.spec\n", "a/b", ".."])
+def test_bad_file_names_are_refused(name: str) -> None:
+    with pytest.raises(InvalidArgument):
+        check_file_name(name)
+
+
+@pytest.mark.parametrize("key", ["namespace", "host_id", "socket_group", "admin_group"])
+def test_names_with_a_trailing_newline_are_refused(key: str) -> None:
+    with pytest.raises(SettingsInvalid, match=key):
+        parse.validate({key: "good\n"}, environ={})
+
+
+def test_a_namespace_with_a_trailing_newline_is_refused_by_the_keys_too() -> None:
+    with pytest.raises(ValueError, match="namespace"):
+        validate_namespace("reqpm\n")
+
+
+def test_a_redis_url_with_a_trailing_newline_is_refused() -> None:
+    with pytest.raises(SettingsInvalid, match="redis_url"):
+        parse.validate({"redis_url": "redis://h:6379/0\n"}, environ={})
+
+
+# -- numbers Python will not hold -----------------------------------------------------------
+
+
+def test_a_5000_digit_integer_in_the_config_is_an_error_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "reqpmd.yaml"
+    config.write_text(f"# limits\nmax_concurrent_builds: {HUGE}\nnamespace: ok\n")
+    with pytest.raises(SettingsInvalid) as err:
+        parse.load(config, environ={})
+    [error] = err.value.errors
+    assert (error.key, error.line) == ("max_concurrent_builds", 2)
+    assert "an integer from 1 to 20" in error.message and len(str(error)) < 200
+
+
+def test_check_config_reports_a_huge_integer_without_a_traceback(tmp_path: Path) -> None:
+    config = tmp_path / "reqpmd.yaml"
+    config.write_text(f"slot_wait_timeout: {HUGE}\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "reqpmd.daemon", "--check-config", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    assert "line 1: slot_wait_timeout:" in r.stderr
+
+
+def test_a_huge_integer_on_the_command_line_is_a_value_error_not_a_crash() -> None:
+    key, value = parse.parse_assignment(f"max_concurrent_builds={HUGE}")
+    with pytest.raises(SettingsInvalid) as err:
+        parse.validate({key: value}, environ={})
+    assert len(str(err.value)) < 300 and "max_concurrent_builds" in str(err.value)
+
+
+# -- a reload racing `settings set` -----------------------------------------------------------
+
+
+class Audit:
+    def audit_setting(self, uid: int, user: str, key: str, old: Any, new: Any) -> None:
+        pass
+
+
+def test_a_reload_racing_settings_set_never_reverts_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGHUP reads the file; an admin's `settings set` writes it. A reload that read the
+    file before the write and applied after it used to put the old value back in memory
+    (and publish it to the cluster) while the file kept the new one."""
+    config = tmp_path / "reqpmd.yaml"
+    config.write_text("max_concurrent_builds: 1\n")
+    service = SettingsService(config, parse.load(config, environ={}), Audit())
+    real_load = transaction.load
+
+    def slow_load(path: Path) -> Any:
+        loaded = real_load(path)
+        threading.Event().wait(0.002)  # widen the window between reading and applying
+        return loaded
+
+    monkeypatch.setattr(transaction, "load", slow_load)
+    for i in range(30):
+        value = 1 + (i % 19) + 1
+        reloader = threading.Thread(target=service.reload)
+        reloader.start()
+        service.set({"max_concurrent_builds": value}, "root (uid 0)", 0)
+        reloader.join()
+        on_disk = parse.load(config, environ={}).max_concurrent_builds
+        assert service.current().max_concurrent_builds == on_disk == value, f"try {i}"
