@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -10,8 +11,9 @@ from typing import Any
 
 import pytest
 
+from reqpmd.builds.mock import check_executable
 from reqpmd.config import parse, transaction
-from reqpmd.config.schema import SettingsInvalid
+from reqpmd.config.schema import BY_NAME, SettingsInvalid
 from reqpmd.config.transaction import SettingsService
 from reqpmd.control.submission import check_chroot, check_file_name
 from reqpmd.errors import InvalidArgument
@@ -125,3 +127,52 @@ def test_a_reload_racing_settings_set_never_reverts_it(
         reloader.join()
         on_disk = parse.load(config, environ={}).max_concurrent_builds
         assert service.current().max_concurrent_builds == on_disk == value, f"try {i}"
+
+
+# -- mock_command: what an admin may make the daemon run ---------------------------------------
+
+
+def _script(path: Path, mode: int = 0o755) -> Path:
+    path.write_text("#!/bin/sh\nexit 0\n")
+    path.chmod(mode)
+    return path
+
+
+def test_mock_command_must_not_be_writable_by_others(tmp_path: Path) -> None:
+    tmp_path.chmod(0o755)
+    ok = _script(tmp_path / "mock")
+    assert check_executable(ok) is None
+    writable = _script(tmp_path / "evil", 0o777)
+    problem = check_executable(writable)
+    assert problem is not None and "writable by others (mode 0777" in problem
+
+
+def test_mock_command_in_a_directory_others_can_write_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anybody could swap the file: no sticky bit
+    problem = check_executable(_script(shared / "mock"))
+    assert problem is not None and f"its directory {shared} is writable by others" in problem
+
+
+def test_mock_command_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the file to another user")
+    tmp_path.chmod(0o755)
+    theirs = _script(tmp_path / "mock")
+    os.chown(theirs, 65534, 65534)
+    problem = check_executable(theirs)
+    assert problem is not None and "owned by uid 65534" in problem
+
+
+def test_a_symlinked_mock_command_is_judged_by_its_target(tmp_path: Path) -> None:
+    tmp_path.chmod(0o755)
+    target = _script(tmp_path / "consolehelper", 0o777)
+    link = tmp_path / "mock"
+    link.symlink_to(target)
+    problem = check_executable(link)
+    assert problem is not None and "writable by others" in problem
+
+
+def test_mock_command_is_restart_only() -> None:
+    assert BY_NAME["mock_command"].restart

@@ -520,3 +520,29 @@ def test_status_and_hosts(env: Env) -> None:
     assert status["queued"] == 0
     env.cluster.heartbeat(env.status.host_record)
     assert [h["host_id"] for h in env.call("hosts", USER)] == [env.settings.current().host_id]
+
+
+def _submit_at(env: Env, tmp_path: Path, peer: Peer, priority: int) -> Any:
+    fd = srpm_fd(tmp_path)
+    try:
+        return env.call(
+            "submit", peer, [fd], files=[{"name": "x.src.rpm", "role": "srpm"}], priority=priority
+        )
+    finally:
+        os.close(fd)
+
+
+def test_priorities_above_max_user_priority_are_for_admins(env: Env, tmp_path: Path) -> None:
+    """The queue is cluster-wide: a user at priority 1000 would jump every host's queue."""
+    with pytest.raises(PermissionDenied) as err:
+        _submit_at(env, tmp_path, USER, 1000)
+    assert "priority 1000 is above max_user_priority=0" in str(err.value)
+    assert "only admins" in str(err.value)
+    assert env.store.recent() == []  # nothing queued
+    assert _submit_at(env, tmp_path, USER, 0)["id"]
+    assert _submit_at(env, tmp_path, USER, -5)["id"]  # lower is always fine
+    assert _submit_at(env, tmp_path, ADMIN, 1000)["id"]
+    env.call("settings.set", ADMIN, changes={"max_user_priority": 10})
+    assert _submit_at(env, tmp_path, USER, 10)["id"]
+    with pytest.raises(PermissionDenied):
+        _submit_at(env, tmp_path, USER, 11)

@@ -15,6 +15,7 @@ shared caches stay untouched.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 BUILD_ROOT_LOCKED = 60  # mock's BuildRootLocked exit code
@@ -58,9 +59,31 @@ def scrub_argv(mock: Path, chroot: str, build_id: int, private_cache: Path) -> l
 
 
 def check_executable(mock: Path) -> str | None:
-    """Why mock cannot be run, or None if it can."""
+    """Why mock cannot be run, or None if it can.
+
+    Like sudo, refuse a command somebody other than root (or the daemon's own user) could
+    have replaced: the file and every directory above it must be owned by root or by us,
+    and writable by nobody else (a sticky directory such as /tmp counts as safe: only a
+    file's owner may replace it there)."""
     if not mock.exists():
         return f"mock_command {mock} does not exist (is mock installed?)"
     if not mock.is_file() or not os.access(mock, os.X_OK):
         return f"mock_command {mock} is not an executable file"
+    real = mock.resolve()
+    trusted = {0, os.geteuid()}
+    for path in (real, *real.parents):
+        st = path.stat()
+        what = "it" if path == real else f"its directory {path}"
+        if st.st_uid not in trusted:
+            return (
+                f"mock_command {mock} is not safe to run: {what} is owned by uid {st.st_uid}, "
+                "not by root (mock_command must be owned by root and writable only by root)"
+            )
+        sticky_dir = path != real and st.st_mode & stat.S_ISVTX
+        if st.st_mode & 0o022 and not sticky_dir:
+            return (
+                f"mock_command {mock} is not safe to run: {what} is writable by others "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}; mock_command must be owned by root and "
+                "writable only by root)"
+            )
     return None

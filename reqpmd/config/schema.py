@@ -166,7 +166,11 @@ class Settings:
     state_dir: Path = _setting(
         Path("/var/lib/reqpm"), "queue database, build logs, results", restart=True
     )
-    mock_command: Path = _setting(Path("/usr/bin/mock"), "the mock executable")
+    mock_command: Path = _setting(
+        Path("/usr/bin/mock"),
+        "the mock executable; owned by root and writable only by root, or builds fail",
+        restart=True,
+    )
     mock_root_dir: Path = _setting(
         Path("/var/lib/mock"), "mock's basedir (checked by the disk gate)"
     )
@@ -203,6 +207,13 @@ class Settings:
     )
     max_build_retries: int = _setting(
         3, "re-runs of a build interrupted by a crash or a locked root before it fails", 0, 20
+    )
+    max_user_priority: int = _setting(
+        0,
+        "highest priority a non-admin may submit at (the queue is cluster-wide: a higher "
+        "priority jumps every host's queue)",
+        0,
+        1000,
     )
     keep_failed_roots: bool = _setting(False, "keep a failed build's mock root for debugging")
     cancel_grace_seconds: int = _setting(

@@ -166,6 +166,12 @@ class Operations:
         args = req.args
         chroot = check_chroot(args.get("chroot") or self.settings.current().default_chroot)
         priority = _int_arg(args, "priority", -MAX_PRIORITY, MAX_PRIORITY, 0)
+        bound = self.settings.current().max_user_priority
+        if priority > bound and not req.peer.admin:
+            raise PermissionDenied(
+                f"priority {priority} is above max_user_priority={bound}: only admins "
+                f"(root or group {self.settings.current().admin_group}) may submit above it"
+            )
         sub = check_submission(args.get("files"), req.fds)
         if not self._uploads.acquire(blocking=False):
             raise Busy(f"{MAX_UPLOADS} submissions are being stored already; try again")
