@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,14 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from reqpmd.builds.mock import check_executable
 from reqpmd.config import parse, transaction
-from reqpmd.config.schema import BY_NAME, SettingsInvalid
+from reqpmd.config.schema import BY_NAME, SettingsInvalid, redact_url
 from reqpmd.config.transaction import SettingsService
 from reqpmd.control.submission import check_chroot, check_file_name
 from reqpmd.errors import InvalidArgument
 from reqpmd.slots.keys import validate_namespace
+from tests.daemon_harness import Reqpmd, wait_for
 
 HUGE = "9" * 5000
 
@@ -176,3 +180,68 @@ def test_a_symlinked_mock_command_is_judged_by_its_target(tmp_path: Path) -> Non
 
 def test_mock_command_is_restart_only() -> None:
     assert BY_NAME["mock_command"].restart
+
+
+# -- secrets in Redis URLs --------------------------------------------------------------------
+
+_PLAIN = st.text(alphabet="abcdefghijklmnop0123456789.-", min_size=1, max_size=12)
+# a password may hold what URL parsers split on; it is marked by a Z no other part has
+_PASSWORD = st.text(
+    alphabet=st.characters(min_codepoint=33, max_codepoint=126, blacklist_characters="Z&#"),
+    min_size=0,
+    max_size=16,
+).map(lambda s: "Z" + s + "Z")
+
+
+@given(
+    scheme=st.sampled_from(["redis", "rediss", "unix"]),
+    user=st.one_of(st.just(""), _PLAIN),
+    password=_PASSWORD,
+    host=_PLAIN,
+    where=st.sampled_from(["userinfo", "password", "sentinel_password", "token"]),
+    extra=st.one_of(st.just(""), st.just("&db=2"), st.just("&socket_timeout=5")),
+)
+@settings(max_examples=400, deadline=None)
+def test_no_password_survives_redaction(
+    scheme: str, user: str, password: str, host: str, where: str, extra: str
+) -> None:
+    if where == "userinfo":
+        url = f"{scheme}://{user}:{password}@{host}:6379/0{'?x=1' + extra if extra else ''}"
+    else:
+        url = f"{scheme}://{user + '@' if user else ''}{host}:6379/0?{where}={password}{extra}"
+    redacted = redact_url(url)
+    assert "Z" not in redacted, (url, redacted)
+    assert redacted.startswith(f"{scheme}://") and host in redacted
+
+
+def test_redaction_keeps_what_is_not_secret() -> None:
+    assert redact_url("redis://redis.example:6379/0") == "redis://redis.example:6379/0"
+    assert redact_url("embedded") == "embedded"
+    assert (
+        redact_url("rediss://ci:s3cr/t@r.example:6380/1?db=2")
+        == "rediss://ci:***@r.example:6380/1?db=2"
+    )
+    assert redact_url("redis://r:6379/0?password=pw&db=2") == "redis://r:6379/0?password=***&db=2"
+
+
+def test_a_query_password_never_reaches_users_or_the_log(short_tmp: Path) -> None:
+    secret = "S3cr/t?pw"
+    url = f"unix://{short_tmp}/nowhere.sock?db=0&password={secret}"
+    d = Reqpmd(short_tmp / "d", redis_url=url)
+    try:
+        d.start()
+        status = wait_for(lambda: (s := d.call("status"))["redis"]["detail"] != "ok" and s)
+        shown = [
+            json.dumps(status),
+            json.dumps(d.call("settings.show")),
+            json.dumps(d.call("settings.get", {"key": "redis_url"})),
+            d.log(),
+        ]
+        for text in shown:
+            for part in (secret, "S3cr", "t?pw"):
+                assert part not in text
+        assert "password=***" in json.dumps(d.call("settings.get", {"key": "redis_url"}))
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()

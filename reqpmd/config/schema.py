@@ -274,10 +274,45 @@ class SettingsInvalid(ValueError):
         super().__init__(head + "; ".join(str(e) for e in errors))
 
 
+_SECRET_PARAM = re.compile(r"pass|secret|token|auth|cred|key", re.IGNORECASE)
+
+
 def redact_url(url: str) -> str:
-    """``redis://user:secret@host`` -> ``redis://user:***@host``: users may read settings
-    and status, but a Redis password would let them bypass the admin role."""
-    return re.sub(r"^(\w+://[^:/@]*):[^@/]*@", r"\1:***@", url)
+    """The URL with every credential masked: users may read settings and status, but a
+    Redis password would let them bypass the admin role.
+
+    Conservative by design, since a password may hold characters a URL parser splits on
+    ('/', '@', '?', ':'): the secret regions of every reading are masked together: the
+    userinfo after its first ':' up to the last '@' (all of it when it has no ':', as a
+    lone token may be a password), and the value of each query parameter whose name
+    suggests a secret, up to '&'.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    spans: list[tuple[int, int]] = []
+    at = rest.rfind("@")
+    if at >= 0:
+        colon = rest.find(":", 0, at)
+        spans.append((colon + 1 if colon >= 0 else 0, at))
+    q = rest.find("?")
+    if q >= 0:
+        start = q + 1
+        for param in rest[start:].split("&"):
+            name, eq, value = param.partition("=")
+            if eq and _SECRET_PARAM.search(name):
+                spans.append((start + len(name) + 1, start + len(param)))
+            start += len(param) + 1
+    out, pos = [], 0
+    for begin, end in sorted(s for s in spans if s[1] > s[0]):
+        if begin < pos:  # overlaps the previous mask: extend it
+            if end > pos:
+                pos = end
+            continue
+        out += [rest[pos:begin], "***"]
+        pos = end
+    out.append(rest[pos:])
+    return f"{scheme}://{''.join(out)}"
 
 
 def unknown_key_error(key: str, line: int | None = None) -> SettingError:
