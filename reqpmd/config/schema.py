@@ -299,7 +299,7 @@ def redact_url(url: str) -> str:
     if q >= 0:
         start = q + 1
         for param in rest[start:].split("&"):
-            name, eq, value = param.partition("=")
+            name, eq, _ = param.partition("=")
             if eq and _SECRET_PARAM.search(name):
                 spans.append((start + len(name) + 1, start + len(param)))
             start += len(param) + 1
