@@ -18,6 +18,7 @@ Shell completion (click's): add to your shell's start-up file
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -364,18 +365,24 @@ def submit(
     sys.exit(protocol.EXIT_OK if build["state"] == "succeeded" else protocol.EXIT_FAILED)
 
 
+def _log_chunk(client: Client, build_id: int, offset: int) -> tuple[bytes, dict[str, Any]]:
+    """The next bytes of a build log, exactly as mock wrote them, and the reply."""
+    chunk = client.call("build.log", {"id": build_id, "offset": offset})
+    return base64.b64decode(chunk["data_b64"]), chunk
+
+
 def _follow(c: Ctx, build_id: int, show_log: bool) -> dict[str, Any]:
     """Stream the build log as mock writes it; return the build once it has ended."""
     offset = 0
     with c.client() as client:
         while True:
-            chunk = client.call("build.log", {"id": build_id, "offset": offset})
-            if show_log and chunk["data"]:
-                click.echo(chunk["data"], nl=False)
+            data, chunk = _log_chunk(client, build_id, offset)
+            if show_log and data:
+                click.echo(data, nl=False)  # bytes: written as they are
             offset = chunk["offset"]
             if chunk["done"]:
                 return dict(client.call("build.show", {"id": build_id}))
-            if not chunk["data"]:
+            if not data:
                 time.sleep(0.3)
 
 
@@ -456,16 +463,16 @@ def builds_log(c: Ctx, build_id: int, follow: bool) -> None:
     offset, parts = 0, []
     with c.client() as client:
         while True:
-            chunk = client.call("build.log", {"id": build_id, "offset": offset})
-            parts.append(chunk["data"])
-            if not chunk["data"]:
+            data, chunk = _log_chunk(client, build_id, offset)
+            parts.append(data)
+            if not data:
                 break
             offset = chunk["offset"]
-    text = "".join(parts)
+    log = b"".join(parts)
     if c.json:
-        click.echo(output.dump_json({"id": build_id, "log": text}))
+        click.echo(output.dump_json({"id": build_id, "log": log.decode(errors="replace")}))
     else:
-        click.echo(text, nl=False)
+        click.echo(log, nl=False)  # byte-exact
 
 
 # -- hosts ---------------------------------------------------------------------------------------

@@ -435,7 +435,7 @@ def test_cancel_of_an_ended_build_is_invalid(env: Env, tmp_path: Path) -> None:
 def test_build_log_of_a_build_without_a_log(env: Env, tmp_path: Path) -> None:
     build_id = submit(env, tmp_path)
     reply = env.call("build.log", USER, id=build_id)
-    assert reply == {"data": "", "offset": 0, "state": "queued", "done": False}
+    assert reply == {"data_b64": "", "offset": 0, "state": "queued", "done": False}
     with pytest.raises(InvalidArgument):
         env.call("build.log", USER, id=build_id, offset=-1)
 

@@ -419,3 +419,27 @@ def test_slots_end_grace_needs_yes_and_the_admin_role(daemon: Reqpmd) -> None:
     # the embedded Redis is private: reqpmd ended its grace at start already
     result = ok_json(daemon, "slots", "end-grace", "--yes")
     assert result["ended"] is False and result["grace_left"] == 0
+
+
+def test_build_logs_are_byte_exact_whatever_the_bytes(daemon: Reqpmd) -> None:
+    """mock's output is not always UTF-8. Every byte comes back as written, and a log
+    of invalid UTF-8 larger than a protocol line still streams (it used to fail with
+    "request longer than 1048576 bytes": each bad byte grew to a JSON escape)."""
+    build_id = daemon.submit()
+    assert daemon.wait_state(build_id, FINAL)["state"] == "succeeded"
+    log = daemon.root / "state" / "builds" / str(build_id) / "build.log"
+    with open(log, "ab") as f:
+        f.write(bytes(range(256)) * 4096 + b"\xff\xfe\x80 trailing \xc3(\n")  # ~1 MiB
+    expected = log.read_bytes()
+    for args in (("builds", "log", str(build_id)), ("builds", "log", "--follow", str(build_id))):
+        r = subprocess.run(
+            [sys.executable, "-m", "reqpmctl.cli", "--socket", str(daemon.socket), *args],
+            capture_output=True,
+            check=False,
+            env={**os.environ, "REQPM_SOCKET": str(daemon.socket)},
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == expected, args
+    as_json = ok_json(daemon, "builds", "log", str(build_id))
+    assert as_json["log"].startswith(expected[:64].decode(errors="replace"))
