@@ -102,7 +102,6 @@ class Daemon:
         self.status = Status(current, self.cluster, self.scheduler, self.store, self.limiter)
         self.settings.subscribe(self.cluster.on_settings_change)
         self.settings.subscribe(self._on_settings_change)
-        self.scheduler.recover(Stopper(s.cancel_grace_seconds))
         inherited = listen_fds()
         sock = inherited[0] if inherited else bind_socket(s.socket_path, s.socket_group)
         # Know the state of Redis before the first client (maybe the one whose connection
@@ -129,6 +128,10 @@ class Daemon:
             s.max_concurrent_builds,
         )
         self.notifier.ready()
+        # after READY: scrubs of what an earlier instance left may take minutes each
+        leftover = self.scheduler.start_recovery(Stopper(s.cancel_grace_seconds))
+        if leftover:
+            log.warning("recovering %d build(s) an earlier instance left running", leftover)
         try:
             self._loop()
         finally:

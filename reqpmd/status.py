@@ -99,6 +99,9 @@ class Status:
         shut = describe_closed(self._scheduler.last_gates)
         if shut:
             parts.insert(0, shut)
+        recovering = len(self._scheduler.recovering)
+        if recovering:
+            parts.insert(0, f"recovering {recovering} build(s) an earlier instance left running")
         return "; ".join(parts)
 
     def status(self) -> dict[str, Any]:
@@ -122,6 +125,7 @@ class Status:
             "building_here": flight.building,
             "waiting_here": flight.waiting,
             "scheduler_ticks": self._scheduler.ticks,
+            "recovering": sorted(self._scheduler.recovering),
             "gates": [g.__dict__ for g in self._scheduler.last_gates],
             "redis": {"url": c.label, "ok": c.ok, "detail": c.detail},
             "restart_grace_left": grace_left,

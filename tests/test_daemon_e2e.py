@@ -476,3 +476,31 @@ def test_restart_grace_is_shown_explained_and_can_be_ended(
         assert d.wait_state(d.submit(), FINAL, timeout=30)["state"] == "succeeded"
     finally:
         server.kill()
+
+
+def test_recovery_scrubs_in_the_background_after_the_socket_is_up(daemons: MakeDaemon) -> None:
+    """Scrubbing what a crashed instance left (minutes each for real roots) must not keep
+    the socket and READY waiting, or systemd's start timeout turns it into a restart loop."""
+    d = daemons(mock_sleep=60, settings={"max_concurrent_builds": 3}).start()
+    ids = [d.submit() for _ in range(3)]
+    for build_id in ids:
+        d.wait_state(build_id, "building")
+        wait_for(lambda b=build_id: _mock_running(d, b))
+    d.kill9()
+    d.env["FAKEMOCK_SLEEP"] = "0.2"
+    d.env["FAKEMOCK_SCRUB_SLEEP"] = "3"  # 9 s of scrubs, one after another
+    started = time.monotonic()
+    d.start()
+    status = d.call("status")
+    assert time.monotonic() - started < 6
+    assert status["recovering"] == ids  # answered while the scrubs go on
+    assert "recovering 3 build(s)" in status["summary"]
+    for build_id in ids:
+        assert d.wait_state(build_id, FINAL, timeout=60)["state"] == "succeeded"
+    assert d.call("status")["recovering"] == []
+    runs = d.mock_runs()
+    # every old root was scrubbed before its build ran again
+    for build_id in ids:
+        root = f"fedora-42-x86_64-build{build_id}"
+        modes = [r["mode"] for r in runs if r["root"] == root]
+        assert "clean" in modes and modes.index("clean") < len(modes) - 1, modes

@@ -163,8 +163,12 @@ def note(logf: IO[bytes], text: str) -> None:
 
 
 def scrub_after_crash(
-    build: Build, layout: BuildLayout, settings: Settings, runner: Runner
+    build: Build,
+    layout: BuildLayout,
+    settings: Settings,
+    runner: Runner,
+    on_started: OnStarted | None = None,
 ) -> None:
     """Crash recovery's scrub, logging into the build's own log."""
     with open(layout.log, "ab") as logf:
-        scrub(build, layout, settings, runner, logf)
+        scrub(build, layout, settings, runner, logf, on_started)

@@ -10,6 +10,7 @@ of flights and the hand-over of queued builds, so a cancel and a start cannot ra
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -88,6 +89,12 @@ class Scheduler:
         self.last_gates: list[Gate] = []
         self.stopping = False
         self.ticks = 0  # passes of tick(): a reader can tell the scheduler looked again
+        # builds an earlier instance left running, still being recovered
+        self.recovering: set[int] = set()
+        # True until the mock processes an earlier instance left are stopped: nothing new
+        # may start before, or the host could run more builds than it holds slots for
+        self._orphans_alive = False
+        self._recovery: threading.Thread | None = None
         self._flights: dict[int, Flight] = {}
         self._lock = threading.RLock()
 
@@ -113,7 +120,7 @@ class Scheduler:
                         )
                         f.stop.request(StopReason.REQUEUE, "gate closed")
                 return
-            if not redis_ok:
+            if not redis_ok or self._orphans_alive:
                 return
             # With a host cap, never wait for more slots than this host may use; without
             # one, every queued build may wait (bounded: each waiter is a thread).
@@ -167,6 +174,8 @@ class Scheduler:
         with self._lock:
             self.stopping = True
             flights = list(self._flights.values())
+        if self._recovery is not None:  # it stops after the scrub in progress
+            self._recovery.join(timeout)
         for f in flights:
             f.stop.request(
                 StopReason.REQUEUE, "daemon stopping; the build will run again at next start"
@@ -282,16 +291,61 @@ class Scheduler:
 
     # -- start-up ---------------------------------------------------------------------
 
+    def start_recovery(self, stopper: Stopper) -> int:
+        """Recover in the background what an earlier instance left running, so the socket
+        and READY need not wait for scrubs (each may take minutes). Nothing new starts
+        until the old mock processes are stopped. Returns how many builds it recovers."""
+        leftover = self.store.in_states(State.WAITING, State.BUILDING)
+        if not leftover:
+            return 0
+        with self._lock:
+            self._orphans_alive = True
+            self.recovering = {b.id for b in leftover}
+        self._recovery = threading.Thread(
+            target=self._recover_logged, args=(leftover, stopper), name="recovery", daemon=True
+        )
+        self._recovery.start()
+        return len(leftover)
+
+    def _recover_logged(self, leftover: list[Build], stopper: Stopper) -> None:
+        try:
+            self._recover(leftover, stopper)
+        except Exception:
+            log.exception("recovery of builds left by an earlier instance failed")
+
     def recover(self, stopper: Stopper) -> list[int]:
         """Builds an earlier instance left waiting or building: stop their mock, scrub their
         roots, free their slots, queue them again (or fail them past the retry limit)."""
+        leftover = self.store.in_states(State.WAITING, State.BUILDING)
+        with self._lock:
+            self._orphans_alive = True
+            self.recovering = {b.id for b in leftover}
+        return self._recover(leftover, stopper)
+
+    def _scrub_started(self, build_id: int, pid: int, started: float | None) -> None:
+        self.store.update(build_id, pid=pid, pid_started=started)
+
+    def _recover(self, leftover: list[Build], stopper: Stopper) -> list[int]:
+        try:
+            for build in leftover:
+                if build.pid:
+                    stopper.kill_orphan(build.pid, build.pid_started)
+        finally:
+            with self._lock:
+                self._orphans_alive = False
         s = self.settings()
         recovered = []
-        for build in self.store.in_states(State.WAITING, State.BUILDING):
-            if build.pid:
-                stopper.kill_orphan(build.pid, build.pid_started)
+        for build in leftover:
+            if self.stopping:
+                break  # the rest stays waiting/building: the next start recovers it
             if build.state == State.BUILDING:
-                scrub_after_crash(build, self.store.files(build.id), s, self.runner)
+                scrub_after_crash(
+                    build,
+                    self.store.files(build.id),
+                    s,
+                    self.runner,
+                    on_started=functools.partial(self._scrub_started, build.id),
+                )
             with contextlib.suppress(RedisUnavailable):  # else its lease frees the slot
                 self.limiter.force_release(slot_name(build.id, s.host_id))
             self._end(
@@ -303,4 +357,6 @@ class Scheduler:
             )
             build_event(build.id, "left running by an earlier instance; re-queued", logging.WARNING)
             recovered.append(build.id)
+            with self._lock:
+                self.recovering.discard(build.id)
         return recovered

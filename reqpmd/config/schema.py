@@ -26,9 +26,7 @@ _URL_RE = re.compile(r"embedded|(redis|rediss|unix)://\S+")
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # not starting with "-": a chroot name goes into mock's argv
 CHROOT_RE = re.compile(r"[A-Za-z0-9_.+][A-Za-z0-9_.+-]{0,127}")
-CHROOT_DOC = (
-    "a mock config name: 1-128 characters from A-Z a-z 0-9 _ . + -, not starting with -"
-)
+CHROOT_DOC = "a mock config name: 1-128 characters from A-Z a-z 0-9 _ . + -, not starting with -"
 _NAME_DOC = "1-64 characters from A-Z a-z 0-9 _ . -"
 
 
