@@ -84,6 +84,9 @@ class Daemon:
         s.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(s.state_dir)
         self.settings = SettingsService(self.config_path, s, audit=self.store)
+        exposed = self.settings.exposure()
+        if exposed:
+            log.warning("%s", exposed)
         current = self.settings.current
         client, self.redis_server = self._redis(s)
         self.limiter = BuildConcurrencyLimiter(

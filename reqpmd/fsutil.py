@@ -21,9 +21,10 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, private: bool = False) -> None:
     """Replace ``path`` with ``data``: temp file in the same directory with the old
-    file's owner and mode, fsync, rename, fsync of the directory."""
+    file's owner and mode, fsync, rename, fsync of the directory. ``private`` keeps
+    group and others out whatever the old mode was (a file that may hold secrets)."""
     try:
         st: os.stat_result | None = path.stat()
     except FileNotFoundError:
@@ -33,8 +34,9 @@ def atomic_write(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            if st is not None:
-                os.fchmod(f.fileno(), st.st_mode & 0o7777)
+            if st is not None:  # a new file is 0600 already (mkstemp)
+                mode = st.st_mode & 0o7777
+                os.fchmod(f.fileno(), mode & ~0o077 if private else mode)
                 with contextlib.suppress(PermissionError):
                     os.fchown(f.fileno(), st.st_uid, st.st_gid)
             os.fsync(f.fileno())

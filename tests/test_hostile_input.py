@@ -245,3 +245,18 @@ def test_a_query_password_never_reaches_users_or_the_log(short_tmp: Path) -> Non
         if d.proc is not None and d.proc.poll() is None:
             d.proc.kill()
             d.proc.wait()
+
+
+# -- the config holds secrets -------------------------------------------------------------------
+
+
+def test_a_replaced_config_is_private_and_an_exposed_one_is_reported(tmp_path: Path) -> None:
+    config = tmp_path / "reqpmd.yaml"
+    config.write_text("redis_url: redis://:pw@r.example:6379/0\n")
+    config.chmod(0o644)
+    service = SettingsService(config, parse.load(config, environ={}), Audit())
+    exposed = service.exposure()
+    assert exposed is not None and "mode 0644" in exposed and "chmod 600" in exposed
+    service.replace_text("redis_url: redis://:pw2@r.example:6379/0\n", "root (uid 0)", 0)
+    assert config.stat().st_mode & 0o777 == 0o600
+    assert service.exposure() is None

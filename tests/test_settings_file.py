@@ -150,14 +150,19 @@ def test_write_changes_writes_the_new_values(tmp_path: Path) -> None:
     assert (s.max_concurrent_builds, s.auto_sync_projects) == (9, False)
 
 
-def test_write_changes_keeps_the_mode_and_owner(tmp_path: Path) -> None:
+def test_write_changes_keeps_the_owner_and_never_lets_group_or_others_read(
+    tmp_path: Path,
+) -> None:
+    """The config may hold a Redis password: a rewrite keeps its owner and group, and
+    whatever mode it had, drops every group and other bit (a 0640 root:reqpm file let
+    every reqpmctl user read the password)."""
     path = tmp_path / "reqpmd.yaml"
     path.write_text(CONFIG)
     path.chmod(0o640)
     before = path.stat()
     write_changes(path, {"namespace": "farm"})
     after = path.stat()
-    assert stat.S_IMODE(after.st_mode) == 0o640
+    assert stat.S_IMODE(after.st_mode) == 0o600
     assert (after.st_uid, after.st_gid) == (before.st_uid, before.st_gid)
     assert after.st_ino != before.st_ino  # a new file renamed over the old one
 

@@ -70,4 +70,4 @@ def write_changes(path: Path, changes: Mapping[str, Any]) -> None:
             raise RuntimeError(
                 f"refusing to write {path}: {key} would read back as {raw.get(key)!r}, not {want!r}"
             )
-    atomic_write(path, new_text.encode())
+    atomic_write(path, new_text.encode(), private=True)  # it may hold a Redis password

@@ -11,6 +11,7 @@ but keep their running value until the next start.
 from __future__ import annotations
 
 import logging
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,7 +95,7 @@ class SettingsService:
                 new = validate(raw, lines, base_dir=self._base_dir())
             except SettingsInvalid as exc:
                 raise InvalidArgument("; ".join(str(e) for e in exc.errors)) from exc
-            self._write(lambda: atomic_write(self.path, text.encode()))
+            self._write(lambda: atomic_write(self.path, text.encode(), private=True))
             return self._apply(new, who, uid)
 
     def reload(self) -> Change:
@@ -108,6 +109,21 @@ class SettingsService:
 
     def file_text(self) -> str:
         return self._read()
+
+    def exposure(self) -> str | None:
+        """Why the file is readable by more than its owner, if it is: it may hold a Redis
+        password, which would let any reader bypass the admin role on every host."""
+        try:
+            mode = self.path.stat().st_mode
+        except OSError:
+            return None
+        if not mode & 0o077:
+            return None
+        return (
+            f"{self.path} is readable by others than its owner (mode "
+            f"{stat.S_IMODE(mode):04o}); it may hold a Redis password: chmod 600 {self.path} "
+            "(reqpmd drops those bits itself at its next rewrite of the file)"
+        )
 
     # -- the steps ------------------------------------------------------------------------
 
