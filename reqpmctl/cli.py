@@ -372,18 +372,23 @@ def _log_chunk(client: Client, build_id: int, offset: int) -> tuple[bytes, dict[
 
 
 def _follow(c: Ctx, build_id: int, show_log: bool) -> dict[str, Any]:
-    """Stream the build log as mock writes it; return the build once it has ended."""
+    """Stream the build log as mock writes it; return the build once it has ended.
+
+    A connection per poll while idle: a follower must not hold one of its user's few
+    connections for the hours a build may take."""
     offset = 0
-    with c.client() as client:
-        while True:
-            data, chunk = _log_chunk(client, build_id, offset)
-            if show_log and data:
-                click.echo(data, nl=False)  # bytes: written as they are
-            offset = chunk["offset"]
-            if chunk["done"]:
-                return dict(client.call("build.show", {"id": build_id}))
-            if not data:
-                time.sleep(0.3)
+    while True:
+        with c.client() as client:
+            while True:
+                data, chunk = _log_chunk(client, build_id, offset)
+                if show_log and data:
+                    click.echo(data, nl=False)  # bytes: written as they are
+                offset = chunk["offset"]
+                if chunk["done"]:
+                    return dict(client.call("build.show", {"id": build_id}))
+                if not data:
+                    break
+        time.sleep(0.3)
 
 
 @main.group()

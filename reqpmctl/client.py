@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -85,24 +86,64 @@ class Client:
         self, op: str, args: dict[str, Any] | None = None, fds: list[int] | None = None
     ) -> Any:
         sock = self._connect()
+        assert self._reader is not None
         request = protocol.encode({"v": protocol.VERSION, "op": op, "args": args or {}})
         try:
             protocol.send_with_fds(sock, request, fds or [])
-            assert self._reader is not None
+        except ConnectionError as exc:
+            # It hung up before we sent: a refusal (too many connections) says why first.
+            said = self._last_words()
+            self.close()
+            raise said or self._lost(exc) from None
+        except OSError as exc:
+            self.close()
+            raise self._lost(exc) from None
+        try:
             frame = self._reader.read()
+            reply = protocol.decode(frame[0]) if frame is not None else None
         except (OSError, protocol.FrameError) as exc:
             self.close()
-            raise ClientError(
-                "unreachable", f"connection to reqpmd at {self.path} failed: {exc}"
-            ) from None
-        if frame is None:
+            raise self._lost(exc) from None
+        if reply is None:
             self.close()
-            raise ClientError("unreachable", "reqpmd closed the connection")
-        reply = protocol.decode(frame[0])
+            raise self._lost(EOFError())
         if reply.get("ok"):
             return reply.get("result")
         error = reply.get("error") or {}
         raise ClientError(str(error.get("code", "failed")), str(error.get("message", reply)))
+
+    def _last_words(self) -> ClientError | None:
+        """The error the daemon sent before it hung up, if it sent one."""
+        assert self._reader is not None
+        try:
+            frame = self._reader.read(deadline=time.monotonic() + 1.0)
+            reply = protocol.decode(frame[0]) if frame is not None else {}
+        except (OSError, protocol.FrameError):
+            return None
+        error = reply.get("error")
+        if reply.get("ok") is not False or not isinstance(error, dict):
+            return None
+        return ClientError(str(error.get("code", "failed")), str(error.get("message", "")))
+
+    def _lost(self, exc: BaseException) -> ClientError:
+        """What to tell the user when the connection failed mid-call, without errno text
+        like "Broken pipe"."""
+        if isinstance(exc, ConnectionError | EOFError):
+            return ClientError(
+                "unreachable",
+                f"reqpmd at {self.path} hung up before answering; try again "
+                "(if it keeps happening: systemctl status reqpmd)",
+            )
+        if isinstance(exc, TimeoutError):
+            return ClientError(
+                "unreachable",
+                f"reqpmd at {self.path} did not answer in time; is it stuck? "
+                "(systemctl status reqpmd)",
+            )
+        if isinstance(exc, protocol.FrameError):
+            return ClientError("unreachable", f"reqpmd at {self.path} sent a bad reply: {exc}")
+        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return ClientError("unreachable", f"connection to reqpmd at {self.path} failed: {text}")
 
     def submit(
         self,

@@ -3,7 +3,13 @@
 Identity comes from the kernel (SO_PEERCRED and SO_PEERGROUPS), never from the
 request. A client that sends garbage, too much, too slowly, or hangs up gets an error
 reply or a closed connection; it never holds up other clients (one thread per
-connection, a cap on connections, a deadline per request).
+connection, a deadline per request, and caps on connections).
+
+The caps are applied as a connection is accepted, once its peer is known: a non-admin
+uid may hold MAX_CLIENTS_PER_UID connections, all non-admins together MAX_USER_CLIENTS,
+and everyone MAX_CLIENTS; the difference is kept for root and admin_group, so one user
+(or a few) cannot lock admins out. A refused client gets one "unavailable" error saying
+which cap it hit, then a clean end of stream (not a reset, see ControlServer._refuse).
 """
 
 from __future__ import annotations
@@ -30,7 +36,12 @@ log = logging.getLogger(__name__)
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 REQUEST_TIMEOUT = 10.0  # seconds a client may take to send one request
-MAX_CLIENTS = 64
+MAX_CLIENTS = 64  # connections served at once, in all
+MAX_USER_CLIENTS = 48  # of which non-admins may hold; the rest are kept for admins
+MAX_CLIENTS_PER_UID = 8  # of which one non-admin uid may hold
+REFUSAL_LINGER = 1.0  # seconds a refused client gets to finish sending before we close
+MAX_REFUSING = 16  # refused connections lingering at once; past that they close at once
+REFUSAL_LOG_EVERY = 60.0  # seconds between warnings about one uid's refused connections
 ACCEPT_POLL = 0.5  # seconds between checks for close() while waiting in accept()
 
 
@@ -136,6 +147,54 @@ def bind_socket(path: Path, group: str) -> socket.socket:
     return sock
 
 
+class Admission:
+    """Counts the connections being served: in all, from non-admins, per non-admin uid."""
+
+    def __init__(
+        self,
+        total: int = MAX_CLIENTS,
+        users: int = MAX_USER_CLIENTS,
+        per_uid: int = MAX_CLIENTS_PER_UID,
+    ) -> None:
+        self.total, self.users, self.per_uid = total, users, per_uid
+        self._lock = threading.Lock()
+        self._all = 0
+        self._users = 0
+        self._by_uid: dict[int, int] = {}
+
+    def admit(self, peer: Peer) -> str | None:
+        """Count the connection in and return None, or return why it is refused."""
+        with self._lock:
+            if not peer.admin:
+                if self._by_uid.get(peer.uid, 0) >= self.per_uid:
+                    return (
+                        f"too many connections from uid {peer.uid} ({self.per_uid} at "
+                        "once); close some and try again"
+                    )
+                if self._users >= self.users:
+                    return (
+                        f"too many connections from users ({self.users} at once; the "
+                        f"other {self.total - self.users} are kept for admins); try again "
+                        "in a moment"
+                    )
+            if self._all >= self.total:
+                return f"too many connections ({self.total} at once); try again in a moment"
+            self._all += 1
+            if not peer.admin:
+                self._users += 1
+                self._by_uid[peer.uid] = self._by_uid.get(peer.uid, 0) + 1
+            return None
+
+    def release(self, peer: Peer) -> None:
+        with self._lock:
+            self._all -= 1
+            if not peer.admin:
+                self._users -= 1
+                left = self._by_uid.pop(peer.uid) - 1
+                if left:
+                    self._by_uid[peer.uid] = left
+
+
 class ControlServer:
     def __init__(
         self, sock: socket.socket, handler: Handler, admin_group: Callable[[], str]
@@ -143,7 +202,9 @@ class ControlServer:
         self.sock = sock
         self.handler = handler
         self.admin_group = admin_group
-        self._active = threading.BoundedSemaphore(MAX_CLIENTS)
+        self.admission = Admission()
+        self._refusing = threading.BoundedSemaphore(MAX_REFUSING)
+        self._refusals_logged: dict[int, tuple[float, int]] = {}  # uid -> (when, since)
         self._closing = threading.Event()
         self._thread = threading.Thread(
             target=self._accept_loop, name="control-accept", daemon=True
@@ -172,20 +233,86 @@ class ControlServer:
                     return
                 time.sleep(0.1)  # EMFILE and friends: do not spin
                 continue
-            conn.settimeout(None)
-            if not self._active.acquire(blocking=False):
-                with contextlib.suppress(OSError):
-                    conn.sendall(_error("unavailable", "too many clients; try again"))
+            try:
+                self._admit(conn)
+            except Exception:
+                log.exception("control connection not served")
                 conn.close()
-                continue
-            threading.Thread(
-                target=self._serve, args=(conn,), name="control-client", daemon=True
-            ).start()
 
-    def _serve(self, conn: socket.socket) -> None:
-        reader = protocol.LineReader(conn)
+    def _admit(self, conn: socket.socket) -> None:
+        """Identify the peer (SO_PEERCRED is there as soon as it connected), count it in,
+        and serve it in a thread of its own; or refuse it."""
+        conn.settimeout(None)
         try:
             peer = peer_of(conn, self.admin_group())
+        except OSError:
+            conn.close()
+            return
+        refused = self.admission.admit(peer)
+        if refused is not None:
+            self._refuse(conn, peer, refused)
+            return
+        try:
+            threading.Thread(
+                target=self._serve, args=(conn, peer), name="control-client", daemon=True
+            ).start()
+        except BaseException:
+            self.admission.release(peer)
+            raise
+
+    def _refuse(self, conn: socket.socket, peer: Peer, message: str) -> None:
+        """Say why, then end the stream. Closing a Unix socket whose request is still
+        unread resets the connection: the client would see "connection reset" or
+        "broken pipe" instead of this message. So a thread reads and drops what the
+        client sends until it hangs up (at most REFUSAL_LINGER), then closes."""
+        self._log_refusal(peer, message)
+        try:
+            conn.setblocking(False)  # a few hundred bytes into an empty buffer: never waits
+            conn.sendall(_error("unavailable", message))
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            conn.close()
+            return
+        if not self._refusing.acquire(blocking=False):
+            conn.close()  # a flood of refusals: do not pile up threads
+            return
+        try:
+            threading.Thread(
+                target=self._linger, args=(conn,), name="control-refuse", daemon=True
+            ).start()
+        except BaseException:
+            self._refusing.release()
+            conn.close()
+            raise
+
+    def _linger(self, conn: socket.socket) -> None:
+        try:
+            deadline = time.monotonic() + REFUSAL_LINGER
+            while (left := deadline - time.monotonic()) > 0:
+                conn.settimeout(left)
+                if not conn.recv(65536):  # passed descriptors are dropped by the kernel
+                    break
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            self._refusing.release()
+
+    def _log_refusal(self, peer: Peer, message: str) -> None:
+        """One warning per uid per REFUSAL_LOG_EVERY, counting the ones left out (only
+        the accept thread calls this)."""
+        now = time.monotonic()
+        last, since = self._refusals_logged.get(peer.uid, (now - REFUSAL_LOG_EVERY, 0))
+        if now - last < REFUSAL_LOG_EVERY:
+            self._refusals_logged[peer.uid] = (last, since + 1)
+            return
+        self._refusals_logged[peer.uid] = (now, 0)
+        more = f" ({since} more refused since the last warning)" if since else ""
+        log.warning("refused a connection from %s: %s%s", peer.who, message, more)
+
+    def _serve(self, conn: socket.socket, peer: Peer) -> None:
+        reader = protocol.LineReader(conn)
+        try:
             while not self._closing.is_set():
                 try:
                     # one deadline for the whole request, however slowly it trickles in
@@ -208,7 +335,7 @@ class ControlServer:
         finally:
             reader.close_fds()
             conn.close()
-            self._active.release()
+            self.admission.release(peer)
 
     def _answer(self, line: bytes, fds: list[int], peer: Peer) -> bytes:
         try:
