@@ -145,20 +145,31 @@ class Daemon:
 
     def _loop(self) -> None:
         next_watchdog = 0.0
+        last_failure = ""
         while not self._stop:
-            if self._reload:
-                self._reload = False
-                self._reload_settings()
-            self.cluster.check()
-            self.scheduler.tick(self.cluster.ok)
-            self.cluster.heartbeat(self.status.host_record)
-            self.notifier.status(self.status.line())
-            now = time.monotonic()
-            if self.notifier.watchdog_interval and now >= next_watchdog:
-                self.notifier.watchdog()
-                next_watchdog = now + self.notifier.watchdog_interval
+            try:
+                self._pass()
+                last_failure = ""
+            except Exception as exc:  # the loop outlives any one failure (a full disk, ...)
+                if str(exc) != last_failure:  # once per distinct failure, not every pass
+                    log.exception("main loop pass failed; going on")
+                    last_failure = str(exc)
+            else:  # only a healthy loop pets the watchdog
+                now = time.monotonic()
+                if self.notifier.watchdog_interval and now >= next_watchdog:
+                    self.notifier.watchdog()
+                    next_watchdog = now + self.notifier.watchdog_interval
             self._wake.wait(TICK)
             self._wake.clear()
+
+    def _pass(self) -> None:
+        if self._reload:
+            self._reload = False
+            self._reload_settings()
+        self.cluster.check()
+        self.scheduler.tick(self.cluster.ok)
+        self.cluster.heartbeat(self.status.host_record)
+        self.notifier.status(self.status.line())
 
     def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stop = True

@@ -7,6 +7,8 @@ means a new failure mode has to pick its place in that mapping deliberately.
 
 from __future__ import annotations
 
+import errno
+
 
 class ReqpmError(Exception):
     """Base of every error reqpm raises on purpose."""
@@ -73,6 +75,25 @@ class Busy(ReqpmError):
     """The daemon is at a cap (clients, uploads); the request may be tried again."""
 
     code = "unavailable"
+
+
+class QuotaExceeded(ReqpmError):
+    """A user is at one of their limits (unfinished builds, bytes submitted)."""
+
+    code = "quota"
+
+
+class DiskFull(ReqpmError):
+    """state_dir has no room: the request changed nothing and may be tried later."""
+
+    code = "unavailable"
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether an OS or SQLite error means "no space left" (ENOSPC, EDQUOT, SQLITE_FULL)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "full" in str(exc)  # sqlite3: "database or disk is full"
 
 
 class BadRequest(ReqpmError):

@@ -99,6 +99,8 @@ class Status:
         shut = describe_closed(self._scheduler.last_gates)
         if shut:
             parts.insert(0, shut)
+        if self._scheduler.write_error:
+            parts.insert(0, self._scheduler.write_error)
         recovering = len(self._scheduler.recovering)
         if recovering:
             parts.insert(0, f"recovering {recovering} build(s) an earlier instance left running")
@@ -126,6 +128,7 @@ class Status:
             "waiting_here": flight.waiting,
             "scheduler_ticks": self._scheduler.ticks,
             "recovering": sorted(self._scheduler.recovering),
+            "write_error": self._scheduler.write_error,
             "gates": [g.__dict__ for g in self._scheduler.last_gates],
             "redis": {"url": c.label, "ok": c.ok, "detail": c.detail},
             "restart_grace_left": grace_left,

@@ -4,6 +4,7 @@ cluster, status, scheduler). Nothing ticks the scheduler, so no build ever runs.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -20,9 +21,17 @@ from reqpmd.builds.store import Store
 from reqpmd.cluster import Cluster
 from reqpmd.config.parse import load
 from reqpmd.config.transaction import SettingsService
+from reqpmd.control import operations
 from reqpmd.control.operations import Operations
 from reqpmd.control.server import Peer, Request
-from reqpmd.errors import BadRequest, InvalidArgument, NotFound, PermissionDenied
+from reqpmd.errors import (
+    BadRequest,
+    DiskFull,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    QuotaExceeded,
+)
 from reqpmd.slots import keys
 from reqpmd.slots.limiter import BuildConcurrencyLimiter
 from reqpmd.slots.server import RedisServer
@@ -546,3 +555,61 @@ def test_priorities_above_max_user_priority_are_for_admins(env: Env, tmp_path: P
     assert _submit_at(env, tmp_path, USER, 10)["id"]
     with pytest.raises(PermissionDenied):
         _submit_at(env, tmp_path, USER, 11)
+
+
+# -- quotas and a full state_dir ---------------------------------------------------------------
+
+
+def test_a_user_may_have_max_queued_per_user_unfinished_builds(env: Env, tmp_path: Path) -> None:
+    env.call("settings.set", ADMIN, changes={"max_queued_per_user": 2})
+    first = submit(env, tmp_path)
+    submit(env, tmp_path)
+    with pytest.raises(QuotaExceeded) as err:
+        submit(env, tmp_path)
+    assert "2 unfinished builds, the most max_queued_per_user=2 allows" in str(err.value)
+    assert err.value.code == "quota"
+    assert len(env.store.recent()) == 2  # nothing stored
+    assert submit(env, tmp_path, ADMIN)  # admins have no quota
+    env.call("build.cancel", USER, id=first)
+    assert submit(env, tmp_path)  # an ended build frees its place
+
+
+def test_submitted_bytes_count_whole_even_when_sparse(env: Env, tmp_path: Path) -> None:
+    """A sparse file costs nothing on the client's disk but its whole size on ours."""
+    env.call("settings.set", ADMIN, changes={"max_staged_mb_per_user": 1})
+    sparse = tmp_path / "big.src.rpm"
+    with open(sparse, "wb") as f:
+        f.truncate(2 * 1000**2)
+    fd = os.open(sparse, os.O_RDONLY)
+    try:
+        with pytest.raises(QuotaExceeded, match="over max_staged_mb_per_user=1"):
+            env.call("submit", USER, [fd], files=[{"name": "big.src.rpm", "role": "srpm"}])
+    finally:
+        os.close(fd)
+    assert env.store.recent() == []
+    assert list(env.store.layout.incoming.iterdir()) == []  # nothing half-written
+    build_id = submit(env, tmp_path)
+    assert env.store.get(build_id).input_bytes == len(b"an srpm")
+
+
+def test_an_upload_that_would_fill_state_dir_is_refused(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(operations, "disk_free_bytes", lambda path: 900 * 1000**2)
+    with pytest.raises(DiskFull) as err:
+        submit(env, tmp_path, ADMIN)  # admins too: a full state_dir stops every build
+    assert "has 900 MB free" in str(err.value) and "min_free_state_mb=1024" in str(err.value)
+    assert env.store.recent() == []
+
+
+def test_a_full_disk_is_a_clear_error_that_changes_nothing(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_room(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(env.store, "stage", no_room)
+    with pytest.raises(DiskFull) as err:
+        submit(env, tmp_path)
+    assert "is full" in str(err.value) and "submit changed nothing" in str(err.value)
+    assert env.store.recent() == []

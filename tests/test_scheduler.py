@@ -287,6 +287,9 @@ class Rig:
         self._scheduler: Scheduler | None = None
 
     def _disk_free(self, path: Path) -> int:
+        """free_bytes under mock's root dir; state_dir has room (its gate has own tests)."""
+        if path == self.tmp / "state":
+            return 500 * 1000**3
         self.disk_asked.append(path)
         return self.free_bytes
 
@@ -775,7 +778,10 @@ def test_closed_disk_gate_launches_nothing_and_withdraws_waiters(rig: Rig) -> No
     bid = rig.submit_srpm()
     rig.tick()  # launching happens inside tick(): nothing can start after it returns
     assert rig.disk_asked == [rig.tmp / "mockroot"]
-    assert [(g.name, g.open) for g in rig.scheduler.last_gates] == [("disk", False)]
+    assert [(g.name, g.open) for g in rig.scheduler.last_gates] == [
+        ("disk", False),
+        ("state_disk", True),
+    ]
     assert rig.get(bid).state == State.QUEUED
     assert rig.limiter.calls == []
     assert rig.scheduler.in_flight() == InFlight(0, 0)
@@ -854,7 +860,7 @@ def test_host_max_builds_caps_the_flights(rig: Rig) -> None:
 
     rig.tick()  # at the cap: the host_max_builds gate is shut
     gates = {g.name: g.open for g in rig.scheduler.last_gates}
-    assert gates == {"host_max_builds": False, "disk": True}
+    assert gates == {"host_max_builds": False, "disk": True, "state_disk": True}
     assert rig.get(ids[2]).state == State.QUEUED
 
     first[0].finish(0)

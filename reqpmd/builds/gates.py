@@ -17,6 +17,7 @@ import psutil
 from reqpmd.config.schema import Settings
 
 GB = 1000**3
+MB = 1000**2
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,16 @@ class Gates:
                 free >= want,
                 f"{free:.1f} GB free {'>=' if free >= want else '<'} {want:g} GB "
                 f"under {settings.mock_root_dir}",
+            )
+        )
+        want_mb = settings.min_free_state_mb
+        free_mb = self.disk_free(settings.state_dir) / MB
+        gates.append(
+            Gate(
+                "state_disk",
+                free_mb >= want_mb,
+                f"{free_mb:.0f} MB free {'>=' if free_mb >= want_mb else '<'} {want_mb} MB "
+                f"under {settings.state_dir} (builds write their logs and results there)",
             )
         )
         limit = settings.max_load_per_cpu

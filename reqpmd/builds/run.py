@@ -7,7 +7,9 @@ SIGKILL). What each ending means is ``lifecycle``'s business, not this module's.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
 import subprocess
 import time
@@ -157,9 +159,11 @@ def scrub(
 
 
 def note(logf: IO[bytes], text: str) -> None:
-    """A line of reqpm's own in the build log, told apart from mock's output."""
+    """A line of reqpm's own in the build log, told apart from mock's output. Best
+    effort: a full disk must not stop a build, nor the scrub that frees its root."""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    logf.write(f"=== reqpm {stamp}: {text}\n".encode())
+    with contextlib.suppress(OSError):
+        logf.write(f"=== reqpm {stamp}: {text}\n".encode())
 
 
 def scrub_after_crash(
@@ -169,6 +173,11 @@ def scrub_after_crash(
     runner: Runner,
     on_started: OnStarted | None = None,
 ) -> None:
-    """Crash recovery's scrub, logging into the build's own log."""
-    with open(layout.log, "ab") as logf:
+    """Crash recovery's scrub, logging into the build's own log (or nowhere, when even
+    that cannot be opened: recovery must work on a full disk)."""
+    try:
+        logf = open(layout.log, "ab")  # noqa: SIM115 - closed below, whichever it is
+    except OSError:
+        logf = open(os.devnull, "ab")  # noqa: SIM115
+    with logf:
         scrub(build, layout, settings, runner, logf, on_started)

@@ -12,11 +12,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from reqpmd.backoff import Backoff
 from reqpmd.builds import gates as gates_mod
 from reqpmd.builds.events import build_event
 from reqpmd.builds.gates import Gate, Gates
@@ -38,6 +41,7 @@ from reqpmd.errors import (
     SlotNameInUse,
     SlotTimeout,
     WaitCancelled,
+    disk_full,
 )
 from reqpmd.slots.limiter import BuildConcurrencyLimiter, Slot
 
@@ -95,6 +99,7 @@ class Scheduler:
         # may start before, or the host could run more builds than it holds slots for
         self._orphans_alive = False
         self._recovery: threading.Thread | None = None
+        self.write_error: str | None = None  # why the queue cannot be written, if it cannot
         self._flights: dict[int, Flight] = {}
         self._lock = threading.RLock()
 
@@ -125,11 +130,20 @@ class Scheduler:
             # With a host cap, never wait for more slots than this host may use; without
             # one, every queued build may wait (bounded: each waiter is a thread).
             cap = s.host_max_builds or building + MAX_WAITING
-            while len(self._flights) < cap:
-                build = self.store.next_queued(exclude=set(self._flights))
-                if build is None:
-                    break
-                self._launch(build)
+            try:
+                while len(self._flights) < cap:
+                    build = self.store.next_queued(exclude=set(self._flights))
+                    if build is None:
+                        break
+                    self._launch(build)
+            except (OSError, sqlite3.OperationalError) as exc:
+                if not disk_full(exc):
+                    raise
+                if self.write_error is None:
+                    log.error("cannot start queued builds, state_dir is full: %s", exc)
+                self.write_error = f"state_dir is full: {exc}"
+                return
+            self.write_error = None
 
     def _launch(self, build: Build) -> None:
         flight = Flight(build.id)
@@ -189,14 +203,22 @@ class Scheduler:
     def _fly(self, flight: Flight, build: Build) -> None:
         try:
             self._fly_inner(flight, build)
-        except Exception:
-            log.exception("build %d: internal error", build.id, extra={"build_id": build.id})
-            if not flight.ended:  # one end state per run, whatever failed after it
+        except Exception as exc:
+            if flight.ended:  # one end state per run, whatever failed after it
+                log.exception("build %d: internal error after it ended", build.id)
+                return
+            if disk_full(exc):
+                outcome = Outcome(
+                    State.FAILED, None, f"state_dir is full: the build could not write ({exc})"
+                )
+                count = False
+            else:
+                log.exception("build %d: internal error", build.id, extra={"build_id": build.id})
                 outcome = Outcome(State.QUEUED, None, "internal error; will retry")
                 count = counts_as_retry(
                     mock_ran=flight.building, daemon_stopping=self.stopping, internal_error=True
                 )
-                self._end(build.id, outcome, count_retry=count, flight=flight)
+            self._end(build.id, outcome, count_retry=count, flight=flight)
 
     def _fly_inner(self, flight: Flight, build: Build) -> None:
         s = self.settings()
@@ -273,6 +295,36 @@ class Scheduler:
         count_retry: bool = False,
         flight: Flight | None = None,
     ) -> None:
+        """Record how this run of the build ended: exactly once. On a full disk it tries
+        again until there is room (status says why), or until the daemon stops, which
+        leaves the build to the next start's recovery."""
+        backoff = Backoff(first=0.5, cap=5.0)
+        while True:
+            try:
+                state, changes = self._record_end(build_id, outcome, count_retry, flight)
+                break
+            except (OSError, sqlite3.OperationalError) as exc:
+                if not disk_full(exc):
+                    raise
+                if not backoff.failing:
+                    build_event(
+                        build_id,
+                        f"cannot record its end, state_dir is full ({exc}); trying again",
+                        logging.ERROR,
+                    )
+                self.write_error = f"state_dir is full: {exc}"
+                if self.stopping:
+                    return
+                time.sleep(backoff.failed())
+        if backoff.failing:
+            self.write_error = None
+        level = logging.INFO if state in (State.SUCCEEDED, State.QUEUED) else logging.WARNING
+        error = f" ({changes['error']})" if changes.get("error") else ""
+        build_event(build_id, f"{state}{error}", level)
+
+    def _record_end(
+        self, build_id: int, outcome: Outcome, count_retry: bool, flight: Flight | None
+    ) -> tuple[State, dict[str, Any]]:
         with self._lock:  # serialised with cancel()
             build = self.store.get(build_id)
             state, changes = settle(
@@ -285,9 +337,7 @@ class Scheduler:
             self.store.transition(build_id, state, **changes)
             if flight is not None:
                 flight.ended = True
-        level = logging.INFO if state in (State.SUCCEEDED, State.QUEUED) else logging.WARNING
-        error = f" ({changes['error']})" if changes.get("error") else ""
-        build_event(build_id, f"{state}{error}", level)
+        return state, changes
 
     # -- start-up ---------------------------------------------------------------------
 

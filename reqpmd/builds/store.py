@@ -46,9 +46,11 @@ CREATE TABLE IF NOT EXISTS builds (
     retries       INTEGER NOT NULL DEFAULT 0, -- re-queues after crashes / locked roots
     pid           INTEGER,                    -- mock's process group leader while running
     pid_started   REAL,                       -- its start time, to tell it from a reused pid
-    slot_token    INTEGER
+    slot_token    INTEGER,
+    input_bytes   INTEGER NOT NULL DEFAULT 0   -- size of what was submitted (quotas)
 );
 CREATE INDEX IF NOT EXISTS builds_state ON builds(state, priority, id);
+CREATE INDEX IF NOT EXISTS builds_submitter ON builds(submitted_by, state);
 CREATE TABLE IF NOT EXISTS daemon_state (    -- small facts the daemon keeps across restarts
     key    TEXT PRIMARY KEY,
     value  TEXT NOT NULL
@@ -95,6 +97,7 @@ class Build:
     pid: int | None
     pid_started: float | None
     slot_token: int | None
+    input_bytes: int
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -116,6 +119,7 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        _migrate(self._db)
         self._lock = threading.RLock()
 
     def close(self) -> None:
@@ -168,6 +172,7 @@ class Store:
         priority: int,
         uid: int,
         user: str = "",
+        input_bytes: int = 0,
     ) -> int:
         """Queue a build whose files ``stage`` wrote to ``inputs``; row and files are on disk
         before the id is returned."""
@@ -175,8 +180,19 @@ class Store:
             with self._tx() as db:
                 cur = db.execute(
                     "INSERT INTO builds (state, chroot, kind, source, priority, submitted_by,"
-                    " submitted_name, submitted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (State.QUEUED, chroot, kind, source, priority, uid, user, time.time()),
+                    " submitted_name, submitted_at, input_bytes)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        State.QUEUED,
+                        chroot,
+                        kind,
+                        source,
+                        priority,
+                        uid,
+                        user,
+                        time.time(),
+                        input_bytes,
+                    ),
                 )
                 build_id = int(cur.lastrowid or 0)
                 files = self.files(build_id)
@@ -219,6 +235,17 @@ class Store:
                 wanted,
             ).fetchall()
         return [_build(r) for r in rows]
+
+    def usage(self, uid: int) -> tuple[int, int]:
+        """(unfinished builds, bytes they were submitted with) of one submitter."""
+        marks = ", ".join("?" for _ in _UNFINISHED)
+        with self._lock:
+            count, total = self._db.execute(
+                f"SELECT COUNT(*), COALESCE(SUM(input_bytes), 0) FROM builds"
+                f" WHERE submitted_by = ? AND state IN ({marks})",
+                (uid, *_UNFINISHED),
+            ).fetchone()
+        return int(count), int(total)
 
     def count(self, state: State) -> int:
         with self._lock:
@@ -308,6 +335,16 @@ class Store:
                 (limit,),
             ).fetchall()
         return [dict(zip(("at", "uid", "user", "key", "old", "new"), r, strict=True)) for r in rows]
+
+
+_UNFINISHED = (State.QUEUED, State.WAITING, State.BUILDING)
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Columns added since the first release, for databases made before them."""
+    have = {row[1] for row in db.execute("PRAGMA table_info(builds)")}
+    if "input_bytes" not in have:
+        db.execute("ALTER TABLE builds ADD COLUMN input_bytes INTEGER NOT NULL DEFAULT 0")
 
 
 def _build(row: tuple[Any, ...]) -> Build:

@@ -206,6 +206,21 @@ class Settings:
     max_build_retries: int = _setting(
         3, "re-runs of a build interrupted by a crash or a locked root before it fails", 0, 20
     )
+    min_free_state_mb: int = _setting(
+        1024,
+        "refuse uploads, and take no new slot, while state_dir has less free space (MB)",
+        0,
+        10_000_000,
+    )
+    max_queued_per_user: int = _setting(
+        100, "unfinished builds (queued to building) a non-admin user may have at once", 1, 100_000
+    )
+    max_staged_mb_per_user: int = _setting(
+        4096,
+        "MB of submitted files a non-admin user's unfinished builds may hold in state_dir",
+        1,
+        10_000_000,
+    )
     max_user_priority: int = _setting(
         0,
         "highest priority a non-admin may submit at (the queue is cluster-wide: a higher "

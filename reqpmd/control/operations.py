@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any
 
 from reqpmd import __version__
 from reqpmd.builds.events import build_event
+from reqpmd.builds.gates import MB, disk_free_bytes
 from reqpmd.builds.scheduler import Scheduler
 from reqpmd.builds.states import State
 from reqpmd.builds.store import Build, Store
@@ -23,9 +25,18 @@ from reqpmd.checks import int_in_range
 from reqpmd.cluster import Cluster
 from reqpmd.config.schema import BY_NAME, unknown_key_error
 from reqpmd.config.transaction import SettingsService
+from reqpmd.control.quota import Quota
 from reqpmd.control.server import Request
 from reqpmd.control.submission import MAX_FILE_BYTES, check_chroot, check_submission
-from reqpmd.errors import BadRequest, Busy, InvalidArgument, NotFound, PermissionDenied
+from reqpmd.errors import (
+    BadRequest,
+    Busy,
+    DiskFull,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    disk_full,
+)
 from reqpmd.slots.limiter import BuildConcurrencyLimiter
 from reqpmd.slots.scripts import MAX_PRIORITY
 from reqpmd.status import Status, build_json, slot_listing
@@ -69,6 +80,7 @@ class Operations:
         self.cluster = cluster
         self.wake = wake
         self._uploads = threading.BoundedSemaphore(MAX_UPLOADS)
+        self._quota = Quota(store, settings.current)
         self.ops: dict[str, Op] = {
             "ping": Op(self.ping),
             "status": Op(self.status),
@@ -101,7 +113,15 @@ class Operations:
                 f"{req.op} needs the admin role (root or group "
                 f"{self.settings.current().admin_group}); {req.peer.user} is a user"
             )
-        return op.run(req)
+        try:
+            return op.run(req)
+        except (OSError, sqlite3.OperationalError) as exc:
+            if not disk_full(exc):
+                raise
+            raise DiskFull(
+                f"state_dir {self.settings.current().state_dir} is full ({exc}); {req.op} "
+                "changed nothing: free space and try again"
+            ) from exc
 
     def _json(self, build: Build) -> dict[str, Any]:
         return build_json(build, self.store)
@@ -177,27 +197,43 @@ class Operations:
                 f"(root or group {self.settings.current().admin_group}) may submit above it"
             )
         sub = check_submission(args.get("files"), req.fds)
+        self._check_room(sub.size)
         if not self._uploads.acquire(blocking=False):
             raise Busy(f"{MAX_UPLOADS} submissions are being stored already; try again")
         try:
-            staged = self.store.stage(dict(sub.files), max_file_bytes=MAX_FILE_BYTES)
+            with self._quota.reserve(req.peer, sub.size):
+                staged = self.store.stage(dict(sub.files), max_file_bytes=MAX_FILE_BYTES)
+                build_id = self.store.submit(
+                    chroot=chroot,
+                    kind=sub.kind,
+                    source=sub.main,
+                    inputs=staged,
+                    priority=priority,
+                    uid=req.peer.uid,
+                    user=req.peer.user,
+                    input_bytes=sub.size,
+                )
         finally:
             self._uploads.release()
-        build_id = self.store.submit(
-            chroot=chroot,
-            kind=sub.kind,
-            source=sub.main,
-            inputs=staged,
-            priority=priority,
-            uid=req.peer.uid,
-            user=req.peer.user,
-        )
         build_event(
             build_id,
             f"submitted by {req.peer.who}: {sub.main} for {chroot}, priority {priority}",
         )
         self.wake()
         return {"id": build_id}
+
+    def _check_room(self, size: int) -> None:
+        """Refuse an upload that would leave state_dir with less than min_free_state_mb:
+        a full state_dir stops every build of the host (their logs and the queue)."""
+        s = self.settings.current()
+        free = disk_free_bytes(s.state_dir)
+        want = s.min_free_state_mb * MB + size
+        if free < want:
+            raise DiskFull(
+                f"state_dir {s.state_dir} has {free // MB} MB free; this upload needs "
+                f"{-(-size // MB)} MB plus min_free_state_mb={s.min_free_state_mb}: nothing "
+                "was stored; try again when space is freed"
+            )
 
     def _own_build(self, req: Request, verb: str) -> Build:
         build = self.store.get(_int_arg(req.args, "id", 1, MAX_ID))

@@ -35,6 +35,7 @@ ERROR_EXIT = {
     "conflict": EXIT_FAILED,
     "cancelled": EXIT_FAILED,
     "unavailable": EXIT_FAILED,
+    "quota": EXIT_FAILED,
     "invalid": EXIT_USAGE,
     "bad_request": EXIT_USAGE,
     "permission": EXIT_PERMISSION,

@@ -27,6 +27,7 @@ class Submission:
     kind: str  # "srpm" or "spec"
     main: str  # the SRPM's or the spec file's name
     files: dict[str, int]  # name under input/ -> descriptor to copy from
+    size: int  # bytes, all files together (as fstat says: a sparse file counts whole)
 
 
 def check_chroot(chroot: Any) -> str:
@@ -83,4 +84,4 @@ def check_submission(files: Any, fds: list[int]) -> Submission:
     for name, role, fd in zip(names, roles, fds, strict=True):
         check_fd(fd, name, budget)
         staged[input_name(name, role == "source")] = fd
-    return Submission(kind, main, staged)
+    return Submission(kind, main, staged, MAX_TOTAL_BYTES - budget[0])
