@@ -372,8 +372,33 @@ class Scheduler:
             self.recovering = {b.id for b in leftover}
         return self._recover(leftover, stopper)
 
+    def _recover_one(self, build: Build, s: Settings) -> None:
+        if build.state == State.BUILDING:
+            scrub_after_crash(
+                build,
+                self.store.files(build.id),
+                s,
+                self.runner,
+                on_started=functools.partial(self._scrub_started, build.id),
+            )
+        with contextlib.suppress(RedisUnavailable):  # else its lease frees the slot
+            self.limiter.force_release(slot_name(build.id, s.host_id))
+        self._end(
+            build.id,
+            Outcome(State.QUEUED, None, "interrupted by a daemon crash; re-queued"),
+            count_retry=counts_as_retry(
+                mock_ran=build.state == State.BUILDING, daemon_stopping=False
+            ),
+        )
+        build_event(build.id, "left running by an earlier instance; re-queued", logging.WARNING)
+
     def _scrub_started(self, build_id: int, pid: int, started: float | None) -> None:
-        self.store.update(build_id, pid=pid, pid_started=started)
+        """Best effort: a recovery scrub goes on when a full disk cannot record its pid."""
+        try:
+            self.store.update(build_id, pid=pid, pid_started=started)
+        except (OSError, sqlite3.OperationalError) as exc:
+            if not disk_full(exc):
+                raise
 
     def _recover(self, leftover: list[Build], stopper: Stopper) -> list[int]:
         try:
@@ -388,24 +413,11 @@ class Scheduler:
         for build in leftover:
             if self.stopping:
                 break  # the rest stays waiting/building: the next start recovers it
-            if build.state == State.BUILDING:
-                scrub_after_crash(
-                    build,
-                    self.store.files(build.id),
-                    s,
-                    self.runner,
-                    on_started=functools.partial(self._scrub_started, build.id),
-                )
-            with contextlib.suppress(RedisUnavailable):  # else its lease frees the slot
-                self.limiter.force_release(slot_name(build.id, s.host_id))
-            self._end(
-                build.id,
-                Outcome(State.QUEUED, None, "interrupted by a daemon crash; re-queued"),
-                count_retry=counts_as_retry(
-                    mock_ran=build.state == State.BUILDING, daemon_stopping=False
-                ),
-            )
-            build_event(build.id, "left running by an earlier instance; re-queued", logging.WARNING)
+            try:
+                self._recover_one(build, s)
+            except Exception:  # one build's surprise must not strand the others
+                log.exception("build %d: recovery failed; the next start tries again", build.id)
+                continue
             recovered.append(build.id)
             with self._lock:
                 self.recovering.discard(build.id)

@@ -110,9 +110,11 @@ class Store:
     def __init__(self, state_dir: Path) -> None:
         self.layout = StateLayout(Path(state_dir))
         self.layout.builds.mkdir(parents=True, exist_ok=True)
-        # uploads cut off by a crash
-        shutil.rmtree(self.layout.incoming, ignore_errors=True)
-        self.layout.incoming.mkdir()
+        # uploads cut off by a crash; the directory itself stays (a full disk may refuse
+        # to make it again)
+        self.layout.incoming.mkdir(exist_ok=True)
+        for leftover in self.layout.incoming.iterdir():
+            shutil.rmtree(leftover, ignore_errors=True)
         self._db = sqlite3.connect(
             self.layout.database, check_same_thread=False, isolation_level=None
         )
