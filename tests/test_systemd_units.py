@@ -1,9 +1,11 @@
 """The shipped units under a real systemd (252): tests/sandbox/ boots one as PID 1 of fresh
 namespaces over a tmpfs overlay of /, and reqpm is installed into it the way a package
 would be: /usr/bin/reqpmd and reqpmctl (wrappers around this checkout), the mock stand-in
-as /usr/bin/mock, systemd/* in place, users from reqpm.sysusers, directories from
-reqpm.tmpfiles, /etc/reqpm/reqpmd.yaml from etc/reqpm/. Test-only values (short watchdog,
-mock's sleep) go in a drop-in; the shipped unit files are used as they are.
+as /usr/bin/mock, systemd/* in place, users from reqpm.sysusers, /etc/reqpm/reqpmd.yaml from
+etc/reqpm/ and the directories with the owners and modes of reqpm.spec's %files, then
+reqpm.tmpfiles applied. Test-only values (short watchdog, mock's sleep) go in a drop-in and
+in the config, written into the installed file (its owner and mode kept); the shipped unit
+files are used as they are.
 
 One sandbox serves the whole module; each test sets up the daemon state it needs itself.
 """
@@ -25,6 +27,7 @@ import yaml
 
 from reqpmd.control import protocol
 from tests.sandbox import Sandbox, poll
+from tests.test_packaging import fedora_expand, spec_file_attrs, spec_section
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 HELLO = CHECKOUT / "tests" / "data" / "hello"
@@ -34,6 +37,7 @@ PYTHON = VENV_PYTHON if VENV_PYTHON.exists() else Path(sys.executable)
 DROPIN = "/etc/systemd/system/reqpmd.service.d/test.conf"
 CONFIG = "/etc/reqpm/reqpmd.yaml"
 MOCK_LOG = "/var/lib/mock/fakemock.jsonl"
+REDIS_SOCKET = "/var/lib/reqpm/redis/redis.sock"  # the embedded Redis's
 FAIL_SRPM = "/srv/reqpm-test/broken-fail-1-1.src.rpm"
 # what a fast test needs on top of the shipped config
 TEST_CONFIG: dict[str, Any] = {
@@ -102,21 +106,34 @@ class Reqpm:
                 "systemd-sysusers",
                 "/usr/lib/sysusers.d/reqpm.conf",
                 "/etc/sysusers.d/reqpm-test.conf",
-            ),
-            "tmpfiles": sbx.run("systemd-tmpfiles", "--create", "/usr/lib/tmpfiles.d/reqpm.conf"),
+            )
         }
+        # what rpm installs after %pre (sysusers), with the spec's %attr; tmpfiles after it
+        self.write_config()
+        for path, (mode, user, group) in spec_file_attrs().items():
+            if not sbx.path(path).exists():
+                sbx.run("mkdir", "-p", path)
+            sbx.run("chown", f"{user}:{group}", path)
+            sbx.run("chmod", mode, path)
+        self.setup_output["tmpfiles"] = sbx.run(
+            "systemd-tmpfiles", "--create", "/usr/lib/tmpfiles.d/reqpm.conf"
+        )
         # as the mock package has it: root:mock, setgid, group-writable
         sbx.run("install", "-d", "-m", "2775", "-g", "mock", "/var/lib/mock")
         sbx.write(FAIL_SRPM, "not an rpm: the mock stand-in fails builds named *fail*\n")
-        self.write_config()
         self.write_dropin()
 
     def write_config(self, **values: Any) -> None:
-        """The shipped, commented config, with the test values (and ``values``) set."""
+        """The shipped, commented config, with the test values (and ``values``) set. Written
+        into the file in place: it keeps the owner and mode it was installed (or left) with."""
         text = (CHECKOUT / "etc" / "reqpm" / "reqpmd.yaml").read_text()
         chosen = {**TEST_CONFIG, **values}
         text += "\n# --- set by tests/test_systemd_units.py ---\n" + yaml.safe_dump(chosen)
-        self.sbx.write(CONFIG, text)
+        path = self.sbx.path(CONFIG)
+        if path.exists():
+            path.write_text(text)
+        else:
+            self.sbx.write(CONFIG, text, 0o600)
 
     def write_dropin(self, mock_sleep: float = 0.2) -> None:
         """Test-only service values; the shipped unit file stays as it is."""
@@ -210,11 +227,11 @@ def test_units_verify_without_warnings_and_sysusers_tmpfiles_apply(
         assert not re.search(r"(?i)warn|error|ignor|invalid|fail|unknown", r.stderr), (step, r)
     stat = sbx.run("stat", "-c", "%n %U:%G %a", "/var/lib/reqpm", "/etc/reqpm", "/run/reqpm")
     assert stat.stdout.split("\n")[:3] == [
-        "/var/lib/reqpm reqpm:reqpm 750",
-        "/etc/reqpm reqpm:reqpm 755",
-        "/run/reqpm reqpm:reqpm 755",
+        "/var/lib/reqpm reqpmd:reqpmd 750",
+        "/etc/reqpm reqpmd:reqpmd 750",
+        "/run/reqpm reqpmd:reqpmd 755",
     ]
-    assert "mock" in sbx.run("id", "-Gn", "reqpm").stdout.split()
+    assert {"mock", "reqpm"} <= set(sbx.run("id", "-Gn", "reqpmd").stdout.split())
     units = ["/etc/systemd/system/reqpmd.service", "/etc/systemd/system/reqpmd.socket"]
     # with the test drop-in, then the shipped files alone
     r = sbx.run("systemd-analyze", "verify", *units, check=False)
@@ -278,8 +295,9 @@ def test_start_returns_after_ready_and_status_shows_the_status_line(reqpm: Reqpm
 def test_status_for_root_and_group_reqpm_refused_to_others(reqpm: Reqpm) -> None:
     sbx = reqpm.sbx
     reqpm.restart()
+    # reqpmd bound it and gave it to group reqpm (it is in that group for this)
     stat = sbx.run("stat", "-c", "%U:%G %a", "/run/reqpm/reqpmd.sock").stdout.strip()
-    assert stat == "reqpm:reqpm 660"
+    assert stat == "reqpmd:reqpm 660"
     assert "reqpm" in sbx.run("id", "-Gn", "alice").stdout.split()
     assert "reqpm" not in sbx.run("id", "-Gn", "mallory").stdout.split()
     for user in (None, "alice"):
@@ -289,6 +307,70 @@ def test_status_for_root_and_group_reqpm_refused_to_others(reqpm: Reqpm) -> None
     r = reqpm.ctl("status", user="mallory")
     assert r.returncode == protocol.EXIT_UNREACHABLE == 5, r
     assert "permission denied" in r.stderr
+
+
+# -- who may read the daemon's files --------------------------------------------------
+
+
+def stat_of(sbx: Sandbox, *paths: str) -> list[str]:
+    return sbx.run("stat", "-c", "%n %U:%G %a", *paths).stdout.splitlines()
+
+
+def as_user(sbx: Sandbox, user: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    return sbx.run("runuser", "-u", user, "--", *argv, check=False)
+
+
+def test_as_installed_a_reqpmctl_user_cannot_read_the_config(reqpm: Reqpm) -> None:
+    """Group reqpm (who may run reqpmctl) is not the daemon's group: the config, which may
+    hold a Redis password, is 0600 reqpmd:reqpmd, and stays so when reqpmd rewrites it."""
+    sbx = reqpm.sbx
+    cursor = sbx.journal_cursor()
+    reqpm.restart()
+    assert "reqpm" in sbx.run("id", "-Gn", "alice").stdout.split()
+    assert reqpm.ctl("status", user="alice").returncode == 0
+    r = reqpm.ctl("settings", "show", user="alice")
+    assert r.returncode == 0 and "max_concurrent_builds" in r.stdout, r
+    r = as_user(sbx, "alice", "cat", CONFIG)
+    assert r.returncode != 0 and "Permission denied" in r.stderr, r
+    r = as_user(sbx, "alice", "ls", "/var/lib/reqpm")
+    assert r.returncode != 0 and "Permission denied" in r.stderr, r
+
+    # the daemon: user reqpmd, its own group, and mock and reqpm besides
+    assert sbx.run("id", "-gn", "reqpmd").stdout.split() == ["reqpmd"]
+    assert sorted(sbx.run("id", "-Gn", "reqpmd").stdout.split()) == ["mock", "reqpm", "reqpmd"]
+    uid, gid = sbx.run("id", "-u", "reqpmd").stdout.strip(), sbx.run("id", "-g", "reqpmd").stdout
+    status = sbx.path(f"/proc/{sbx.show('reqpmd.service', 'MainPID')}/status").read_text()
+    ids = {line.split(":")[0]: line.split()[1:] for line in status.splitlines() if ":" in line}
+    assert ids["Uid"] == [uid] * 4 and ids["Gid"] == [gid.strip()] * 4, ids
+    group_ids = {sbx.run("getent", "group", g).stdout.split(":")[2] for g in ("mock", "reqpm")}
+    assert group_ids <= set(ids["Groups"]), ids
+
+    paths = ("/etc/reqpm", CONFIG, "/var/lib/reqpm", "/var/lib/reqpm/redis", REDIS_SOCKET)
+    assert stat_of(sbx, *paths) == [
+        "/etc/reqpm reqpmd:reqpmd 750",
+        f"{CONFIG} reqpmd:reqpmd 600",
+        "/var/lib/reqpm reqpmd:reqpmd 750",
+        "/var/lib/reqpm/redis reqpmd:reqpmd 750",
+        f"{REDIS_SOCKET} reqpmd:reqpmd 700",
+    ]
+    assert stat_of(sbx, "/run/reqpm", "/run/reqpm/reqpmd.sock") == [
+        "/run/reqpm reqpmd:reqpmd 755",
+        "/run/reqpm/reqpmd.sock reqpmd:reqpm 660",
+    ]
+    assert CONFIG not in sbx.journal("-u", "reqpmd", "-p", "warning", after=cursor)
+    # the unit's *DirectoryMode= agree with the directories as installed (else systemd says
+    # "ConfigurationDirectory 'reqpm' already exists but the mode is different" at each start)
+    assert "the mode is different" not in sbx.journal("-u", "reqpmd", after=cursor)
+
+    # settings set makes reqpmd write a new file and rename it over the old one
+    inode = sbx.path(CONFIG).stat().st_ino
+    r = reqpm.ctl("settings", "set", "max_concurrent_builds=3")
+    assert r.returncode == 0, r.stderr
+    assert sbx.path(CONFIG).stat().st_ino != inode
+    assert "max_concurrent_builds: 3" in sbx.path(CONFIG).read_text()
+    assert stat_of(sbx, CONFIG) == [f"{CONFIG} reqpmd:reqpmd 600"]
+    r = as_user(sbx, "alice", "cat", CONFIG)
+    assert r.returncode != 0 and "Permission denied" in r.stderr, r
 
 
 # -- reload ---------------------------------------------------------------------------
@@ -364,8 +446,8 @@ def test_build_runs_and_the_journal_has_its_events_priorities_and_id(reqpm: Reqp
     assert "Finish: rpmbuild" in r.stdout  # the log streamed from the build
     runs = [x for x in reqpm.mock_runs() if x["root"].endswith(f"-build{ok}")]
     assert runs and all(x["exit"] == 0 for x in runs)
-    uid = int(sbx.run("id", "-u", "reqpm").stdout)
-    assert {x["uid"] for x in runs} == {uid}  # mock ran as User=reqpm
+    uid = int(sbx.run("id", "-u", "reqpmd").stdout)
+    assert {x["uid"] for x in runs} == {uid}  # mock ran as User=reqpmd
 
     events = poll(
         f"build {ok}'s events under REQPM_BUILD_ID={ok}",
@@ -489,6 +571,8 @@ def test_socket_activation_starts_reqpmd_on_the_first_call(reqpm: Reqpm) -> None
     assert sbx.systemctl("is-active", "reqpmd.service", check=False).stdout.strip() == "active"
     log = sbx.journal("-u", "reqpmd", after=cursor)
     assert "(socket activation)" in log
+    stat = sbx.run("stat", "-c", "%U:%G %a", "/run/reqpm/reqpmd.sock").stdout.strip()
+    assert stat == "reqpmd:reqpm 660"
     r = reqpm.ctl("status", user="alice")  # the socket unit's SocketGroup=reqpm, 0660
     assert r.returncode == 0, r.stderr
     assert reqpm.ctl("status", user="mallory").returncode == protocol.EXIT_UNREACHABLE
@@ -531,3 +615,42 @@ def test_socket_activated_reqpmd_answers_after_a_restart(reqpm: Reqpm) -> None:
     finally:
         sbx.systemctl("stop", "reqpmd.service", "reqpmd.socket")
         sbx.systemctl("reset-failed", "reqpmd.socket", check=False)
+
+
+# -- upgrade from the layout where the daemon ran as user reqpm --------------------------
+
+
+def test_post_gives_an_install_of_the_old_reqpm_user_to_reqpmd(reqpm: Reqpm) -> None:
+    """0.1.0-1's daemon ran as user reqpm, in group reqpm, with the config root:reqpm 0640.
+    The spec's %post (run here without its systemd macros) gives it all to reqpmd, twice
+    over without harm; reqpmd then starts on it and still has its builds."""
+    sbx = reqpm.sbx
+    reqpm.restart()
+    build_id = reqpm.submit_hello()
+    assert reqpm.wait_state(build_id, "succeeded", "failed")["state"] == "succeeded"
+    sbx.systemctl("stop", "reqpmd.service")
+    old_user = 'u reqpm -:reqpm "reqpm build daemon" /var/lib/reqpm /usr/sbin/nologin\n'
+    sbx.write("/etc/sysusers.d/reqpm-0.1.0.conf", old_user)
+    sbx.run("systemd-sysusers", "/etc/sysusers.d/reqpm-0.1.0.conf")
+    sbx.run("chown", "-R", "reqpm:reqpm", "/var/lib/reqpm", "/etc/reqpm")
+    sbx.run("chown", "root:reqpm", CONFIG)
+    sbx.run("chmod", "640", CONFIG)
+    sbx.run("chmod", "755", "/etc/reqpm")
+    assert as_user(sbx, "alice", "cat", CONFIG).returncode == 0  # the finding, reproduced
+
+    body = [line for line in spec_section("post").splitlines() if not line.startswith("%")]
+    script = fedora_expand("\n".join(body))
+    for _ in range(2):
+        r = sbx.run("sh", "-c", script, "post", "2", check=False)  # $1 = 2: an upgrade
+        assert (r.returncode, r.stderr) == (0, ""), r
+        r = sbx.run(
+            "find", "/var/lib/reqpm", "/etc/reqpm", "(", "!", "-user", "reqpmd", "-o", "!",
+            "-group", "reqpmd", ")", "-printf", "%p %u:%g\n",
+        )  # fmt: skip
+        assert r.stdout == "", r.stdout
+        assert stat_of(sbx, CONFIG) == [f"{CONFIG} reqpmd:reqpmd 600"]
+    assert as_user(sbx, "alice", "cat", CONFIG).returncode != 0
+    sbx.systemctl("start", "reqpmd.service")
+    assert reqpm.build(build_id)["state"] == "succeeded"
+    r = reqpm.ctl("builds", "log", str(build_id), user="alice")
+    assert r.returncode == 0 and "Finish: rpmbuild" in r.stdout, r
