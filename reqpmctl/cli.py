@@ -107,10 +107,18 @@ def status(c: Ctx) -> None:
         f"here:    {st['building_here']} building, {st['waiting_here']} waiting for a "
         f"slot, {st['queued']} queued  (host {st['host_id']})"
     )
+    if st.get("cluster_limit_invalid") is not None:
+        lines.append(
+            f"limit:   {st['cluster_limit_invalid']!r} found in Redis is not a valid "
+            f"max_concurrent_builds: ignored, each host obeys its own "
+            f"('reqpmctl settings set max_concurrent_builds=N' sets one)"
+        )
     redis = st["redis"]
     lines.append(
         f"redis:   {'ok' if redis['ok'] else 'DOWN: ' + redis['detail']}  ({redis['url']})"
     )
+    if redis.get("repaired"):
+        lines.append(f"repaired: {redis['repaired']}")
     if st.get("restart_grace"):
         lines.append(f"grace:   {st['restart_grace']}")
     for g in st["gates"]:
@@ -495,12 +503,16 @@ def hosts(c: Ctx) -> None:
             [
                 h["host_id"],
                 output.ago(h["last_seen"]) + (" (stale)" if h.get("stale") else ""),
-                h["building"],
-                h["waiting"],
-                h["queued"],
-                h["max_concurrent_builds"],
-                h["host_max_builds"] or "-",
-                ", ".join(f"{g['name']}:{'open' if g['open'] else 'CLOSED'}" for g in h["gates"]),
+                h.get("building", "?"),
+                h.get("waiting", "?"),
+                h.get("queued", "?"),
+                h.get("max_concurrent_builds", "?"),
+                h.get("host_max_builds") or "-",
+                ", ".join(
+                    f"{g.get('name', '?')}:{'open' if g.get('open') else 'CLOSED'}"
+                    for g in h.get("gates") or []
+                    if isinstance(g, dict)
+                ),
             ]
             for h in rows
         ],

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -25,13 +26,15 @@ from typing import Any, Protocol
 import redis
 
 from reqpmd.backoff import Backoff
+from reqpmd.checks import is_int
 from reqpmd.config.schema import Settings, redact_url
 from reqpmd.config.transaction import Change
 from reqpmd.errors import RedisUnavailable
 from reqpmd.slots import keys
-from reqpmd.slots.connection import REDIS_ERRORS, unavailable
+from reqpmd.slots.connection import REDIS_ERRORS, text, unavailable
 from reqpmd.slots.limiter import BuildConcurrencyLimiter
 from reqpmd.slots.server import RedisServer
+from reqpmd.slots.untrusted import WarnOnce, loads, shown
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +125,9 @@ class Cluster:
         self.active: int | None = None  # slots held cluster-wide, at the last check
         self.grace_left = 0.0  # of a Redis restart grace, at the last check
         self.cluster_limit: int | None = None  # max_concurrent_builds as Redis has it
+        # what Redis holds as the cluster limit when that is no valid limit (ignored then)
+        self.cluster_limit_invalid: str | None = None
+        self.repaired: str | None = None  # the last repair of malformed data in Redis
         self._to_publish = False  # changed here while Redis was unreachable
         # the main loop's check and a settings change (a control thread) both sync the limit
         self._limit_lock = threading.Lock()
@@ -130,6 +136,7 @@ class Cluster:
         self._backoff = Backoff(first=0.5, cap=30.0)
         self._namespace = settings().namespace  # restart-only
         self._hosts_key = keys.hosts_key(self._namespace)
+        self._bad = WarnOnce(log)  # malformed heartbeats and surprises, said once each
 
     @property
     def label(self) -> str:
@@ -154,9 +161,19 @@ class Cluster:
         try:
             counts = self._limiter.counts()
             self.active, self.grace_left = counts.active, counts.grace_left
-            self._sync_limit(counts.cluster_limit, changed_here=self._to_publish)
+            self.cluster_limit_invalid = counts.cluster_limit_invalid
+            self.repaired = counts.repaired
+            self._sync_limit(
+                counts.cluster_limit,
+                changed_here=self._to_publish,
+                invalid=counts.cluster_limit_invalid is not None,
+            )
         except RedisUnavailable as exc:
             self._down(str(exc), now)
+            return
+        except Exception as exc:  # the main loop's check must outlive any surprise
+            self._bad.warn(("check", str(exc)), "checking Redis failed", level=logging.ERROR)
+            self._down(f"unexpected error reading Redis: {exc}", now)
             return
         if not self.ok and self.detail != NOT_CONNECTED:
             log.info("Redis at %s reachable again; taking slots again", self.label)
@@ -199,12 +216,18 @@ class Cluster:
         self.active = None
         self._next_check = now + self._backoff.failed()
 
-    def _sync_limit(self, shared: int | None, changed_here: bool) -> None:
+    def _sync_limit(self, shared: int | None, changed_here: bool, invalid: bool = False) -> None:
         with self._limit_lock:
-            self._sync_limit_locked(shared, changed_here or self._to_publish)
+            self._sync_limit_locked(shared, changed_here or self._to_publish, invalid)
 
-    def _sync_limit_locked(self, shared: int | None, changed_here: bool) -> None:
+    def _sync_limit_locked(self, shared: int | None, changed_here: bool, invalid: bool) -> None:
         mine = self._settings().max_concurrent_builds
+        if invalid and not changed_here:
+            # Redis holds no valid limit, and the limiter ignores the one it holds: each
+            # host obeys its own until an admin sets one. Not overwritten by itself, so
+            # status can show what was found (the limiter logged it).
+            self.cluster_limit = None
+            return
         decision = decide_limit(
             mine,
             shared,
@@ -230,6 +253,7 @@ class Cluster:
         self._to_publish = True
         try:
             self._sync_limit(self._limiter.get_cluster_limit(), changed_here=True)
+            self.cluster_limit_invalid = None
         except RedisUnavailable:
             log.warning("max_concurrent_builds will reach the other hosts when Redis is back")
 
@@ -241,19 +265,83 @@ class Cluster:
         if not self.ok or now < self._next_heartbeat:
             return
         self._next_heartbeat = now + HEARTBEAT_EVERY
-        data = {**record(), "last_seen": self._wall()}
+        data = json.dumps({**record(), "last_seen": self._wall()})
+        host_id = self._settings().host_id
         with contextlib.suppress(*REDIS_ERRORS):  # the next check reports Redis down
-            self._client.hset(self._hosts_key, self._settings().host_id, json.dumps(data))
+            try:
+                self._client.hset(self._hosts_key, host_id, data)
+            except redis.ResponseError as exc:
+                if not str(exc).startswith("WRONGTYPE"):
+                    raise
+                # not a hash (anyone can write anything): no host could be listed; start
+                # it afresh, the other hosts' records are back within a heartbeat
+                log.warning(
+                    "%s is not a hash of host heartbeats; replaced it with a new one",
+                    self._hosts_key,
+                )
+                self._client.delete(self._hosts_key)
+                self._client.hset(self._hosts_key, host_id, data)
 
     def hosts(self) -> list[dict[str, Any]]:
-        """Every daemon sharing the namespace, with how long ago it was heard of."""
+        """Every daemon sharing the namespace, with how long ago it was heard of. A record
+        that is not a heartbeat of reqpmd is skipped (and said once)."""
         try:
             raw = self._client.hgetall(self._hosts_key)
         except REDIS_ERRORS as exc:
             raise unavailable(exc) from exc
         now = self._wall()
-        hosts = [json.loads(v) for v in raw.values()]
-        for h in hosts:
-            h["age"] = max(0.0, now - float(h.get("last_seen", 0)))
+        hosts = []
+        for key, value in raw.items():
+            try:
+                h = _heartbeat(value)
+            except ValueError as exc:
+                field = text(key)
+                self._bad.warn(
+                    ("host", field),
+                    "skipping host %s in %s: not a heartbeat of reqpmd (%s)",
+                    shown(field),
+                    self._hosts_key,
+                    exc,
+                )
+                continue
+            h["age"] = max(0.0, now - h["last_seen"])
             h["stale"] = h["age"] > 3 * HEARTBEAT_EVERY
-        return sorted(hosts, key=lambda h: str(h.get("host_id")))
+            hosts.append(h)
+        return sorted(hosts, key=lambda h: str(h["host_id"]))
+
+
+# The fields of a heartbeat that reqpmctl reads, and the check of each value. A record
+# without host_id or last_seen is no heartbeat; the others are checked when present.
+_HEARTBEAT_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "host_id": lambda v: isinstance(v, str),
+    "last_seen": lambda v: (
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    ),
+    "building": is_int,
+    "waiting": is_int,
+    "queued": is_int,
+    "max_concurrent_builds": is_int,
+    "host_max_builds": is_int,
+    "gates": lambda v: (
+        isinstance(v, list)
+        and all(
+            isinstance(g, dict)
+            and isinstance(g.get("name"), str)
+            and isinstance(g.get("open"), bool)
+            for g in v
+        )
+    ),
+}
+_HEARTBEAT_REQUIRED = ("host_id", "last_seen")
+
+
+def _heartbeat(value: Any) -> dict[str, Any]:
+    """A heartbeat read from Redis, or ValueError saying what is wrong with it."""
+    h = loads(value)
+    if not isinstance(h, dict):
+        raise ValueError("not a JSON object")
+    missing = [k for k in _HEARTBEAT_REQUIRED if k not in h]
+    bad = [k for k, ok in _HEARTBEAT_FIELDS.items() if k in h and not ok(h[k])]
+    if missing or bad:
+        raise ValueError(f"missing or malformed: {', '.join(missing + bad)}")
+    return h

@@ -32,6 +32,7 @@ from reqpmd.config.schema import DEFAULT_CONFIG, Settings, SettingsInvalid
 from reqpmd.config.transaction import Change, SettingsService
 from reqpmd.control.operations import Operations
 from reqpmd.control.server import ControlServer, bind_socket
+from reqpmd.errors import RedisUnavailable
 from reqpmd.slots.connection import connect
 from reqpmd.slots.limiter import BuildConcurrencyLimiter
 from reqpmd.slots.server import RedisServer
@@ -99,7 +100,10 @@ class Daemon:
         )
         if self.redis_server is not None:
             # Our private server: nobody else can hold a slot it forgot.
-            self.limiter.declare_no_survivors()
+            try:
+                self.limiter.declare_no_survivors()
+            except RedisUnavailable as exc:  # the grace then ends by itself, in one lease
+                log.warning("could not end the restart grace of the embedded Redis: %s", exc)
         self.cluster = Cluster(client, self.limiter, current, self.store, self.redis_server)
         self.scheduler = Scheduler(self.store, self.limiter, current, self.runner, self.gates)
         self.status = Status(current, self.cluster, self.scheduler, self.store, self.limiter)

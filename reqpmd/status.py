@@ -17,6 +17,8 @@ from reqpmd.cluster import Cluster
 from reqpmd.config.schema import Settings
 from reqpmd.errors import RedisUnavailable
 from reqpmd.slots.limiter import BuildConcurrencyLimiter, grace_text
+from reqpmd.slots.scripts import LIMIT_MAX, LIMIT_MIN
+from reqpmd.slots.untrusted import printable
 
 _INTERNAL = ("pid", "pid_started")  # where mock runs is the daemon's business
 
@@ -64,6 +66,15 @@ def slot_listing(lim: BuildConcurrencyLimiter, max_concurrent: int) -> dict[str,
     }
 
 
+def invalid_limit_text(value: str) -> str:
+    """Why the limit in Redis is not obeyed, and how to set a valid one."""
+    return (
+        f"the cluster limit in Redis, {printable(repr(value), 80)}, is not an integer from "
+        f"{LIMIT_MIN} to {LIMIT_MAX} and is ignored: each host obeys its own "
+        "max_concurrent_builds until 'reqpmctl settings set max_concurrent_builds=N' sets one"
+    )
+
+
 class Status:
     def __init__(
         self,
@@ -94,6 +105,8 @@ class Status:
         if not c.ok:
             return f"waiting for Redis at {c.label}: {c.detail}; {here}"
         parts = [f"{c.active}/{c.limit()} slots busy cluster-wide, {here}"]
+        if c.cluster_limit_invalid is not None:
+            parts.insert(0, invalid_limit_text(c.cluster_limit_invalid))
         if grace_left > 0:
             parts.insert(0, grace_text(grace_left))
         shut = describe_closed(self._scheduler.last_gates)
@@ -130,7 +143,9 @@ class Status:
             "recovering": sorted(self._scheduler.recovering),
             "write_error": self._scheduler.write_error,
             "gates": [g.__dict__ for g in self._scheduler.last_gates],
-            "redis": {"url": c.label, "ok": c.ok, "detail": c.detail},
+            "redis": {"url": c.label, "ok": c.ok, "detail": c.detail, "repaired": c.repaired},
+            # what Redis holds as the cluster limit when it is not a valid one (ignored)
+            "cluster_limit_invalid": c.cluster_limit_invalid,
             "restart_grace_left": grace_left,
             "restart_grace": (
                 f"{grace_text(grace_left)}; {self._limiter.grace_hint}" if grace_left else None
@@ -144,7 +159,12 @@ class Status:
                 result["waiting"] = listing["waiting"]
                 result["active_count"] = len(listing["holders"])
             except RedisUnavailable as exc:
-                result["redis"] = {"url": c.label, "ok": False, "detail": str(exc)}
+                result["redis"] = {
+                    "url": c.label,
+                    "ok": False,
+                    "detail": str(exc),
+                    "repaired": c.repaired,
+                }
         return result
 
     def host_record(self) -> dict[str, Any]:

@@ -40,5 +40,6 @@ def unavailable(exc: BaseException) -> RedisUnavailable:
 
 
 def text(value: Any) -> str:
-    """A reply element as str (clients may or may not decode responses)."""
-    return value.decode() if isinstance(value, bytes) else str(value)
+    """A reply element as str (clients may or may not decode responses). Bytes that are
+    not UTF-8 (anyone can write any into Redis) are replaced, not fatal."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -31,7 +32,7 @@ from typing import Any
 
 import redis
 
-from reqpmd.checks import int_in_range
+from reqpmd.checks import int_in_range, is_int
 from reqpmd.errors import (
     InvalidArgument,
     RedisUnavailable,
@@ -48,6 +49,8 @@ from reqpmd.slots.scripts import (
     CLEAR,
     COUNTS,
     END_GRACE,
+    LIMIT_MAX,
+    LIMIT_MIN,
     MAX_PRIORITY,
     RELEASE,
     RENEW,
@@ -55,6 +58,7 @@ from reqpmd.slots.scripts import (
     SNAPSHOT,
     Reply,
 )
+from reqpmd.slots.untrusted import WarnOnce, loads, printable, shown
 from reqpmd.slots.waiter import Attempt, Waiter
 
 __all__ = ["BuildConcurrencyLimiter", "Counts", "Slot", "SlotInfo", "WaiterInfo"]
@@ -132,28 +136,77 @@ class Counts:
 
     active: int
     waiting: int
-    cluster_limit: int | None  # None: no cluster-wide limit was set
+    cluster_limit: int | None  # None: no valid cluster-wide limit was set
     grace_left: float  # seconds of a Redis-restart grace period still to run (0: none)
+    # the cluster limit Redis holds when it is not a valid one (then ignored), cut short
+    cluster_limit_invalid: str | None = None
+    # the last repair of data in Redis the scripts did not write: what, and when
+    repaired: str | None = None
 
 
-def _records(flat: list[Any]) -> Iterator[tuple[str, int, str, int, int, dict[str, Any]]]:
-    """(name, lease expiry ms, owner, token, granted/queued at ms, caller's JSON) from the
-    SNAPSHOT script's flat name, expiry, record triples."""
-    for i in range(0, len(flat), 3):
-        owner, token, at, _, info = text(flat[i + 2]).split(" ", 4)
-        yield (
-            text(flat[i]),
-            int(flat[i + 1]),
-            owner,
-            int(token),
-            int(at),
-            json.loads(info or "{}"),
-        )
+@dataclass(frozen=True)
+class _Record:
+    """One holder or waiter as SNAPSHOT lists it, its caller's JSON checked field by field."""
+
+    name: str
+    expiry_ms: float
+    owner: str
+    token: int
+    at_ms: int
+    host: str = ""
+    pid: int = 0
+    priority: int = 0
+    labels: dict[str, Any] = field(default_factory=dict)
+
+
+class _Malformed(ValueError):
+    """A reply or record that is not what the scripts write."""
+
+
+@contextmanager
+def _reply_of(script: str) -> Iterator[None]:
+    """Whatever a reply holds, reading it raises nothing but RedisUnavailable."""
+    try:
+        yield
+    except (ValueError, TypeError, IndexError, KeyError, OverflowError) as exc:
+        raise RedisUnavailable(f"unexpected reply from Redis to {script}: {exc}") from exc
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bytes | str):
+        return int(value)
+    if not is_int(value):
+        raise _Malformed(f"{shown(value)} is not an integer")
+    return int(value)
+
+
+def _caller_info(raw: str) -> tuple[dict[str, Any], str | None]:
+    """The fields of a record's JSON that are shown (host, pid, priority, labels), each
+    checked, and what was wrong with it (None: nothing)."""
+    try:
+        info = loads(raw or "{}")
+    except ValueError as exc:
+        return {}, f"its JSON does not parse ({exc})"
+    if not isinstance(info, dict):
+        return {}, "its JSON is not an object"
+    checks: dict[str, Callable[[Any], bool]] = {
+        "host": lambda v: isinstance(v, str),
+        "pid": lambda v: is_int(v) and 0 <= v < 2**63,
+        "priority": lambda v: is_int(v) and abs(v) <= MAX_PRIORITY,
+        "labels": lambda v: isinstance(v, dict),
+    }
+    odd = [key for key, ok in checks.items() if key in info and not ok(info[key])]
+    fields = {key: info[key] for key in checks if key in info and key not in odd}
+    return fields, f"bad {', '.join(odd)} in its JSON" if odd else None
 
 
 def _optional_limit(value: Any) -> int | None:
-    limit = int(value)
+    limit = _int(value)
     return None if limit < 0 else limit
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value is None else text(value)
 
 
 class BuildConcurrencyLimiter:
@@ -205,6 +258,7 @@ class BuildConcurrencyLimiter:
         self._grants = GrantListener(redis_client, self._keys.grants)
         self._steps = _Steps(self)
         self._grace_warned_until = 0.0  # monotonic end of the grace period last warned of
+        self._bad = WarnOnce(log)  # malformed data read from Redis, said once per key
 
     # -- configuration -------------------------------------------------------------
 
@@ -219,7 +273,9 @@ class BuildConcurrencyLimiter:
             reply = script(keys=self._key_list, args=[grace_ms, *args])
         except REDIS_ERRORS as exc:
             raise unavailable(exc) from exc
-        return list(reply)
+        if not isinstance(reply, list) or not reply:
+            raise RedisUnavailable(f"unexpected reply from Redis: {shown(reply)}")
+        return reply
 
     def _info_json(self, labels: dict[str, Any] | None, priority: int) -> str:
         return json.dumps(
@@ -249,16 +305,21 @@ class BuildConcurrencyLimiter:
             info,
             1 if try_only else 0,
         )
-        code = Reply(reply[0])
+        with _reply_of("ACQUIRE"):
+            code = Reply(reply[0])
+            if code == Reply.GRANTED:
+                return Attempt(_int(reply[1]))
+            if code == Reply.WAITING:
+                grace_left = _int(reply[4]) / 1000
+                wake = _int(reply[3])
+            elif code == Reply.BUSY:
+                wake = _int(reply[2])
+            elif code != Reply.IN_USE:
+                raise _Malformed(f"code {code.name}")
         if code == Reply.IN_USE:
             raise SlotNameInUse(f"slot {name!r} is already held or awaited by another owner")
-        if code == Reply.GRANTED:
-            return Attempt(int(reply[1]))
         if code == Reply.WAITING:
-            self._warn_grace(int(reply[4]) / 1000)
-            wake = int(reply[3])
-        else:  # BUSY
-            wake = int(reply[2])
+            self._warn_grace(grace_left)
         return Attempt(None, wake / 1000 if wake >= 0 else None)
 
     def _warn_grace(self, left: float) -> None:
@@ -470,11 +531,15 @@ class BuildConcurrencyLimiter:
             int(self.lease_ttl * 1000),
             slot.info,
             acquired_ms,
+            self.current_limit(),
         )
-        if reply[0] == Reply.LOST:
+        with _reply_of("RENEW"):
+            lost = Reply(reply[0]) == Reply.LOST
+            reregistered = not lost and _int(reply[1]) == 1
+        if lost:
             self._mark_lost(slot)
             raise SlotLost(f"slot {name!r} was taken away (lease expired or force-released)")
-        if reply[1] == 1:
+        if reregistered:
             log.warning("slot %s re-registered after a Redis restart", name)
         slot.lease_deadline = sent_at + self.lease_ttl
         return slot
@@ -487,7 +552,9 @@ class BuildConcurrencyLimiter:
 
     def _release_name(self, name: str, owner: str) -> Reply:
         """RELEASE for ``owner`` ('' = whoever holds or awaits the name)."""
-        return Reply(self._run(self._release, name, owner, self.current_limit())[0])
+        reply = self._run(self._release, name, owner, self.current_limit())
+        with _reply_of("RELEASE"):
+            return Reply(reply[0])
 
     def release(self, name: str) -> bool:
         """Give back a slot this process holds; False if it held none by that name."""
@@ -518,50 +585,130 @@ class BuildConcurrencyLimiter:
 
     def clear_all(self) -> int:
         """Free every slot of the namespace; returns how many were held."""
-        return int(self._run(self._clear, self.current_limit())[1])
+        reply = self._run(self._clear, self.current_limit())
+        with _reply_of("CLEAR"):
+            return _int(reply[1])
 
     # -- reading -------------------------------------------------------------------
 
     def snapshot(self) -> tuple[list[SlotInfo], list[WaiterInfo]]:
         """Holders and waiters (in queue order) read in one atomic step."""
-        _, _, _, holders, waiters, _ = self._run(self._snapshot)
+        reply = self._run(self._snapshot)
+        with _reply_of("SNAPSHOT"):
+            holders, waiters = list(reply[3]), list(reply[4])
+            self._notes(reply[6:8])
         slots = [
             SlotInfo(
-                name,
-                info.get("host", ""),
-                int(info.get("pid", 0)),
-                token,
-                at / 1000,
-                expiry / 1000,
-                owner,
-                info.get("labels", {}),
+                r.name,
+                r.host,
+                r.pid,
+                r.token,
+                r.at_ms / 1000,
+                r.expiry_ms / 1000,
+                r.owner,
+                r.labels,
             )
-            for name, expiry, owner, token, at, info in _records(holders)
+            for r in self._records("holder", holders)
         ]
         queue = [
             WaiterInfo(
-                name,
-                info.get("host", ""),
-                int(info.get("pid", 0)),
-                int(info.get("priority", 0)),
+                r.name,
+                r.host,
+                r.pid,
+                r.priority,
                 position,
-                at / 1000,
-                expiry / 1000,
-                info.get("labels", {}),
+                r.at_ms / 1000,
+                r.expiry_ms / 1000,
+                r.labels,
             )
-            for position, (name, expiry, _, _, at, info) in enumerate(_records(waiters), 1)
+            for position, r in enumerate(self._records("waiter", waiters), 1)
         ]
         return slots, queue
 
+    def _records(self, kind: str, flat: list[Any]) -> Iterator[_Record]:
+        """The records of SNAPSHOT's flat name, expiry, record triples; one that does not
+        parse is skipped, a caller's JSON that does not is replaced by defaults, each said
+        once."""
+        for i in range(0, len(flat) - 2, 3):
+            name = text(flat[i])
+            try:
+                yield self._record(kind, name, flat[i + 1], text(flat[i + 2]))
+            except (ValueError, TypeError, OverflowError) as exc:
+                self._bad.warn(
+                    (kind, name),
+                    "namespace %s: skipping %s %s: its record in Redis is malformed (%s)",
+                    self.namespace,
+                    kind,
+                    shown(name),
+                    exc,
+                )
+
+    def _record(self, kind: str, name: str, expiry: Any, record: str) -> _Record:
+        parts = record.split(" ", 4)
+        if len(parts) != 5:
+            raise _Malformed(f"{shown(record)} is not 'owner token at lease json'")
+        owner, token, at, _, raw = parts
+        expiry_ms = float(expiry)
+        if not math.isfinite(expiry_ms):
+            raise _Malformed(f"lease expiry {shown(expiry)}")
+        fields, odd = _caller_info(raw)
+        if odd:
+            self._bad.warn(
+                (kind, name, "info"),
+                "namespace %s: %s %s in Redis: %s; shown without it",
+                self.namespace,
+                kind,
+                shown(name),
+                odd,
+            )
+        return _Record(name, expiry_ms, owner, int(token), int(at), **fields)
+
+    def _notes(self, notes: list[Any]) -> tuple[str | None, str | None]:
+        """What a reader is told besides its answer: an invalid cluster limit found in
+        Redis, and the last repair of data the scripts did not write. Each said once."""
+        bad_limit, note = (_optional_text(n) for n in [*notes, None, None][:2])
+        if bad_limit is not None:
+            self._bad.warn(
+                ("limit", bad_limit),
+                "namespace %s: the cluster limit in Redis, %s, is not an integer from %d "
+                "to %d; it is ignored and each caller obeys its own max_concurrent until "
+                "a valid one is set",
+                self.namespace,
+                shown(bad_limit),
+                LIMIT_MIN,
+                LIMIT_MAX,
+            )
+        repaired = None
+        if note is not None:
+            at, _, what = note.partition(" ")
+            when = (
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(at) / 1000))
+                if at.isdigit() and len(at) <= 16
+                else "?"
+            )
+            repaired = f"{printable(what)} (at {when})"
+            self._bad.warn(
+                ("repaired", note),
+                "namespace %s: Redis held data reqpm did not write; repaired: %s",
+                self.namespace,
+                repaired,
+            )
+        return bad_limit, repaired
+
     def counts(self) -> Counts:
         """Holders, waiters, the cluster limit and the grace left, without listing anyone."""
-        _, now, grace_until, active, waiting, limit = self._run(self._counts)
-        return Counts(
-            int(active),
-            int(waiting),
-            _optional_limit(limit),
-            max(0.0, (int(grace_until) - int(now)) / 1000),
-        )
+        reply = self._run(self._counts)
+        with _reply_of("COUNTS"):
+            _, now, grace_until, active, waiting, limit = reply[:6]
+            bad_limit, repaired = self._notes(reply[6:8])
+            return Counts(
+                _int(active),
+                _int(waiting),
+                _optional_limit(limit),
+                max(0.0, (_int(grace_until) - _int(now)) / 1000),
+                bad_limit,
+                repaired,
+            )
 
     def get_slots(self) -> list[SlotInfo]:
         return self.snapshot()[0]
@@ -605,15 +752,19 @@ class BuildConcurrencyLimiter:
     # -- the cluster-wide limit ------------------------------------------------------
 
     def set_cluster_limit(self, limit: int | None) -> int | None:
-        """Make ``limit`` the limit of every caller in the namespace (None: drop it, and
-        each caller's own ``max_concurrent`` applies again). Returns the previous one.
+        """Make ``limit`` (``LIMIT_MIN``..``LIMIT_MAX``, the range of the
+        max_concurrent_builds setting) the limit of every caller in the namespace (None:
+        drop it, and each caller's own ``max_concurrent`` applies again). Returns the
+        previous one.
 
         Without it each grant uses the granting caller's limit, and callers that disagree
         get whichever acts. A raised limit is served at once; a lowered one evicts nobody.
         """
         if limit is not None:
-            int_in_range("limit", limit, 1)
-        return _optional_limit(self._run(self._set_limit, limit or 0)[1])
+            int_in_range("limit", limit, LIMIT_MIN, LIMIT_MAX)
+        reply = self._run(self._set_limit, limit or 0)
+        with _reply_of("SET_LIMIT"):
+            return _optional_limit(reply[1])
 
     def get_cluster_limit(self) -> int | None:
         return self.counts().cluster_limit
