@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 
 from reqpmctl.client import Client, ClientError
@@ -143,6 +145,24 @@ class Reqpmd:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait()
+
+    def processes(self) -> list[psutil.Process]:
+        """Processes of this daemon's own (mock and its scrubs name paths under root)."""
+        mine = []
+        for p in psutil.process_iter(["cmdline"]):
+            with contextlib.suppress(psutil.Error):
+                if str(self.root) in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid():
+                    mine.append(p)
+        return mine
+
+    def kill_all(self) -> None:
+        """The end of a test: the daemon and whatever mock it left, so no test's sleeping
+        mock outlives it (and is taken for another test's)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill9()
+        for p in self.processes():
+            with contextlib.suppress(psutil.Error):
+                p.kill()
 
     def mock_runs(self) -> list[dict[str, Any]]:
         if not self.mock_log.exists():

@@ -63,9 +63,7 @@ def daemon(short_tmp: Path) -> Iterator[Reqpmd]:
     os.chmod(d.root, 0o755)
     d.start()
     yield d
-    if d.proc is not None and d.proc.poll() is None:
-        d.proc.kill()
-        d.proc.wait()
+    d.kill_all()
 
 
 def _drop_to(ids: tuple[int, int], groups: tuple[int, ...]) -> None:

@@ -29,9 +29,7 @@ def busy_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Reqpmd]:
     d = Reqpmd(root / "d", mock_sleep=4)
     d.start()
     yield d
-    if d.proc is not None and d.proc.poll() is None:
-        d.proc.kill()
-        d.proc.wait()
+    d.kill_all()
     shutil.rmtree(root, ignore_errors=True)
 
 

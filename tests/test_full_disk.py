@@ -114,9 +114,7 @@ def test_a_full_state_dir_is_survived_and_recovered_from(
         for line in d.log().splitlines():
             assert "Traceback" not in line
     finally:
-        if d.proc is not None and d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait()
+        d.kill_all()
 
 
 def test_check_config_and_reqpmctl_need_no_disk(tmp_path: Path) -> None:

@@ -242,9 +242,7 @@ def test_a_query_password_never_reaches_users_or_the_log(short_tmp: Path) -> Non
                 assert part not in text
         assert "password=***" in json.dumps(d.call("settings.get", {"key": "redis_url"}))
     finally:
-        if d.proc is not None and d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait()
+        d.kill_all()
 
 
 # -- the config holds secrets -------------------------------------------------------------------

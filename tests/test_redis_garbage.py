@@ -471,9 +471,7 @@ def daemons(short_tmp: Path) -> Iterator[MakeDaemon]:
 
     yield make
     for d in started:
-        if d.proc is not None and d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait()
+        d.kill_all()
 
 
 def inject_the_findings_garbage(r: redis.Redis) -> None:

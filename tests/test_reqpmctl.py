@@ -26,9 +26,7 @@ def daemon(short_tmp: Path) -> Iterator[Reqpmd]:
     os.chmod(d.root, 0o755)
     d.start()
     yield d
-    if d.proc is not None and d.proc.poll() is None:
-        d.proc.kill()
-        d.proc.wait()
+    d.kill_all()
 
 
 def ctl(

@@ -56,13 +56,22 @@ def start_time(pid: int) -> float | None:
 
 
 def group_alive(pgid: int) -> bool:
+    """Whether a process of the group still runs. Zombies do not count: a group whose
+    parent died (a daemon killed with -9) stays zombies until init reaps them, and on a
+    host whose init is slow to reap, waiting for them would add a grace per signal."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass  # another user's processes (root mock): look closer
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                return True
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return False
 
 
 def signal_group(pgid: int, sig: signal.Signals) -> None:
