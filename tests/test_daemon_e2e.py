@@ -498,3 +498,35 @@ def test_recovery_scrubs_in_the_background_after_the_socket_is_up(daemons: MakeD
         root = f"fedora-42-x86_64-build{build_id}"
         modes = [r["mode"] for r in runs if r["root"] == root]
         assert "clean" in modes and modes.index("clean") < len(modes) - 1, modes
+
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_builds_make_real_packages_and_a_real_failed_log(daemons: MakeDaemon) -> None:
+    """With rpmbuild on PATH the stand-in builds for real: results hold real RPMs, and a
+    spec whose %build fails ends failed with rpmbuild's own words in the log."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("rpmbuild"):
+        pytest.skip("rpmbuild is not on PATH (Debian: apt-get install rpm; ./dev test does)")
+    d = daemons().start()
+    with d.client() as c:
+        good = c.submit(spec=DATA / "greet" / "greet.spec", sources=DATA / "greet")
+        bad = c.submit(spec=DATA / "broken" / "broken.spec", sources=DATA / "broken")
+    built = d.wait_state(good, FINAL, timeout=60)
+    assert built["state"] == "succeeded", d.log()
+    rpm = Path(built["result_dir"]) / "greet-2.1-3.noarch.rpm"
+    query = subprocess.run(
+        ["rpm", "-qp", "--qf", "%{NAME}-%{VERSION}-%{RELEASE}", str(rpm)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert query.stdout == "greet-2.1-3"
+    failed = d.wait_state(bad, FINAL, timeout=60)
+    assert (failed["state"], failed["exit_code"]) == ("failed", 30)
+    mock_log = (Path(failed["result_dir"]) / "build.log").read_text()  # mock's, as mock writes it
+    assert "this package is meant to fail" in mock_log and "Bad exit status" in mock_log
+    assert "exited with 30" in failed["error"]

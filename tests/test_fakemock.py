@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -24,7 +25,15 @@ def env(tmp_path: Path) -> dict[str, str]:
         "FAKEMOCK_ROOT_DIR": str(tmp_path / "lib"),
         "FAKEMOCK_LOG": str(tmp_path / "fakemock.jsonl"),
         "FAKEMOCK_SLEEP": "0",
+        "FAKEMOCK_RPMBUILD": "0",  # the quick, faked build; real_env() below builds for real
     }
+
+
+@pytest.fixture
+def real_env(env: dict[str, str]) -> dict[str, str]:
+    if not shutil.which("rpmbuild"):
+        pytest.skip("rpmbuild is not on PATH (Debian: apt-get install rpm; ./dev test does)")
+    return {**env, "FAKEMOCK_RPMBUILD": "1"}
 
 
 @pytest.fixture
@@ -259,3 +268,101 @@ def test_scrub_of_busy_root_exits_60(
     res = run(["-r", CFG, "--uniqueext", "c", "--scrub=chroot"], env)
     assert res.returncode == 60
     assert (lib / f"{CFG}-c").is_dir()
+
+
+DATA = Path(__file__).parent / "data"
+
+
+def rpm_query(path: Path) -> str:
+    r = subprocess.run(
+        ["rpm", "-qp", "--qf", "%{NAME} %{VERSION} %{RELEASE} %{ARCH}", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return r.stdout
+
+
+def test_buildsrpm_then_rebuild_make_real_packages(
+    real_env: dict[str, str], tmp_path: Path
+) -> None:
+    srpms, rpms = tmp_path / "srpm", tmp_path / "rpm"
+    res = run(
+        [
+            "-r",
+            CFG,
+            "--uniqueext",
+            "r1",
+            "--resultdir",
+            str(srpms),
+            "--buildsrpm",
+            "--spec",
+            str(DATA / "greet" / "greet.spec"),
+            "--sources",
+            str(DATA / "greet"),
+        ],
+        real_env,
+    )
+    assert res.returncode == 0, res.stderr
+    [srpm_file] = srpms.glob("*.src.rpm")
+    assert rpm_query(srpm_file) == "greet 2.1 3 noarch"
+    res = run(
+        ["-r", CFG, "--uniqueext", "r1", "--resultdir", str(rpms), "--rebuild", str(srpm_file)],
+        real_env,
+    )
+    assert res.returncode == 0, res.stderr
+    names = sorted(p.name for p in rpms.iterdir())
+    assert names == [
+        "build.log",
+        "greet-2.1-3.noarch.rpm",
+        "greet-2.1-3.src.rpm",
+        "root.log",
+        "state.log",
+    ]
+    assert rpm_query(rpms / "greet-2.1-3.noarch.rpm") == "greet 2.1 3 noarch"
+    files = subprocess.run(
+        ["rpm", "-qlp", str(rpms / "greet-2.1-3.noarch.rpm")], capture_output=True, text=True
+    ).stdout
+    assert "/usr/bin/greet" in files
+    assert "Wrote: " in (rpms / "build.log").read_text()
+
+
+def test_a_spec_whose_build_fails_fails_with_exit_30_and_a_real_log(
+    real_env: dict[str, str], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    res = run(
+        [
+            "-r",
+            CFG,
+            "--uniqueext",
+            "f1",
+            "--resultdir",
+            str(out),
+            "--buildsrpm",
+            "--spec",
+            str(DATA / "broken" / "broken.spec"),
+            "--sources",
+            str(DATA / "broken"),
+        ],
+        real_env,
+    )
+    assert res.returncode == 0, res.stderr  # the source package builds
+    [srpm_file] = out.glob("*.src.rpm")
+    res = run(
+        ["-r", CFG, "--uniqueext", "f1", "--resultdir", str(out), "--rebuild", str(srpm_file)],
+        real_env,
+    )
+    assert res.returncode == 30
+    log = (out / "build.log").read_text()
+    assert "this package is meant to fail" in log and "(%build)" in log
+    assert not list(out.glob("*.noarch.rpm")) and not list(out.glob("*.x86_64.rpm"))
+
+
+def test_a_rebuild_of_a_file_that_is_not_an_rpm_is_faked_even_with_rpmbuild(
+    real_env: dict[str, str], srpm: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    res = run(["-r", CFG, "--resultdir", str(out), "--rebuild", str(srpm)], real_env)
+    assert res.returncode == 0, res.stderr
+    assert any(p.name.endswith(".x86_64.rpm") for p in out.iterdir())

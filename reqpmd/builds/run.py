@@ -71,6 +71,7 @@ class BuildRun:
     def _steps(self, logf: IO[bytes], deadline: float | None) -> Outcome:
         b, lay, command = self.build, self.layout, self.settings.mock_command
         if b.kind == "spec":
+            lay.sources.mkdir(parents=True, exist_ok=True)  # a spec may have no sources
             argv = mock.buildsrpm_argv(
                 command, b.chroot, b.id, lay.result, lay.submitted(b.source), lay.sources
             )
