@@ -27,7 +27,7 @@ import redis
 
 from reqpmd.backoff import Backoff
 from reqpmd.checks import is_int
-from reqpmd.config.schema import Settings, redact_url
+from reqpmd.config.schema import Settings, shown_setting
 from reqpmd.config.transaction import Change
 from reqpmd.errors import RedisUnavailable
 from reqpmd.slots import keys
@@ -143,7 +143,7 @@ class Cluster:
         """Where Redis is, fit to show users (no password)."""
         if self._embedded is not None:
             return f"embedded ({self._embedded.url})"
-        return redact_url(self._settings().redis_url)
+        return shown_setting("redis_url", self._settings().redis_url)
 
     def limit(self) -> int:
         """The limit in force: the cluster's, or this host's until Redis has told us."""

@@ -198,7 +198,8 @@ class Daemon:
             )
         else:
             log.info("reloaded %s: %d change(s)", self.config_path, len(change.diff))
-        self.notifier.ready()
+        finally:  # whatever happened, systemd must not be left "reloading"
+            self.notifier.ready()
 
     def _shutdown(self, socket_activated: bool) -> None:
         self.notifier.stopping()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -258,3 +259,58 @@ def test_a_replaced_config_is_private_and_an_exposed_one_is_reported(tmp_path: P
     service.replace_text("redis_url: redis://:pw2@r.example:6379/0\n", "root (uid 0)", 0)
     assert config.stat().st_mode & 0o777 == 0o600
     assert service.exposure() is None
+
+
+def test_a_percent_encoded_secret_parameter_is_masked() -> None:
+    """redis-py decodes query names: "%70assword" is its password parameter."""
+    assert redact_url("redis://h?%70assword=s3cret") == "redis://h?%70assword=***"
+    assert "x" not in redact_url("redis://h/0?db=1&pass%77ord=x").split("?")[1].split("=")[2]
+
+
+def test_a_symlinked_mock_command_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the link to another user")
+    tmp_path.chmod(0o755)
+    target = _script(tmp_path / "real-mock")
+    link = tmp_path / "mock"
+    link.symlink_to(target)
+    os.lchown(link, 65534, 65534)  # its owner could point it anywhere between check and exec
+    problem = check_executable(link)
+    assert problem is not None and f"the symlink {link} is owned by uid 65534" in problem
+
+
+def test_the_audit_trail_failing_on_a_full_disk_keeps_the_change_whole(tmp_path: Path) -> None:
+    """The file is written and the change applied: subscribers (the cluster's limit) must
+    still hear of it, and the caller must not be told nothing changed."""
+
+    class FullAudit:
+        def audit_setting(self, uid: int, user: str, key: str, old: Any, new: Any) -> None:
+            raise sqlite3.OperationalError("database or disk is full")
+
+    config = tmp_path / "reqpmd.yaml"
+    config.write_text("max_concurrent_builds: 2\n")
+    service = SettingsService(config, parse.load(config, environ={}), FullAudit())
+    heard: list[int] = []
+    service.subscribe(lambda s, change: heard.append(s.max_concurrent_builds))
+    change = service.set({"max_concurrent_builds": 5}, "root (uid 0)", 0)
+    assert change.diff == {"max_concurrent_builds": (2, 5)}
+    assert heard == [5] and service.current().max_concurrent_builds == 5
+
+
+def test_secrets_stay_masked_in_the_reply_the_log_and_the_audit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    audited: list[tuple[str, str]] = []
+
+    class Trail:
+        def audit_setting(self, uid: int, user: str, key: str, old: Any, new: Any) -> None:
+            audited.append((str(old), str(new)))
+
+    config = tmp_path / "reqpmd.yaml"
+    config.write_text("redis_url: redis://:old-secret@r.example:6379/0\n")
+    service = SettingsService(config, parse.load(config, environ={}), Trail())
+    reply = service.set({"redis_url": "redis://:new-secret@r.example:6379/0"}, "root", 0).reply()
+    shown = [str(reply), str(audited), caplog.text]
+    for text in shown:
+        assert "old-secret" not in text and "new-secret" not in text
+    assert audited == [("redis://:***@r.example:6379/0", "redis://:***@r.example:6379/0")]

@@ -613,3 +613,23 @@ def test_a_full_disk_is_a_clear_error_that_changes_nothing(
         submit(env, tmp_path)
     assert "is full" in str(err.value) and "submit changed nothing" in str(err.value)
     assert env.store.recent() == []
+
+
+def test_the_settings_history_never_shows_a_secret(env: Env) -> None:
+    """Every reqpmctl user may read the history: a Redis password must not be in it, also
+    in rows written before secrets were masked on the way in."""
+    env.call("settings.set", ADMIN, changes={"redis_url": "redis://:hunter2@db.example:6379/0"})
+    env.store.audit_setting(0, "old row", "redis_url", "embedded", "redis://:hunter3@db:1/0")
+    history = env.call("settings.history", USER)
+    assert "hunter2" not in str(history) and "hunter3" not in str(history)
+    assert history[0]["new"] == "redis://:***@db:1/0"
+
+
+def test_a_retry_counts_against_the_quota(env: Env, tmp_path: Path) -> None:
+    env.call("settings.set", ADMIN, changes={"max_queued_per_user": 1})
+    first = submit(env, tmp_path)
+    env.call("build.cancel", USER, id=first)
+    submit(env, tmp_path)
+    with pytest.raises(QuotaExceeded):
+        env.call("build.retry", USER, id=first)  # cancel-and-retry is no way around it
+    assert env.store.get(first).state == State.CANCELLED

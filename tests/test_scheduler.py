@@ -28,7 +28,7 @@ from reqpmd.builds.states import State
 from reqpmd.builds.store import Build, Store
 from reqpmd.config.parse import validate
 from reqpmd.config.schema import Settings
-from reqpmd.errors import InvalidArgument, RedisUnavailable, SlotTimeout, WaitCancelled
+from reqpmd.errors import Busy, InvalidArgument, RedisUnavailable, SlotTimeout, WaitCancelled
 from reqpmd.slots.limiter import BuildConcurrencyLimiter
 from tests.fakes import FakeClock
 
@@ -1032,3 +1032,23 @@ def test_retry_of_a_build_not_ended_is_refused(rig: Rig) -> None:
         rig.scheduler.retry(queued)
     proc.finish(0)
     rig.reach(queued, State.SUCCEEDED)
+
+
+def test_a_build_being_recovered_cannot_be_cancelled_or_retried_meanwhile(rig: Rig) -> None:
+    """While recovery stops its old mock and scrubs its root, a cancel (and the retry it
+    would allow) used to start the build again under the scrub, with the recovery then
+    freeing the new run's slot."""
+    left = _leave_running(rig, State.BUILDING, pid=PID_BASE + 998)
+    rig.runner.codes["scrub"] = None  # the scrub runs until the test ends it
+    assert rig.scheduler.start_recovery(RecordingStopper()) == 1
+    scrub = rig.runner.started("scrub", left)
+    with pytest.raises(Busy, match="being recovered after a crash"):
+        rig.scheduler.cancel(left)
+    assert rig.get(left).state == State.BUILDING
+    rig.tick()
+    assert rig.limiter.calls == []  # nothing launched
+    scrub.finish(0)
+    assert rig.reach(left, State.QUEUED).retries == 1
+    wait_until(lambda: rig.scheduler.recovering == set(), what="recovery done")
+    rig.scheduler.cancel(left)  # now it may be
+    assert rig.get(left).state == State.CANCELLED

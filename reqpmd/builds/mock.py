@@ -71,8 +71,19 @@ def check_executable(mock: Path) -> str | None:
         return f"mock_command {mock} is not an executable file"
     real = mock.resolve()
     trusted = {0, os.geteuid()}
-    for path in (real, *real.parents):
-        st = path.stat()
+    # the path as given (a symlink and the directories holding it: whoever may change
+    # them may point mock_command elsewhere) and the file it resolves to, with its own
+    given = Path(os.path.abspath(mock))
+    paths = dict.fromkeys([given, *given.parents, real, *real.parents])
+    for path in paths:
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            if st.st_uid not in trusted:
+                return (
+                    f"mock_command {mock} is not safe to run: the symlink {path} is owned by "
+                    f"uid {st.st_uid}, not by root"
+                )
+            continue
         what = "it" if path == real else f"its directory {path}"
         if st.st_uid not in trusted:
             return (

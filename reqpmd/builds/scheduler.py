@@ -36,6 +36,7 @@ from reqpmd.builds.states import State
 from reqpmd.builds.store import Build, Store
 from reqpmd.config.schema import Settings
 from reqpmd.errors import (
+    Busy,
     InvalidArgument,
     RedisUnavailable,
     SlotNameInUse,
@@ -168,6 +169,13 @@ class Scheduler:
             build = self.store.get(build_id)
             if build.state.final:
                 raise InvalidArgument(f"build {build_id} has already ended ({build.state})")
+            if build_id in self.recovering:
+                # its old mock may still run and its root is being scrubbed: ending it now
+                # would let a retry start it again under the recovery's feet
+                raise Busy(
+                    f"build {build_id} is being recovered after a crash (its old mock is "
+                    "stopped and its root scrubbed); try again in a moment"
+                )
             flight = self._flights.get(build_id)
             if build.state != State.QUEUED and flight is not None and not flight.ended:
                 flight.stop.request(StopReason.CANCEL, note)  # its thread ends it cancelled

@@ -13,6 +13,7 @@ import difflib
 import math
 import re
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ class Field:
     pattern: re.Pattern[str] | None = None
     pattern_doc: str = ""
     restart: bool = False  # a change only takes effect at the next start
+    secret: bool = False  # may hold a credential: shown only through shown_setting()
 
     def allowed(self) -> str:
         if self.kind is bool:
@@ -97,6 +99,7 @@ def _setting(
     pattern: re.Pattern[str] | None = None,
     pattern_doc: str = "",
     restart: bool = False,
+    secret: bool = False,
 ) -> Any:
     rule = {
         "doc": doc,
@@ -105,6 +108,7 @@ def _setting(
         "pattern": pattern,
         "pattern_doc": pattern_doc,
         "restart": restart,
+        "secret": secret,
     }
     return dataclasses.field(default=default, metadata=rule)
 
@@ -132,6 +136,7 @@ class Settings:
         pattern=_URL_RE,
         pattern_doc="'embedded' or a redis://, rediss:// or unix:// URL",
         restart=True,
+        secret=True,
     )
     namespace: str = _setting(
         "reqpm",
@@ -240,7 +245,7 @@ class Settings:
             for f in dataclasses.fields(self)
         }
         if redact:
-            out["redis_url"] = redact_url(self.redis_url)
+            out = {k: shown_setting(k, v) if BY_NAME[k].secret else v for k, v in out.items()}
         return out
 
     def changed(self, other: Settings) -> dict[str, tuple[Any, Any]]:
@@ -313,7 +318,8 @@ def redact_url(url: str) -> str:
         start = q + 1
         for param in rest[start:].split("&"):
             name, eq, _ = param.partition("=")
-            if eq and _SECRET_PARAM.search(name):
+            # decoded as the client decodes it: "%70assword" is "password" to redis-py
+            if eq and _SECRET_PARAM.search(urllib.parse.unquote_plus(name)):
                 spans.append((start + len(name) + 1, start + len(param)))
             start += len(param) + 1
     out, pos = [], 0
@@ -326,6 +332,14 @@ def redact_url(url: str) -> str:
         pos = end
     out.append(rest[pos:])
     return f"{scheme}://{''.join(out)}"
+
+
+def shown_setting(key: str, value: Any) -> str:
+    """A setting's value as users may see it (status, settings, the audit trail, logs):
+    the one place a secret setting is masked."""
+    text = str(value)
+    field = BY_NAME.get(key)
+    return redact_url(text) if field is not None and field.secret else text
 
 
 def unknown_key_error(key: str, line: int | None = None) -> SettingError:

@@ -11,6 +11,7 @@ but keep their running value until the next start.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import stat
 import threading
 from collections.abc import Callable
@@ -20,8 +21,14 @@ from typing import Any, Protocol
 
 from reqpmd.config import file as config_file
 from reqpmd.config.parse import load, parse_text, validate
-from reqpmd.config.schema import BY_NAME, Settings, SettingsInvalid, unknown_key_error
-from reqpmd.errors import InvalidArgument, ReqpmError
+from reqpmd.config.schema import (
+    BY_NAME,
+    Settings,
+    SettingsInvalid,
+    shown_setting,
+    unknown_key_error,
+)
+from reqpmd.errors import InvalidArgument, ReqpmError, disk_full
 from reqpmd.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
@@ -42,7 +49,9 @@ class Change:
 
     def reply(self) -> dict[str, Any]:
         return {
-            "changed": {k: [str(a), str(b)] for k, (a, b) in self.diff.items()},
+            "changed": {
+                k: [shown_setting(k, a), shown_setting(k, b)] for k, (a, b) in self.diff.items()
+            },
             "restart_required": sorted(self.restart_required),
         }
 
@@ -150,8 +159,15 @@ class SettingsService:
         change = Change(diff, pending)
         for key, (before, after) in diff.items():
             note = " (takes effect at the next restart)" if key in pending else ""
-            log.warning("setting %s: %s -> %s by %s%s", key, before, after, who, note)
-            self._audit.audit_setting(uid, who, key, before, after)
+            shown_old, shown_new = shown_setting(key, before), shown_setting(key, after)
+            log.warning("setting %s: %s -> %s by %s%s", key, shown_old, shown_new, who, note)
+            try:  # the trail is readable by every reqpmctl user: secrets stay masked in it
+                self._audit.audit_setting(uid, who, key, shown_old, shown_new)
+            except (OSError, sqlite3.OperationalError) as exc:
+                if not disk_full(exc):
+                    raise
+                # the file is written and the change applied: the trail misses one line
+                log.error("setting %s: the audit trail could not record it: %s", key, exc)
         for hook in self._subscribers:
             try:
                 hook(self._current, change)

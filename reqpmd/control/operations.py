@@ -23,7 +23,7 @@ from reqpmd.builds.states import State
 from reqpmd.builds.store import Build, Store
 from reqpmd.checks import int_in_range
 from reqpmd.cluster import Cluster
-from reqpmd.config.schema import BY_NAME, unknown_key_error
+from reqpmd.config.schema import BY_NAME, shown_setting, unknown_key_error
 from reqpmd.config.transaction import SettingsService
 from reqpmd.control.quota import Quota
 from reqpmd.control.server import Request
@@ -176,7 +176,11 @@ class Operations:
         return self.settings.current().as_dict(redact=True)[key]
 
     def settings_history(self, req: Request) -> list[dict[str, Any]]:
-        return self.store.settings_history(_int_arg(req.args, "limit", 1, 10000, 100))
+        rows = self.store.settings_history(_int_arg(req.args, "limit", 1, 10000, 100))
+        for row in rows:  # rows written before secrets were masked on the way in, too
+            row["old"] = shown_setting(row["key"], row["old"])
+            row["new"] = shown_setting(row["key"], row["new"])
+        return rows
 
     def slots_list(self, req: Request) -> dict[str, Any]:
         return slot_listing(self.limiter, self.cluster.limit())
@@ -251,7 +255,8 @@ class Operations:
 
     def build_retry(self, req: Request) -> dict[str, Any]:
         build = self._own_build(req, "retry")
-        result = self._json(self.scheduler.retry(build.id))
+        with self._quota.reserve(req.peer, build.input_bytes):  # a retry queues it again
+            result = self._json(self.scheduler.retry(build.id))
         build_event(build.id, f"retry requested by {req.peer.user}")
         self.wake()
         return result
