@@ -135,9 +135,9 @@ def _slots_table(holders: list[dict[str, Any]]) -> str:
         ["SLOT", "HOST", "BUILD", "AGE", "LEASE LEFT", "TOKEN"],
         [
             [
-                h["name"],
-                h["host"],
-                h.get("build"),
+                output.safe(h["name"]),
+                output.safe(h["host"]),
+                output.safe(h.get("build")),
                 output.duration(h["age"]),
                 output.duration(h["lease_left"]),
                 h["token"],
@@ -153,9 +153,9 @@ def _waiting_table(waiting: list[dict[str, Any]]) -> str:
         [
             [
                 w["position"],
-                w["name"],
-                w["host"],
-                w.get("build"),
+                output.safe(w["name"]),
+                output.safe(w["host"]),
+                output.safe(w.get("build")),
                 w["priority"],
                 output.ago(w["enqueued_at"]),
             ]
@@ -501,7 +501,7 @@ def hosts(c: Ctx) -> None:
         ["HOST", "LAST SEEN", "BUILDING", "WAITING", "QUEUED", "LIMIT", "HOST CAP", "GATES"],
         [
             [
-                h["host_id"],
+                output.safe(h["host_id"]),
                 output.ago(h["last_seen"]) + (" (stale)" if h.get("stale") else ""),
                 h.get("building", "?"),
                 h.get("waiting", "?"),
@@ -509,7 +509,7 @@ def hosts(c: Ctx) -> None:
                 h.get("max_concurrent_builds", "?"),
                 h.get("host_max_builds") or "-",
                 ", ".join(
-                    f"{g.get('name', '?')}:{'open' if g.get('open') else 'CLOSED'}"
+                    f"{output.safe(g.get('name', '?'))}:{'open' if g.get('open') else 'CLOSED'}"
                     for g in h.get("gates") or []
                     if isinstance(g, dict)
                 ),

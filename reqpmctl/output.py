@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -47,6 +48,15 @@ def ago(stamp: float | None, now: float | None = None) -> str:
     if not stamp:
         return "-"
     return duration((now or time.time()) - stamp) + " ago"
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def safe(value: Any) -> str:
+    """Text from elsewhere (names and hosts out of a shared Redis) as it may reach a
+    terminal: control characters, escape sequences included, shown as \\xNN."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import math
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from reqpmd.backoff import Backoff
 from reqpmd.checks import is_int
 from reqpmd.config.schema import Settings, shown_setting
 from reqpmd.config.transaction import Change
-from reqpmd.errors import RedisUnavailable
+from reqpmd.errors import RedisUnavailable, disk_full
 from reqpmd.slots import keys
 from reqpmd.slots.connection import REDIS_ERRORS, text, unavailable
 from reqpmd.slots.limiter import BuildConcurrencyLimiter
@@ -239,7 +240,13 @@ class Cluster:
         if decision.publish:
             self._limiter.set_cluster_limit(mine)
         if decision.remember:
-            self._memory.set_state(PUBLISHED, str(mine))
+            try:
+                self._memory.set_state(PUBLISHED, str(mine))
+            except (OSError, sqlite3.OperationalError) as exc:
+                if not disk_full(exc):
+                    raise
+                # only a memory across restarts: at worst the next start publishes again
+                log.debug("could not remember the published limit: %s", exc)
         if decision.warning:
             log.warning("%s", decision.warning)
         self._to_publish = False

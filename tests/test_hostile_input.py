@@ -314,3 +314,12 @@ def test_secrets_stay_masked_in_the_reply_the_log_and_the_audit(
     for text in shown:
         assert "old-secret" not in text and "new-secret" not in text
     assert audited == [("redis://:***@r.example:6379/0", "redis://:***@r.example:6379/0")]
+
+
+def test_names_from_redis_reach_a_terminal_without_escape_sequences() -> None:
+    from reqpmctl import output
+
+    evil = "build_1@h\x1b]0;owned\x07\x1b[2J"
+    table = output.table(["SLOT"], [[output.safe(evil)]])
+    assert "\x1b" not in table and "\x07" not in table
+    assert "\\x1b]0;owned\\x07" in table

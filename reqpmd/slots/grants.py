@@ -130,7 +130,7 @@ class GrantListener:
 
     def _dispatch(self, data: str) -> None:
         key, _, token = data.rpartition(" ")
-        if not token.isdigit():
+        if not (token.isascii() and token.isdigit() and len(token) <= 20):
             log.warning("ignoring a malformed grant message %r", data[:200])
             return
         with self._lock:

@@ -98,7 +98,10 @@ class RedisServer:
             "no",
         ]
         if self.persist:
-            argv += ["--appendonly", "yes", "--appendfsync", "everysec", "--save", "300 1"]
+            # Snapshots, not an append-only file: with AOF a full disk makes Redis refuse
+            # every write (MISCONF), and the running builds would lose their slots. What a
+            # private server holds is re-registered by its daemon after a restart anyway.
+            argv += ["--appendonly", "no", "--save", "60 1", "--stop-writes-on-bgsave-error", "no"]
         else:
             argv += ["--appendonly", "no", "--save", ""]
         return argv
