@@ -134,7 +134,9 @@ class Cluster:
         self._limit_lock = threading.Lock()
         self._next_check = 0.0
         self._next_heartbeat = 0.0
-        self._backoff = Backoff(first=0.5, cap=30.0)
+        # a check is one cheap script: at most 5 s between them keeps the time to notice a
+        # Redis that is back short (builds wait for it) at no real cost to Redis
+        self._backoff = Backoff(first=0.5, cap=5.0)
         self._namespace = settings().namespace  # restart-only
         self._hosts_key = keys.hosts_key(self._namespace)
         self._bad = WarnOnce(log)  # malformed heartbeats and surprises, said once each

@@ -277,9 +277,7 @@ def test_kill9_mid_build_then_restart_loses_nothing_and_never_over_admits(
 def test_redis_down_keeps_builds_running_and_accepts_submissions(
     daemons: MakeDaemon, redis_server: RedisServer
 ) -> None:
-    d = daemons(
-        redis_url=redis_server.url, mock_sleep=2, settings={"slot_lease_seconds": 8}
-    ).start()
+    d = daemons(redis_url=redis_server.url, mock_sleep=2).start()  # lease 5 s > the build
     running = d.submit()
     d.wait_state(running, "building")
     redis_server.kill()

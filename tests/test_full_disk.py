@@ -73,7 +73,7 @@ def test_a_full_state_dir_is_survived_and_recovered_from(
     d = Reqpmd(
         short_tmp / "d",
         redis_url=redis_server.url if redis == "shared" else "embedded",
-        mock_sleep=1.5,
+        mock_sleep=0.8,
         settings={
             "state_dir": str(small_disk),
             "max_concurrent_builds": 1,
