@@ -14,6 +14,7 @@ import redis
 
 from reqpmd.concurrency import BuildConcurrencyLimiter
 from reqpmd.slots.server import RedisServer
+from tests.daemon_harness import Reqpmd
 from tests.sandbox import Sandbox, SandboxRefused
 
 MakeLimiter = Callable[..., BuildConcurrencyLimiter]
@@ -33,6 +34,24 @@ def make_limiter() -> Iterator[MakeLimiter]:
     yield make
     for lim in made:
         lim.close()
+
+
+MakeDaemon = Callable[..., Reqpmd]
+
+
+@pytest.fixture
+def daemons(short_tmp: Path) -> Iterator[MakeDaemon]:
+    """reqpmd daemons for one test, killed at its end with whatever mock they left."""
+    started: list[Reqpmd] = []
+
+    def make(name: str = "d1", **kwargs: object) -> Reqpmd:
+        d = Reqpmd(short_tmp / name, **kwargs)  # type: ignore[arg-type]
+        started.append(d)
+        return d
+
+    yield make
+    for d in started:
+        d.kill_all()
 
 
 def fresh_start(server: RedisServer) -> None:

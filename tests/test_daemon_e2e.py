@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -13,23 +12,8 @@ import pytest
 
 from reqpmctl.client import ClientError
 from reqpmd.slots.server import RedisServer
+from tests.conftest import MakeDaemon
 from tests.daemon_harness import FINAL, Reqpmd, max_overlap, wait_for
-
-MakeDaemon = Callable[..., Reqpmd]
-
-
-@pytest.fixture
-def daemons(short_tmp: Path) -> Iterator[MakeDaemon]:
-    started: list[Reqpmd] = []
-
-    def make(name: str = "d1", **kwargs: object) -> Reqpmd:
-        d = Reqpmd(short_tmp / name, **kwargs)  # type: ignore[arg-type]
-        started.append(d)
-        return d
-
-    yield make
-    for d in started:
-        d.kill_all()
 
 
 def two_hosts(

@@ -29,7 +29,7 @@ from reqpmd.errors import InvalidArgument, RedisUnavailable, SlotNameInUse, Slot
 from reqpmd.slots.keys import hosts_key, slot_keys
 from reqpmd.slots.limiter import BuildConcurrencyLimiter
 from reqpmd.slots.server import RedisServer
-from tests.conftest import MakeLimiter
+from tests.conftest import MakeDaemon, MakeLimiter
 from tests.daemon_harness import FINAL, Reqpmd, wait_for
 from tests.workers import wait_until
 
@@ -456,22 +456,6 @@ def test_a_hosts_key_of_the_wrong_type_is_unavailable_then_repaired(
 
 
 # -- a real reqpmd ------------------------------------------------------------------------------
-
-MakeDaemon = Callable[..., Reqpmd]
-
-
-@pytest.fixture
-def daemons(short_tmp: Path) -> Iterator[MakeDaemon]:
-    started: list[Reqpmd] = []
-
-    def make(name: str = "d1", **kwargs: object) -> Reqpmd:
-        d = Reqpmd(short_tmp / name, **kwargs)  # type: ignore[arg-type]
-        started.append(d)
-        return d
-
-    yield make
-    for d in started:
-        d.kill_all()
 
 
 def inject_the_findings_garbage(r: redis.Redis) -> None:
