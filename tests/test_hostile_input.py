@@ -323,3 +323,34 @@ def test_names_from_redis_reach_a_terminal_without_escape_sequences() -> None:
     table = output.table(["SLOT"], [[output.safe(evil)]])
     assert "\x1b" not in table and "\x07" not in table
     assert "\\x1b]0;owned\\x07" in table
+
+
+# -- uploads being stored at once ----------------------------------------------------------------
+
+
+def test_one_upload_per_user_at_a_time_and_a_place_kept_for_admins() -> None:
+    """A user whose files read slowly must not make submit busy for everyone."""
+    from contextlib import ExitStack
+
+    from reqpmd.control.quota import Uploads
+    from reqpmd.control.server import Peer
+    from reqpmd.errors import Busy
+
+    def user(uid: int) -> Peer:
+        return Peer(pid=1, uid=uid, gid=uid, groups=frozenset({uid}), admin=False)
+
+    admin = Peer(pid=1, uid=0, gid=0, groups=frozenset({0}), admin=True)
+    uploads = Uploads(total=4)
+    with ExitStack() as held:
+        held.enter_context(uploads.storing(user(1000)))
+        with pytest.raises(Busy, match="one at a time"), uploads.storing(user(1000)):
+            pass
+        held.enter_context(uploads.storing(user(1001)))
+        held.enter_context(uploads.storing(user(1002)))
+        with pytest.raises(Busy, match="already"), uploads.storing(user(1003)):
+            pass  # the last place is kept for admins
+        held.enter_context(uploads.storing(admin))
+        with pytest.raises(Busy), uploads.storing(admin):
+            pass  # all four taken
+    with uploads.storing(user(1000)):  # every place was given back
+        pass

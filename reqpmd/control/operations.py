@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import logging
 import sqlite3
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,12 +24,11 @@ from reqpmd.checks import int_in_range
 from reqpmd.cluster import Cluster
 from reqpmd.config.schema import BY_NAME, shown_setting, unknown_key_error
 from reqpmd.config.transaction import SettingsService
-from reqpmd.control.quota import Quota
+from reqpmd.control.quota import Quota, Uploads
 from reqpmd.control.server import Request
 from reqpmd.control.submission import MAX_FILE_BYTES, check_chroot, check_submission
 from reqpmd.errors import (
     BadRequest,
-    Busy,
     DiskFull,
     InvalidArgument,
     NotFound,
@@ -43,7 +41,6 @@ from reqpmd.status import Status, build_json, slot_listing
 
 log = logging.getLogger(__name__)
 
-MAX_UPLOADS = 4  # submissions copied to disk at once
 MAX_ID = 2**62
 # Log bytes travel base64-encoded, byte-exact: 256 KiB become 342 KiB of the reply line,
 # well under protocol.MAX_LINE whatever the bytes are (JSON escapes of invalid UTF-8
@@ -79,7 +76,7 @@ class Operations:
         self.limiter = limiter
         self.cluster = cluster
         self.wake = wake
-        self._uploads = threading.BoundedSemaphore(MAX_UPLOADS)
+        self._uploads = Uploads()
         self._quota = Quota(store, settings.current)
         self.ops: dict[str, Op] = {
             "ping": Op(self.ping),
@@ -202,23 +199,18 @@ class Operations:
             )
         sub = check_submission(args.get("files"), req.fds)
         self._check_room(sub.size)
-        if not self._uploads.acquire(blocking=False):
-            raise Busy(f"{MAX_UPLOADS} submissions are being stored already; try again")
-        try:
-            with self._quota.reserve(req.peer, sub.size):
-                staged = self.store.stage(dict(sub.files), max_file_bytes=MAX_FILE_BYTES)
-                build_id = self.store.submit(
-                    chroot=chroot,
-                    kind=sub.kind,
-                    source=sub.main,
-                    inputs=staged,
-                    priority=priority,
-                    uid=req.peer.uid,
-                    user=req.peer.user,
-                    input_bytes=sub.size,
-                )
-        finally:
-            self._uploads.release()
+        with self._uploads.storing(req.peer), self._quota.reserve(req.peer, sub.size):
+            staged = self.store.stage(dict(sub.files), max_file_bytes=MAX_FILE_BYTES)
+            build_id = self.store.submit(
+                chroot=chroot,
+                kind=sub.kind,
+                source=sub.main,
+                inputs=staged,
+                priority=priority,
+                uid=req.peer.uid,
+                user=req.peer.user,
+                input_bytes=sub.size,
+            )
         build_event(
             build_id,
             f"submitted by {req.peer.who}: {sub.main} for {chroot}, priority {priority}",

@@ -1,7 +1,10 @@
-"""Per-user limits on what waits in state_dir: unfinished builds and submitted bytes.
+"""Per-user limits: what waits in state_dir (unfinished builds, submitted bytes), and the
+uploads being copied to disk at once.
 
-Admins have none. Submissions of one user in flight at once are counted while they are
-stored (a reservation), so two parallel uploads cannot both slip under the limit.
+Admins have no quota. Submissions of one user in flight at once are counted while they
+are stored (a reservation), so two parallel uploads cannot both slip under the limit.
+A non-admin user stores one upload at a time, and one of the upload places is kept for
+admins, so a user whose files read slowly (a FUSE mount) cannot make submit busy for all.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from reqpmd.builds.gates import MB
 from reqpmd.builds.store import Store
 from reqpmd.config.schema import Settings
 from reqpmd.control.server import Peer
-from reqpmd.errors import QuotaExceeded
+from reqpmd.errors import Busy, QuotaExceeded
+
+MAX_UPLOADS = 4  # submissions copied to disk at once, in all
 
 
 class Quota:
@@ -54,3 +59,39 @@ class Quota:
                 n, b = self._reserved.pop(peer.uid, (1, size))
                 if n > 1:
                     self._reserved[peer.uid] = (n - 1, b - size)
+
+
+class Uploads:
+    def __init__(self, total: int = MAX_UPLOADS) -> None:
+        self._total = total
+        self._lock = threading.Lock()
+        self._active: dict[int, int] = {}  # uid -> uploads being stored (non-admins)
+        self._admins = 0
+
+    @contextmanager
+    def storing(self, peer: Peer) -> Iterator[None]:
+        with self._lock:
+            users = sum(self._active.values())
+            if users + self._admins >= self._total:
+                raise Busy(f"{self._total} submissions are being stored already; try again")
+            if not peer.admin:
+                if self._active.get(peer.uid, 0) >= 1:
+                    raise Busy(
+                        f"{peer.user} is storing a submission already (one at a time); "
+                        "try again when it is stored"
+                    )
+                if users >= self._total - 1:  # the last place is kept for admins
+                    raise Busy(f"{users} submissions are being stored already; try again")
+                self._active[peer.uid] = self._active.get(peer.uid, 0) + 1
+            else:
+                self._admins += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                if peer.admin:
+                    self._admins -= 1
+                elif self._active.get(peer.uid, 0) <= 1:
+                    self._active.pop(peer.uid, None)
+                else:
+                    self._active[peer.uid] -= 1
