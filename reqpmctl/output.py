@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any, TextIO
+
+from reqpmd.quoting import printable
 
 _COLOURS = {
     "succeeded": "\033[32m",
@@ -50,13 +51,10 @@ def ago(stamp: float | None, now: float | None = None) -> str:
     return duration((now or time.time()) - stamp) + " ago"
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
 def safe(value: Any) -> str:
     """Text from elsewhere (names and hosts out of a shared Redis) as it may reach a
     terminal: control characters, escape sequences included, shown as \\xNN."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
+    return printable(str(value))
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

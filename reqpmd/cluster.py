@@ -31,11 +31,12 @@ from reqpmd.checks import is_int
 from reqpmd.config.schema import Settings, shown_setting
 from reqpmd.config.transaction import Change
 from reqpmd.errors import RedisUnavailable, disk_full
+from reqpmd.quoting import shown
 from reqpmd.slots import keys
 from reqpmd.slots.connection import REDIS_ERRORS, text, unavailable
 from reqpmd.slots.limiter import BuildConcurrencyLimiter
 from reqpmd.slots.server import RedisServer
-from reqpmd.slots.untrusted import WarnOnce, loads, shown
+from reqpmd.slots.untrusted import WarnOnce, loads
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from reqpmd.builds.store import Build, Store
 from reqpmd.cluster import Cluster
 from reqpmd.config.schema import Settings
 from reqpmd.errors import RedisUnavailable
+from reqpmd.quoting import printable
 from reqpmd.slots.limiter import BuildConcurrencyLimiter, grace_text
 from reqpmd.slots.scripts import LIMIT_MAX, LIMIT_MIN
-from reqpmd.slots.untrusted import printable
 
 _INTERNAL = ("pid", "pid_started")  # where mock runs is the daemon's business
 

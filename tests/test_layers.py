@@ -18,6 +18,7 @@ LAYERS: list[tuple[str, int]] = [
     ("reqpmd", 0),  # the package itself: __version__
     ("reqpmd.errors", 0),
     ("reqpmd.checks", 0),
+    ("reqpmd.quoting", 0),
     ("reqpmd.backoff", 0),
     ("reqpmd.fsutil", 0),
     ("reqpmd.systemd", 0),

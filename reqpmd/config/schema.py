@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from reqpmd.checks import is_int
+from reqpmd.quoting import shown
 
 DEFAULT_CONFIG = "/etc/reqpm/reqpmd.yaml"
 # Every pattern is used with fullmatch(): "$" also matches before a trailing newline.
@@ -58,7 +59,7 @@ class Field:
 
     def convert(self, value: Any) -> Any:
         """The value as this field's type, or raise ValueError saying what is allowed."""
-        bad = ValueError(f"{shown(value)} is not allowed (allowed: {self.allowed()})")
+        bad = ValueError(f"{shown(value, 60)} is not allowed (allowed: {self.allowed()})")
         if self.kind is bool:
             if isinstance(value, bool):
                 return value
@@ -75,19 +76,13 @@ class Field:
             if (self.lo is not None and value < self.lo) or (
                 self.hi is not None and value > self.hi
             ):
-                raise ValueError(f"{shown(value)} is out of range (allowed: {self.allowed()})")
+                raise ValueError(f"{shown(value, 60)} is out of range (allowed: {self.allowed()})")
             return self.kind(value)
         if not isinstance(value, str) or not value.strip():
             raise bad
         if self.pattern is not None and not self.pattern.fullmatch(value):
             raise bad
         return Path(value) if self.kind is Path else value
-
-
-def shown(value: Any, limit: int = 60) -> str:
-    """A value as an error message quotes it: repr, cut short (a value may be huge)."""
-    text = repr(value) if not (is_int(value) and abs(value) > 10**limit) else "a huge integer"
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _setting(

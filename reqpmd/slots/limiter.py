@@ -40,6 +40,7 @@ from reqpmd.errors import (
     SlotNameInUse,
     SlotTimeout,
 )
+from reqpmd.quoting import printable, shown
 from reqpmd.slots import keys
 from reqpmd.slots.connection import REDIS_ERRORS, text, unavailable
 from reqpmd.slots.grants import GrantListener, Pending
@@ -58,7 +59,7 @@ from reqpmd.slots.scripts import (
     SNAPSHOT,
     Reply,
 )
-from reqpmd.slots.untrusted import WarnOnce, loads, printable, shown
+from reqpmd.slots.untrusted import WarnOnce, loads
 from reqpmd.slots.waiter import Attempt, Waiter
 
 __all__ = ["BuildConcurrencyLimiter", "Counts", "Slot", "SlotInfo", "WaiterInfo"]

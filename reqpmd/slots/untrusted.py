@@ -13,8 +13,6 @@ import threading
 from collections.abc import Hashable
 from typing import Any
 
-SHOWN_MAX = 80  # characters of a bad value quoted in a message
-
 
 class WarnOnce:
     """``warn(key, msg, *args)`` logs at WARNING the first time ``key`` is seen (at
@@ -50,16 +48,3 @@ def loads(raw: str | bytes) -> Any:
         return json.loads(raw, parse_constant=_no_constant)
     except RecursionError as exc:
         raise ValueError("JSON nested too deeply") from exc
-
-
-def shown(value: object, limit: int = SHOWN_MAX) -> str:
-    """A bad value as a message quotes it: repr, cut short."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-def printable(text: str, limit: int = 500) -> str:
-    """Text read from Redis made fit for a log line or a terminal: control characters
-    (an escape sequence, a newline) escaped, cut at ``limit`` characters."""
-    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
-    return out if len(text) <= limit else out + "..."
