@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import math
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -245,7 +244,7 @@ class Cluster:
         if decision.remember:
             try:
                 self._memory.set_state(PUBLISHED, str(mine))
-            except (OSError, sqlite3.OperationalError) as exc:
+            except OSError as exc:
                 if not disk_full(exc):
                     raise
                 # only a memory across restarts: at worst the next start publishes again

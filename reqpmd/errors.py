@@ -90,10 +90,9 @@ class DiskFull(ReqpmError):
 
 
 def disk_full(exc: BaseException) -> bool:
-    """Whether an OS or SQLite error means "no space left" (ENOSPC, EDQUOT, SQLITE_FULL)."""
-    if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    return "full" in str(exc)  # sqlite3: "database or disk is full"
+    """Whether an error means "no space left" (ENOSPC, EDQUOT; the store raises SQLite's
+    "database or disk is full" as ENOSPC too)."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class BadRequest(ReqpmError):

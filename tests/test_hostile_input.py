@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -285,7 +285,7 @@ def test_the_audit_trail_failing_on_a_full_disk_keeps_the_change_whole(tmp_path:
 
     class FullAudit:
         def audit_setting(self, uid: int, user: str, key: str, old: Any, new: Any) -> None:
-            raise sqlite3.OperationalError("database or disk is full")
+            raise OSError(errno.ENOSPC, "database or disk is full")  # as the Store raises it
 
     config = tmp_path / "reqpmd.yaml"
     config.write_text("max_concurrent_builds: 2\n")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -137,7 +136,7 @@ class Scheduler:
                     if build is None:
                         break
                     self._launch(build)
-            except (OSError, sqlite3.OperationalError) as exc:
+            except OSError as exc:
                 if not disk_full(exc):
                     raise
                 if self.write_error is None:
@@ -311,7 +310,7 @@ class Scheduler:
             try:
                 state, changes = self._record_end(build_id, outcome, count_retry, flight)
                 break
-            except (OSError, sqlite3.OperationalError) as exc:
+            except OSError as exc:
                 if not disk_full(exc):
                     raise
                 if not backoff.failing:
@@ -404,7 +403,7 @@ class Scheduler:
         """Best effort: a recovery scrub goes on when a full disk cannot record its pid."""
         try:
             self.store.update(build_id, pid=pid, pid_started=started)
-        except (OSError, sqlite3.OperationalError) as exc:
+        except OSError as exc:
             if not disk_full(exc):
                 raise
 

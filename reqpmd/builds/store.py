@@ -8,6 +8,7 @@ Every state change goes through ``transition``, which asserts the edge is allowe
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sqlite3
@@ -130,7 +131,7 @@ class Store:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self._lock, _full_is_enospc():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -340,6 +341,18 @@ class Store:
 
 
 _UNFINISHED = (State.QUEUED, State.WAITING, State.BUILDING)
+
+
+@contextmanager
+def _full_is_enospc() -> Iterator[None]:
+    """SQLite's "database or disk is full" as the OSError(ENOSPC) every other write on a
+    full disk raises: callers have one error to recognise (errors.disk_full)."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL:
+            raise
+        raise OSError(errno.ENOSPC, str(exc)) from exc
 
 
 def _migrate(db: sqlite3.Connection) -> None:

@@ -11,7 +11,6 @@ but keep their running value until the next start.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import stat
 import threading
 from collections.abc import Callable
@@ -163,7 +162,7 @@ class SettingsService:
             log.warning("setting %s: %s -> %s by %s%s", key, shown_old, shown_new, who, note)
             try:  # the trail is readable by every reqpmctl user: secrets stay masked in it
                 self._audit.audit_setting(uid, who, key, shown_old, shown_new)
-            except (OSError, sqlite3.OperationalError) as exc:
+            except OSError as exc:
                 if not disk_full(exc):
                     raise
                 # the file is written and the change applied: the trail misses one line

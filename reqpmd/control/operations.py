@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -112,7 +111,7 @@ class Operations:
             )
         try:
             return op.run(req)
-        except (OSError, sqlite3.OperationalError) as exc:
+        except OSError as exc:
             if not disk_full(exc):
                 raise
             raise DiskFull(
