@@ -26,6 +26,8 @@ LAYERS: list[tuple[str, int]] = [
     ("reqpmd.config", 1),
     ("reqpmd.slots", 2),
     ("reqpmd.builds", 3),
+    ("reqpmd.repos", 3),  # repositories on disk: no store, no threads
+    ("reqpmd.repos.publisher", 4),  # what to publish and when: reads the store
     ("reqpmd.cluster", 4),
     ("reqpmd.status", 5),
     ("reqpmd.control", 6),

@@ -20,7 +20,7 @@ from enum import StrEnum
 from typing import Any
 
 from reqpmd.builds.mock import BUILD_ROOT_LOCKED
-from reqpmd.builds.states import State
+from reqpmd.builds.states import Publish, State
 
 
 class StopReason(StrEnum):
@@ -122,3 +122,19 @@ def settle(
     if state == State.QUEUED:
         changes.pop("exit_code")
     return state, changes
+
+
+def publish_fields(*, requested: bool, enabled: bool) -> dict[str, Any]:
+    """What a succeeded build's publish state starts as: recorded in the same write as
+    its success, so a crash between the two cannot lose a publish."""
+    if not requested:
+        return {
+            "publish_state": Publish.NOT_PUBLISHED,
+            "publish_error": "submitted with --no-publish",
+        }
+    if not enabled:
+        return {
+            "publish_state": Publish.NOT_PUBLISHED,
+            "publish_error": "the publish setting is off",
+        }
+    return {"publish_state": Publish.PENDING, "publish_error": None}

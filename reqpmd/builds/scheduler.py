@@ -27,6 +27,7 @@ from reqpmd.builds.lifecycle import (
     StopReason,
     StopRequest,
     counts_as_retry,
+    publish_fields,
     settle,
 )
 from reqpmd.builds.process import Runner, Stopper
@@ -83,8 +84,10 @@ class Scheduler:
         runner: Runner,
         gates: Gates | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_succeeded: Callable[[int], None] = lambda build_id: None,
     ) -> None:
         self.store = store
+        self.on_succeeded = on_succeeded  # the publisher's wake-up
         self.limiter = limiter
         self.settings = settings
         self.runner = runner
@@ -328,19 +331,24 @@ class Scheduler:
         level = logging.INFO if state in (State.SUCCEEDED, State.QUEUED) else logging.WARNING
         error = f" ({changes['error']})" if changes.get("error") else ""
         build_event(build_id, f"{state}{error}", level)
+        if state == State.SUCCEEDED:
+            self.on_succeeded(build_id)
 
     def _record_end(
         self, build_id: int, outcome: Outcome, count_retry: bool, flight: Flight | None
     ) -> tuple[State, dict[str, Any]]:
         with self._lock:  # serialised with cancel()
             build = self.store.get(build_id)
+            s = self.settings()
             state, changes = settle(
                 outcome,
                 stop=flight.stop if flight is not None else None,
                 retries=build.retries,
-                max_retries=self.settings().max_build_retries,
+                max_retries=s.max_build_retries,
                 count_retry=count_retry,
             )
+            if state == State.SUCCEEDED:
+                changes.update(publish_fields(requested=build.publish, enabled=s.publish))
             self.store.transition(build_id, state, **changes)
             if flight is not None:
                 flight.ended = True

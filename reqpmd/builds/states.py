@@ -41,6 +41,20 @@ ALLOWED: dict[State, frozenset[State]] = {
 }
 
 
+class Publish(StrEnum):
+    """Where a succeeded build's packages are: a second, smaller state beside ``State``.
+
+    pending -> published | publish_failed | not_published; publish_failed -> published
+    (retried) ... A build that did not succeed has none (NULL). Publishing never changes
+    ``State``: a build whose packages could not be published still succeeded.
+    """
+
+    PENDING = "pending"
+    PUBLISHED = "published"
+    PUBLISH_FAILED = "publish_failed"
+    NOT_PUBLISHED = "not_published"
+
+
 class IllegalTransition(RuntimeError):
     """A bug: code tried to move a build along an edge the state machine does not have."""
 

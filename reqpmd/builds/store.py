@@ -23,7 +23,7 @@ from typing import Any
 
 from reqpmd.builds import states
 from reqpmd.builds.layout import BuildLayout, StateLayout
-from reqpmd.builds.states import State
+from reqpmd.builds.states import Publish, State
 from reqpmd.errors import InvalidArgument, NotFound
 from reqpmd.fsutil import fsync_dir
 
@@ -48,7 +48,11 @@ CREATE TABLE IF NOT EXISTS builds (
     pid           INTEGER,                    -- mock's process group leader while running
     pid_started   REAL,                       -- its start time, to tell it from a reused pid
     slot_token    INTEGER,
-    input_bytes   INTEGER NOT NULL DEFAULT 0   -- size of what was submitted (quotas)
+    input_bytes   INTEGER NOT NULL DEFAULT 0,  -- size of what was submitted (quotas)
+    publish       INTEGER NOT NULL DEFAULT 1,  -- 0: submitted with --no-publish
+    publish_state TEXT,                        -- states.Publish once it succeeded
+    publish_error TEXT,
+    published_at  REAL
 );
 CREATE INDEX IF NOT EXISTS builds_state ON builds(state, priority, id);
 CREATE INDEX IF NOT EXISTS builds_submitter ON builds(submitted_by, state);
@@ -99,6 +103,10 @@ class Build:
     pid_started: float | None
     slot_token: int | None
     input_bytes: int
+    publish: bool
+    publish_state: Publish | None
+    publish_error: str | None
+    published_at: float | None
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -176,6 +184,7 @@ class Store:
         uid: int,
         user: str = "",
         input_bytes: int = 0,
+        publish: bool = True,
     ) -> int:
         """Queue a build whose files ``stage`` wrote to ``inputs``; row and files are on disk
         before the id is returned."""
@@ -183,8 +192,8 @@ class Store:
             with self._tx() as db:
                 cur = db.execute(
                     "INSERT INTO builds (state, chroot, kind, source, priority, submitted_by,"
-                    " submitted_name, submitted_at, input_bytes)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " submitted_name, submitted_at, input_bytes, publish)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         State.QUEUED,
                         chroot,
@@ -195,6 +204,7 @@ class Store:
                         user,
                         time.time(),
                         input_bytes,
+                        int(publish),
                     ),
                 )
                 build_id = int(cur.lastrowid or 0)
@@ -286,6 +296,9 @@ class Store:
                     "pid",
                     "pid_started",
                     "slot_token",
+                    "publish_state",
+                    "publish_error",
+                    "published_at",
                 ):
                     changes.setdefault(key, None)
             changes["state"] = new
@@ -304,6 +317,42 @@ class Store:
             db.execute(
                 f"UPDATE builds SET {assignments} WHERE id = ?", (*changes.values(), build_id)
             )
+
+    # -- publishing -------------------------------------------------------------------
+
+    def to_publish(self) -> list[Build]:
+        """Succeeded builds whose packages are not in their repository yet (pending, or
+        failed before and due for another try), oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM builds WHERE publish_state IN (?, ?)"
+                " ORDER BY id",
+                (Publish.PENDING, Publish.PUBLISH_FAILED),
+            ).fetchall()
+        return [_build(r) for r in rows]
+
+    def set_publish(self, build_ids: list[int], state: Publish, error: str | None = None) -> None:
+        """Record where the builds' packages are; only for builds that still succeeded
+        (a retry may have queued one again meanwhile: that run publishes anew)."""
+        if not build_ids:
+            return
+        marks = ", ".join("?" for _ in build_ids)
+        at = time.time() if state == Publish.PUBLISHED else None
+        with self._tx() as db:
+            db.execute(
+                "UPDATE builds SET publish_state = ?, publish_error = ?,"
+                " published_at = COALESCE(?, published_at)"
+                f" WHERE state = ? AND id IN ({marks})",
+                (state, error, at, State.SUCCEEDED, *build_ids),
+            )
+
+    def publish_counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT publish_state, COUNT(*) FROM builds WHERE publish_state IS NOT NULL"
+                " GROUP BY publish_state"
+            ).fetchall()
+        return {str(state): int(n) for state, n in rows}
 
     # -- daemon state -------------------------------------------------------------------
 
@@ -356,15 +405,28 @@ def _full_is_enospc() -> Iterator[None]:
 
 
 def _migrate(db: sqlite3.Connection) -> None:
-    """Columns added since the first release, for databases made before them."""
+    """Columns added since the first release, for databases made before them (and the
+    indexes on them, which _SCHEMA cannot make before the columns exist)."""
     have = {row[1] for row in db.execute("PRAGMA table_info(builds)")}
-    if "input_bytes" not in have:
-        db.execute("ALTER TABLE builds ADD COLUMN input_bytes INTEGER NOT NULL DEFAULT 0")
+    added = {
+        "input_bytes": "INTEGER NOT NULL DEFAULT 0",
+        "publish": "INTEGER NOT NULL DEFAULT 1",
+        "publish_state": "TEXT",
+        "publish_error": "TEXT",
+        "published_at": "REAL",
+    }
+    for column, kind in added.items():
+        if column not in have:
+            db.execute(f"ALTER TABLE builds ADD COLUMN {column} {kind}")
+    db.execute("CREATE INDEX IF NOT EXISTS builds_publish ON builds(publish_state, chroot)")
 
 
 def _build(row: tuple[Any, ...]) -> Build:
     values = dict(zip(_COLUMNS, row, strict=True))
     values["state"] = State(values["state"])
+    values["publish"] = bool(values["publish"])
+    if values["publish_state"] is not None:
+        values["publish_state"] = Publish(values["publish_state"])
     return Build(**values)
 
 

@@ -139,8 +139,11 @@ def validate(
             errors.append(SettingError(field.name, f"(from MAX_CONCURRENT_BUILDS) {exc}"))
     if errors:
         raise SettingsInvalid(errors, source)
+    unset_repo_dir = "repo_dir" not in values
     for field in FIELDS:
         values.setdefault(field.name, field.default)
+    if unset_repo_dir:  # follows state_dir wherever that is
+        values["repo_dir"] = values["state_dir"] / "repos"
     if not values["host_id"]:
         values["host_id"] = _hostname()
     for field in FIELDS:

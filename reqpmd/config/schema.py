@@ -121,7 +121,11 @@ class Settings:
     auto_sync_projects: bool = _setting(True, "sync projects from git periodically")
     sync_interval_hours: int = _setting(6, "hours between project syncs", 1, 24)
     repository_sync_interval_minutes: int = _setting(
-        30, "minutes between repository metadata updates", 5, 1440
+        30,
+        "minutes between syncs of every repository (picks up RPMs added or removed by "
+        "hand, checks and repairs repodata, retries failed publishes)",
+        5,
+        1440,
     )
     # The daemon's own settings.
     redis_url: str = _setting(
@@ -163,6 +167,14 @@ class Settings:
     )
     state_dir: Path = _setting(
         Path("/var/lib/reqpm"), "queue database, build logs, results", restart=True
+    )
+    repo_dir: Path = _setting(
+        Path(""),
+        "dnf repositories of succeeded builds, one per chroot (default: <state_dir>/repos)",
+        restart=True,
+    )
+    publish: bool = _setting(
+        True, "publish each succeeded build into <repo_dir>/<chroot> (submit --no-publish opts out)"
     )
     mock_command: Path = _setting(
         Path("/usr/bin/mock"),

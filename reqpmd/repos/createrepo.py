@@ -1,0 +1,196 @@
+"""One metadata run: createrepo_c writes a new revision beside the served one, then the
+new files are moved in and repomd.xml is swapped last.
+
+Readers never see a mix: metadata file names carry their checksum (createrepo_c's
+default), so the new revision's files land beside the old ones without replacing any,
+and repomd.xml, the one file a client reads first, is replaced by a single rename. The
+files of the revision before stay one more run (a client that read the old repomd.xml
+a moment ago still finds them). createrepo_c's own in-place mode renames the whole
+``repodata/`` away and back, which leaves a moment with no repodata at all.
+
+``--update`` reuses the metadata of every package whose size and mtime are unchanged, so
+adding one build to a large repository reads that build's RPMs and no others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reqpmd.fsutil import atomic_write, fsync_dir
+from reqpmd.repos.layout import RepoLayout
+from reqpmd.repos.metadata import MetadataError, data_files
+
+RUN_TIMEOUT = 3600.0  # seconds one createrepo_c run may take
+OLD_METADATA_GRACE = 300.0  # seconds unreferenced metadata files are kept for slow readers
+_UNREADABLE = re.compile(r"Cannot read package: (?P<path>.+?): (?P<why>.*)$", re.MULTILINE)
+# createrepo_c exits 2 when it skipped unreadable packages but wrote the rest
+_SKIPPED_SOME = 2
+
+# argv, timeout -> (exit code, combined output)
+Tool = Callable[[list[str], float], tuple[int, str]]
+
+
+def run_tool(argv: list[str], timeout: float) -> tuple[int, str]:
+    try:
+        done = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+            check=False,
+        )
+    except FileNotFoundError:
+        return 127, f"{argv[0]}: not found (pip install createrepo-c, or dnf install createrepo_c)"
+    except subprocess.TimeoutExpired:
+        return 124, f"{argv[0]} ran over {timeout:.0f} s and was killed"
+    return done.returncode, done.stdout.decode("utf-8", "replace")
+
+
+def command() -> str:
+    """createrepo_c next to this Python (pip's wheel puts it there), else from PATH."""
+    beside = Path(sys.executable).parent / "createrepo_c"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("createrepo_c") or "createrepo_c"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    read: list[str]  # packages whose headers createrepo_c read (the rest were reused)
+    skipped: list[str] = field(default_factory=list)  # "path: why" of unreadable packages
+    seconds: float = 0.0
+
+
+def metadata_argv(cmd: str, repo: RepoLayout, staging: Path, update: bool) -> list[str]:
+    argv = [
+        cmd,
+        "--outputdir",
+        str(staging),
+        "--general-compress-type=gz",  # every dnf and yum reads gzip
+        "--excludes",
+        "*.src.rpm",  # as mock's own createrepo does: source RPMs sit beside, unlisted
+        "--read-pkgs-list",
+        str(staging / "read.txt"),
+        "--workers",
+        "2",
+    ]
+    if update:
+        argv += ["--update", "--update-md-path", str(repo.root)]
+    return [*argv, str(repo.root)]
+
+
+def make_metadata(repo: RepoLayout, tool: Tool, full: bool = False) -> RunResult:
+    """Write a new metadata revision and swap it in. ``full`` re-reads every package (for
+    metadata found broken); otherwise unchanged packages are reused. The caller holds the
+    repository's lock. Raises MetadataError, leaving the served revision as it was."""
+    started = time.monotonic()
+    repo.work.mkdir(parents=True, exist_ok=True)
+    seen = scan(repo)
+    staging = Path(tempfile.mkdtemp(prefix="staging-", dir=repo.work))
+    try:
+        update = not full and repo.repomd.exists()
+        code, out = tool(metadata_argv(command(), repo, staging, update), RUN_TIMEOUT)
+        new = staging / "repodata"
+        skipped = [f"{_relative(repo, m['path'])}: {m['why']}" for m in _UNREADABLE.finditer(out)]
+        complete = (new / "repomd.xml").is_file()
+        if not complete or (code != 0 and not (code == _SKIPPED_SOME and skipped)):
+            raise MetadataError(f"createrepo_c exited with {code}: {_tail(out)}")
+        read = _read_list(staging / "read.txt", repo)
+        install(new, repo)
+        atomic_write(repo.manifest, json.dumps(seen, sort_keys=True).encode())
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return RunResult(read, skipped, time.monotonic() - started)
+
+
+def install(new: Path, repo: RepoLayout) -> None:
+    """Move a finished revision into ``repodata/``: data files first, repomd.xml last."""
+    live = repo.repodata
+    live.mkdir(mode=0o755, exist_ok=True)
+    previous = referenced(repo)
+    for path in sorted(new.iterdir()):
+        os.chmod(path, 0o644)  # served to every dnf user, whatever the daemon's umask
+        if path.name != "repomd.xml":
+            _fsync(path)
+            os.replace(path, live / path.name)
+    fsync_dir(live)
+    _fsync(new / "repomd.xml")
+    os.replace(new / "repomd.xml", repo.repomd)
+    fsync_dir(live)
+    keep = referenced(repo) | previous
+    now = time.time()
+    for path in live.iterdir():
+        with contextlib.suppress(OSError):
+            if path.name not in keep and now - path.stat().st_mtime > OLD_METADATA_GRACE:
+                path.unlink()
+
+
+def referenced(repo: RepoLayout) -> set[str]:
+    """Names of the metadata files the served repomd.xml names (none if it is broken)."""
+    try:
+        return {"repomd.xml"} | {Path(d.href).name for d in data_files(repo.repomd)}
+    except MetadataError:
+        return {"repomd.xml"}
+
+
+def scan(repo: RepoLayout) -> dict[str, list[int]]:
+    """Every RPM in the repository: relative path -> [size, mtime_ns]. What --update
+    compares too, so two equal scans mean the metadata needs no run."""
+    found: dict[str, list[int]] = {}
+    for top, dirs, files in os.walk(repo.root):
+        if top == str(repo.root):
+            dirs[:] = [d for d in dirs if d != "repodata" and not d.startswith(".")]
+        for name in files:
+            if name.endswith(".rpm"):
+                path = os.path.join(top, name)
+                with contextlib.suppress(OSError):
+                    st = os.stat(path)
+                    found[os.path.relpath(path, repo.root)] = [st.st_size, st.st_mtime_ns]
+    return found
+
+
+def manifest(repo: RepoLayout) -> dict[str, list[int]] | None:
+    """What the last successful run saw, or None (never ran, or unreadable)."""
+    try:
+        value = json.loads(repo.manifest.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _read_list(path: Path, repo: RepoLayout) -> list[str]:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    return [_relative(repo, line) for line in lines if line.strip()]
+
+
+def _relative(repo: RepoLayout, path: str) -> str:
+    with contextlib.suppress(ValueError):
+        return os.path.relpath(path, repo.root) if os.path.isabs(path) else path
+    return path
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tail(out: str, lines: int = 5) -> str:
+    return " / ".join(line.strip() for line in out.strip().splitlines()[-lines:]) or "no output"

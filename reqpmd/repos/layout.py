@@ -1,0 +1,82 @@
+"""Where a repository's files live: the one place that spells those names.
+
+    <repo_dir>/<chroot>/                 one dnf repository per mock config
+        <host>-<build id>/               one succeeded build's binary and source RPMs
+        repodata/                        createrepo_c's metadata; repomd.xml is swapped last
+    <repo_dir>/.reqpm/<chroot>/          ours, outside the tree createrepo_c walks:
+        lock                             flock held for a metadata run (all daemons)
+        pending/                         one file per daemon's request for a run (batching)
+        staging-*/                       a metadata run writing; never read by clients
+        incoming-*/                      a build's packages being copied, before the rename
+        manifest.json                    the RPM files the last run saw (change detection)
+
+A build's directory is named after the host and the build id because build ids come
+from each host's own database: two daemons sharing repo_dir never collide.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+_BUILD_DIR = re.compile(r"(?P<host>[A-Za-z0-9_.-]+)-(?P<id>[0-9]+)")
+
+
+WORK = ".reqpm"
+
+
+@dataclass(frozen=True)
+class RepoLayout:
+    repo_dir: Path
+    chroot: str
+
+    @property
+    def root(self) -> Path:
+        return self.repo_dir / self.chroot
+
+    @property
+    def repodata(self) -> Path:
+        return self.root / "repodata"
+
+    @property
+    def repomd(self) -> Path:
+        return self.repodata / "repomd.xml"
+
+    @property
+    def work(self) -> Path:
+        return self.repo_dir / WORK / self.chroot
+
+    @property
+    def lock(self) -> Path:
+        return self.work / "lock"
+
+    @property
+    def pending(self) -> Path:
+        return self.work / "pending"
+
+    @property
+    def manifest(self) -> Path:
+        return self.work / "manifest.json"
+
+    def build_dir(self, host: str, build_id: int) -> Path:
+        return self.root / f"{host}-{build_id}"
+
+
+def build_of(href: str) -> tuple[str, int] | None:
+    """(host, build id) of a package's location in the repository, if reqpm put it there
+    (an RPM added by hand has none)."""
+    first, sep, _ = href.partition("/")
+    match = _BUILD_DIR.fullmatch(first) if sep else None
+    return (match["host"], int(match["id"])) if match else None
+
+
+def repositories(repo_dir: Path) -> list[RepoLayout]:
+    """The repositories under repo_dir, by name."""
+    try:
+        entries = sorted(repo_dir.iterdir())
+    except FileNotFoundError:
+        return []
+    return [
+        RepoLayout(repo_dir, p.name) for p in entries if p.is_dir() and not p.name.startswith(".")
+    ]

@@ -1,0 +1,302 @@
+"""The publisher: one thread that puts succeeded builds into their repositories and
+keeps every repository in sync.
+
+Its queue is the store (builds whose ``publish_state`` is pending or publish_failed),
+so a crash loses nothing: the next start publishes what was not. Builds that finish
+close together are published with one metadata run per repository: each pass takes
+every build waiting for a repository, places them all, then runs createrepo_c once.
+A failure is recorded on the builds and the repository (shown in ``status`` and
+``repos``, logged once per change) and retried with backoff; it never changes a
+build's state. Every ``repository_sync_interval_minutes`` (read live) each repository
+is checked and repaired (``Repository.sync``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from reqpmd.backoff import Backoff
+from reqpmd.builds.events import build_event
+from reqpmd.builds.states import Publish
+from reqpmd.builds.store import Build, Store
+from reqpmd.config.schema import Settings
+from reqpmd.repos.createrepo import RunResult, Tool, run_tool
+from reqpmd.repos.layout import RepoLayout, repositories
+from reqpmd.repos.lock import RepoLocks
+from reqpmd.repos.repository import NoPackages, RepoError, Repository
+
+log = logging.getLogger(__name__)
+
+MAX_IDLE = 30.0  # seconds between passes when nothing wakes the thread
+RETRY_FIRST, RETRY_CAP = 5.0, 600.0  # backoff of a failing repository, seconds
+
+
+@dataclass
+class Health:
+    """What this daemon saw of one repository (``repos list``, ``status``)."""
+
+    runs: int = 0  # metadata runs made by this daemon
+    published: int = 0  # builds it published
+    last_run_at: float | None = None  # wall time, for display
+    last_run_seconds: float | None = None
+    last_read: int = 0  # packages the last run read (the rest were reused)
+    skipped: list[str] = field(default_factory=list)  # unreadable RPMs the last run left out
+    last_sync_at: float | None = None
+    last_sync: str | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+    backoff: Backoff = field(default_factory=lambda: Backoff(RETRY_FIRST, RETRY_CAP))
+    retry_at: float = 0.0  # monotonic; no publish before it while failing
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "metadata_runs": self.runs,
+            "published_builds": self.published,
+            "last_run_at": self.last_run_at,
+            "last_run_seconds": self.last_run_seconds,
+            "last_run_read": self.last_read,
+            "skipped": list(self.skipped),
+            "last_sync_at": self.last_sync_at,
+            "last_sync": self.last_sync,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+        }
+
+
+@dataclass
+class SyncRequest:
+    chroot: str | None  # None: every repository
+    done: threading.Event = field(default_factory=threading.Event)
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class Publisher:
+    def __init__(
+        self,
+        store: Store,
+        settings: Callable[[], Settings],
+        tool: Tool = run_tool,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        s = settings()
+        self.store = store
+        self.settings = settings
+        self.repo_dir = s.repo_dir  # restart-only
+        self.host = s.host_id
+        self.tool = tool
+        self.clock = clock
+        self.locks = RepoLocks(s.host_id)
+        self._health: dict[str, Health] = defaultdict(Health)
+        self._requests: list[SyncRequest] = []
+        self._last_sync: float | None = None  # monotonic; None: sync at the first pass
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="publisher", daemon=True)
+
+    # -- any thread -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.repo_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        """A metadata run in progress finishes (or its repository keeps the old revision);
+        what was not published stays pending for the next start."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def wake(self, build_id: int | None = None) -> None:
+        self._wake.set()
+
+    def request_sync(self, chroot: str | None) -> SyncRequest:
+        request = SyncRequest(chroot)
+        with self._lock:
+            self._requests.append(request)
+        self._wake.set()
+        return request
+
+    def repository(self, chroot: str) -> Repository:
+        return Repository(RepoLayout(self.repo_dir, chroot), self.locks, self.tool)
+
+    def repositories(self) -> list[Repository]:
+        return [Repository(lay, self.locks, self.tool) for lay in repositories(self.repo_dir)]
+
+    def health(self, chroot: str) -> dict[str, Any]:
+        with self._lock:
+            return self._health[chroot].as_dict()
+
+    def summary(self) -> dict[str, Any]:
+        """For ``status``: builds waiting to be published, failed ones, failing repos."""
+        counts = self.store.publish_counts()
+        with self._lock:
+            failing = {
+                chroot: {"error": h.last_error, "at": h.last_error_at}
+                for chroot, h in self._health.items()
+                if h.last_error is not None
+            }
+        return {
+            "repo_dir": str(self.repo_dir),
+            "pending": counts.get(Publish.PENDING, 0),
+            "failed": counts.get(Publish.PUBLISH_FAILED, 0),
+            "published": counts.get(Publish.PUBLISHED, 0),
+            "failing_repos": failing,
+        }
+
+    # -- the publisher's thread -----------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._pass()
+            except Exception:  # the thread outlives any one failure
+                log.exception("publisher pass failed; trying again")
+                self._stop.wait(RETRY_FIRST)
+            self._wake.wait(self._idle())
+            self._wake.clear()
+
+    def _idle(self) -> float:
+        """Seconds until the next sync or retry is due (re-read: settings are live)."""
+        now = self.clock()
+        due = [self._next_sync() - now]
+        with self._lock:
+            due += [h.retry_at - now for h in self._health.values() if h.backoff.failing]
+        return min(MAX_IDLE, max(0.05, min(due)))
+
+    def _next_sync(self) -> float:
+        if self._last_sync is None:
+            return self.clock()
+        return self._last_sync + self.settings().repository_sync_interval_minutes * 60
+
+    def _pass(self) -> None:
+        with self._lock:
+            requests, self._requests = self._requests, []
+        if self.clock() >= self._next_sync():
+            self._last_sync = self.clock()
+            self._sync_all(force=False)
+        for request in requests:
+            self._serve(request)
+        self._publish_pending()
+
+    def _serve(self, request: SyncRequest) -> None:
+        try:
+            repos = (
+                [self.repository(request.chroot)]
+                if request.chroot is not None
+                else self.repositories()
+            )
+            for repo in repos:
+                request.results[repo.chroot] = self._sync(repo, force=True)
+        finally:
+            request.done.set()
+
+    def _sync_all(self, force: bool) -> None:
+        for repo in self.repositories():
+            if self._stop.is_set():
+                return
+            self._sync(repo, force)
+
+    def _sync(self, repo: Repository, force: bool) -> dict[str, Any]:
+        try:
+            result = repo.sync(force)
+        except RepoError as exc:
+            self._failed(repo.chroot, f"sync failed: {exc}")
+            return {"action": "failed", "error": str(exc)}
+        with self._lock:
+            h = self._health[repo.chroot]
+            h.last_sync_at = time.time()
+            h.last_sync = f"{result.action}: {result.reason}"
+        if result.action == "regenerate":
+            log.warning("repository %s: %s; regenerated its metadata", repo.chroot, result.reason)
+        elif result.action == "update":
+            log.info("repository %s: %s; metadata updated", repo.chroot, result.reason)
+        if result.run is not None:
+            self._ran(repo.chroot, result.run)
+        self._recovered(repo.chroot)
+        return {"action": result.action, "reason": result.reason}
+
+    def _publish_pending(self) -> None:
+        by_chroot: dict[str, list[Build]] = defaultdict(list)
+        for build in self.store.to_publish():
+            by_chroot[build.chroot].append(build)
+        now = self.clock()
+        for chroot, builds in by_chroot.items():
+            if self._stop.is_set():
+                return
+            with self._lock:
+                h = self._health[chroot]
+                if h.backoff.failing and now < h.retry_at:
+                    continue
+            self._publish(self.repository(chroot), builds)
+
+    def _publish(self, repo: Repository, builds: list[Build]) -> None:
+        placed: list[int] = []
+        for build in builds:
+            try:
+                repo.place(self.host, build.id, self.store.files(build.id).result)
+            except NoPackages as exc:
+                self.store.set_publish([build.id], Publish.NOT_PUBLISHED, str(exc))
+                build_event(build.id, f"not published: {exc}", logging.WARNING)
+                continue
+            except OSError as exc:
+                error = f"cannot put its packages into {repo.layout.root}: {exc}"
+                self.store.set_publish([build.id], Publish.PUBLISH_FAILED, error)
+                self._failed(repo.chroot, error)
+                continue
+            placed.append(build.id)
+        if not placed:
+            return
+        try:
+            run = repo.update()
+        except RepoError as exc:
+            error = f"metadata run failed: {exc}"
+            self.store.set_publish(placed, Publish.PUBLISH_FAILED, error)
+            self._failed(repo.chroot, error)
+            return
+        self.store.set_publish(placed, Publish.PUBLISHED)
+        if run is not None:
+            self._ran(repo.chroot, run)
+        with self._lock:
+            self._health[repo.chroot].published += len(placed)
+        self._recovered(repo.chroot)
+        for build_id in placed:
+            build_event(build_id, f"published into {repo.layout.root}")
+
+    # -- health -------------------------------------------------------------------------
+
+    def _ran(self, chroot: str, run: RunResult) -> None:
+        with self._lock:
+            h = self._health[chroot]
+            new_skips = sorted(set(run.skipped) - set(h.skipped))
+            h.runs += 1
+            h.last_run_at = time.time()
+            h.last_run_seconds = run.seconds
+            h.last_read = len(run.read)
+            h.skipped = list(run.skipped)
+        for skip in new_skips:  # once per file, not at every run
+            log.warning("repository %s: left out an unreadable package: %s", chroot, skip)
+
+    def _failed(self, chroot: str, error: str) -> None:
+        with self._lock:
+            h = self._health[chroot]
+            changed = error != h.last_error
+            h.last_error, h.last_error_at = error, time.time()
+            h.retry_at = self.clock() + h.backoff.failed()
+        if changed:
+            log.error("repository %s: %s (retrying with backoff)", chroot, error)
+
+    def _recovered(self, chroot: str) -> None:
+        with self._lock:
+            h = self._health[chroot]
+            recovered = h.backoff.succeeded()
+            h.last_error = h.last_error_at = None
+        if recovered:
+            log.info("repository %s: working again", chroot)
