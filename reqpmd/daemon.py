@@ -33,6 +33,7 @@ from reqpmd.config.transaction import Change, SettingsService
 from reqpmd.control.operations import Operations
 from reqpmd.control.server import ControlServer, bind_socket
 from reqpmd.errors import RedisUnavailable
+from reqpmd.repos.publisher import Publisher
 from reqpmd.slots.connection import connect
 from reqpmd.slots.limiter import BuildConcurrencyLimiter
 from reqpmd.slots.server import RedisServer
@@ -42,6 +43,9 @@ from reqpmd.systemd import Notifier, listen_fds, setup_logging
 log = logging.getLogger("reqpmd")
 
 TICK = 0.5  # seconds between main-loop passes when nothing wakes it
+# seconds a metadata run in progress gets to finish at stop; one cut off leaves the old
+# revision served, and the next start publishes what was left pending
+PUBLISHER_STOP = 30.0
 GRACE_HINT = (
     "if no reqpmd can still be running a build it started before (a new Redis, or every "
     "host restarted), end it now with 'reqpmctl slots end-grace --yes'"
@@ -105,10 +109,21 @@ class Daemon:
             except RedisUnavailable as exc:  # the grace then ends by itself, in one lease
                 log.warning("could not end the restart grace of the embedded Redis: %s", exc)
         self.cluster = Cluster(client, self.limiter, current, self.store, self.redis_server)
-        self.scheduler = Scheduler(self.store, self.limiter, current, self.runner, self.gates)
-        self.status = Status(current, self.cluster, self.scheduler, self.store, self.limiter)
+        self.publisher = Publisher(self.store, current)
+        self.scheduler = Scheduler(
+            self.store,
+            self.limiter,
+            current,
+            self.runner,
+            self.gates,
+            on_succeeded=self.publisher.wake,
+        )
+        self.status = Status(
+            current, self.cluster, self.scheduler, self.store, self.limiter, self.publisher
+        )
         self.settings.subscribe(self.cluster.on_settings_change)
         self.settings.subscribe(self._on_settings_change)
+        self.settings.subscribe(lambda settings, change: self.publisher.wake())
         inherited = listen_fds()
         sock = inherited[0] if inherited else bind_socket(s.socket_path, s.socket_group)
         # Know the state of Redis before the first client (maybe the one whose connection
@@ -135,6 +150,7 @@ class Daemon:
             s.max_concurrent_builds,
         )
         self.notifier.ready()
+        self.publisher.start()  # its first pass checks every repository (a crash mid-run)
         # after READY: scrubs of what an earlier instance left may take minutes each
         leftover = self.scheduler.start_recovery(Stopper(s.cancel_grace_seconds))
         if leftover:
@@ -210,6 +226,7 @@ class Daemon:
             with contextlib.suppress(OSError):
                 s.socket_path.unlink()
         self.scheduler.shutdown(timeout=4 * s.cancel_grace_seconds + 60)
+        self.publisher.stop(timeout=PUBLISHER_STOP)
         self.limiter.close()
         self.store.close()
         if self.redis_server is not None:

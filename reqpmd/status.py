@@ -17,6 +17,7 @@ from reqpmd.cluster import Cluster
 from reqpmd.config.schema import Settings
 from reqpmd.errors import RedisUnavailable
 from reqpmd.quoting import printable
+from reqpmd.repos.publisher import Publisher
 from reqpmd.slots.limiter import BuildConcurrencyLimiter, grace_text
 from reqpmd.slots.scripts import LIMIT_MAX, LIMIT_MIN
 
@@ -83,8 +84,10 @@ class Status:
         scheduler: Scheduler,
         store: Store,
         limiter: BuildConcurrencyLimiter,
+        publisher: Publisher,
     ) -> None:
         self._settings = settings
+        self._publisher = publisher
         self._cluster = cluster
         self._scheduler = scheduler
         self._store = store
@@ -109,6 +112,9 @@ class Status:
             parts.insert(0, invalid_limit_text(c.cluster_limit_invalid))
         if grace_left > 0:
             parts.insert(0, grace_text(grace_left))
+        failing = self._publisher.problem()
+        if failing:
+            parts.append(failing)
         shut = describe_closed(self._scheduler.last_gates)
         if shut:
             parts.insert(0, shut)
@@ -151,6 +157,7 @@ class Status:
                 f"{grace_text(grace_left)}; {self._limiter.grace_hint}" if grace_left else None
             ),
             "summary": self.line(flight, queued, grace_left),
+            "publish": self._publisher.summary(),
         }
         if c.ok:
             try:

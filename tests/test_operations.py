@@ -32,6 +32,7 @@ from reqpmd.errors import (
     PermissionDenied,
     QuotaExceeded,
 )
+from reqpmd.repos.publisher import Publisher
 from reqpmd.slots import keys
 from reqpmd.slots.limiter import BuildConcurrencyLimiter
 from reqpmd.slots.server import RedisServer
@@ -103,7 +104,8 @@ def make_env(tmp_path: Path, make_limiter: MakeLimiter) -> Iterator[Callable[...
         clock = [1000.0]
         cluster = Cluster(client, limiter, current, store, clock=lambda: clock[0])
         scheduler = Scheduler(store, limiter, current, never_run)
-        status = Status(current, cluster, scheduler, store, limiter)
+        publisher = Publisher(store, current)
+        status = Status(current, cluster, scheduler, store, limiter, publisher)
         settings.subscribe(cluster.on_settings_change)
         wakes: list[int] = []
         ops = Operations(

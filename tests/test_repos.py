@@ -112,6 +112,11 @@ def test_a_corrupt_rpm_dropped_in_by_hand_is_skipped_and_named(
     assert run is not None
     assert len(run.skipped) == 1 and run.skipped[0].startswith("by-hand/broken-1-1.noarch.rpm: ")
     assert list(listed(repo).values()) == ["hello-1.0-1"]
+    assert repo.sync().action == "none"  # not tried again at every sync while unchanged
+    greet = next(f for f in built["greet"] if ".src." not in f.name)
+    (repo.layout.root / "by-hand" / "broken-1-1.noarch.rpm").write_bytes(greet.read_bytes())
+    assert repo.sync().action == "update"  # replaced by a good one: picked up
+    assert sorted(listed(repo).values()) == ["greet-2.1-3", "hello-1.0-1"]
 
 
 def test_sync_picks_up_hand_changes_repairs_broken_metadata_and_else_does_nothing(

@@ -97,7 +97,6 @@ def make_metadata(repo: RepoLayout, tool: Tool, full: bool = False) -> RunResult
     repository's lock. Raises MetadataError, leaving the served revision as it was."""
     started = time.monotonic()
     repo.work.mkdir(parents=True, exist_ok=True)
-    seen = scan(repo)
     staging = Path(tempfile.mkdtemp(prefix="staging-", dir=repo.work))
     try:
         update = not full and repo.repomd.exists()
@@ -109,7 +108,7 @@ def make_metadata(repo: RepoLayout, tool: Tool, full: bool = False) -> RunResult
             raise MetadataError(f"createrepo_c exited with {code}: {_tail(out)}")
         read = _read_list(staging / "read.txt", repo)
         install(new, repo)
-        atomic_write(repo.manifest, json.dumps(seen, sort_keys=True).encode())
+        _remember_skipped(repo, [s.split(": ", 1)[0] for s in skipped])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return RunResult(read, skipped, time.monotonic() - started)
@@ -145,29 +144,37 @@ def referenced(repo: RepoLayout) -> set[str]:
         return {"repomd.xml"}
 
 
-def scan(repo: RepoLayout) -> dict[str, list[int]]:
-    """Every RPM in the repository: relative path -> [size, mtime_ns]. What --update
-    compares too, so two equal scans mean the metadata needs no run."""
-    found: dict[str, list[int]] = {}
+def scan(repo: RepoLayout) -> dict[str, tuple[int, int]]:
+    """Every RPM the metadata should list (source RPMs are excluded): relative path ->
+    (size, mtime in seconds), as primary.xml records them."""
+    found: dict[str, tuple[int, int]] = {}
     for top, dirs, files in os.walk(repo.root):
         if top == str(repo.root):
             dirs[:] = [d for d in dirs if d != "repodata" and not d.startswith(".")]
         for name in files:
-            if name.endswith(".rpm"):
+            if name.endswith(".rpm") and not name.endswith(".src.rpm"):
                 path = os.path.join(top, name)
                 with contextlib.suppress(OSError):
                     st = os.stat(path)
-                    found[os.path.relpath(path, repo.root)] = [st.st_size, st.st_mtime_ns]
+                    found[os.path.relpath(path, repo.root)] = (st.st_size, int(st.st_mtime))
     return found
 
 
-def manifest(repo: RepoLayout) -> dict[str, list[int]] | None:
-    """What the last successful run saw, or None (never ran, or unreadable)."""
+def skipped_before(repo: RepoLayout) -> dict[str, tuple[int, int]]:
+    """RPMs the last run could not read, as they were then: a sync need not try them
+    again until they change."""
     try:
-        value = json.loads(repo.manifest.read_bytes())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
+        value = json.loads(repo.skipped.read_bytes())
+        return {str(k): (int(v[0]), int(v[1])) for k, v in value.items()}
+    except (OSError, ValueError, TypeError, AttributeError, IndexError):
+        return {}
+
+
+def _remember_skipped(repo: RepoLayout, paths: list[str]) -> None:
+    now = scan(repo) if paths else {}
+    skipped = {p: now[p] for p in paths if p in now}
+    if skipped != skipped_before(repo):  # written only when it changes: usually never
+        atomic_write(repo.skipped, json.dumps(skipped, sort_keys=True).encode())
 
 
 def _read_list(path: Path, repo: RepoLayout) -> list[str]:

@@ -8,7 +8,7 @@
         pending/                         one file per daemon's request for a run (batching)
         staging-*/                       a metadata run writing; never read by clients
         incoming-*/                      a build's packages being copied, before the rename
-        manifest.json                    the RPM files the last run saw (change detection)
+        skipped.json                     RPMs the last run could not read (not worth retrying)
 
 A build's directory is named after the host and the build id because build ids come
 from each host's own database: two daemons sharing repo_dir never collide.
@@ -56,8 +56,8 @@ class RepoLayout:
         return self.work / "pending"
 
     @property
-    def manifest(self) -> Path:
-        return self.work / "manifest.json"
+    def skipped(self) -> Path:
+        return self.work / "skipped.json"
 
     def build_dir(self, host: str, build_id: int) -> Path:
         return self.root / f"{host}-{build_id}"

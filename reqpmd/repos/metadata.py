@@ -50,6 +50,7 @@ class Package:
     arch: str
     href: str
     size: int
+    mtime: int  # of the file, as createrepo_c saw it (--update compares size and mtime)
 
     @property
     def nvr(self) -> str:
@@ -123,6 +124,7 @@ def _parse_primary(f: IO[bytes]) -> Iterator[Package]:
         version = elem.find(f"{_COMMON}version")
         location = elem.find(f"{_COMMON}location")
         size = elem.find(f"{_COMMON}size")
+        times = elem.find(f"{_COMMON}time")
         yield Package(
             name=elem.findtext(f"{_COMMON}name", ""),
             epoch=version.get("epoch", "0") if version is not None else "0",
@@ -131,6 +133,7 @@ def _parse_primary(f: IO[bytes]) -> Iterator[Package]:
             arch=elem.findtext(f"{_COMMON}arch", ""),
             href=location.get("href", "") if location is not None else "",
             size=int(size.get("package", "0")) if size is not None else 0,
+            mtime=int(times.get("file", "0")) if times is not None else 0,
         )
         elem.clear()
 

@@ -151,6 +151,16 @@ class Publisher:
             "failing_repos": failing,
         }
 
+    def problem(self) -> str | None:
+        """A line for the STATUS= summary while a repository is failing."""
+        with self._lock:
+            failing = sorted((c, h.last_error) for c, h in self._health.items() if h.last_error)
+        if not failing:
+            return None
+        chroot, error = failing[0]
+        more = f" (and {len(failing) - 1} more)" if len(failing) > 1 else ""
+        return f"repository {chroot} failing: {error}{more}"
+
     # -- the publisher's thread -----------------------------------------------------------
 
     def _loop(self) -> None:
@@ -261,13 +271,18 @@ class Publisher:
             self.store.set_publish(placed, Publish.PUBLISH_FAILED, error)
             self._failed(repo.chroot, error)
             return
-        self.store.set_publish(placed, Publish.PUBLISHED)
+        unreadable = _unreadable(repo, self.host, placed, run)
+        for build_id, why in unreadable.items():
+            self.store.set_publish([build_id], Publish.PUBLISH_FAILED, why)
+            build_event(build_id, f"not published: {why}", logging.WARNING)
+        published = [b for b in placed if b not in unreadable]
+        self.store.set_publish(published, Publish.PUBLISHED)
         if run is not None:
             self._ran(repo.chroot, run)
         with self._lock:
-            self._health[repo.chroot].published += len(placed)
+            self._health[repo.chroot].published += len(published)
         self._recovered(repo.chroot)
-        for build_id in placed:
+        for build_id in published:
             build_event(build_id, f"published into {repo.layout.root}")
 
     # -- health -------------------------------------------------------------------------
@@ -300,3 +315,19 @@ class Publisher:
             h.last_error = h.last_error_at = None
         if recovered:
             log.info("repository %s: working again", chroot)
+
+
+def _unreadable(
+    repo: Repository, host: str, placed: list[int], run: RunResult | None
+) -> dict[int, str]:
+    """Builds among ``placed`` with a package createrepo_c could not read (and so left
+    out of the metadata): those are not published, whatever the run's exit code."""
+    if run is None:  # another daemon's run covered them; it saw the same files
+        return {}
+    found: dict[int, str] = {}
+    for build_id in placed:
+        prefix = repo.layout.build_dir(host, build_id).name + "/"
+        bad = [s for s in run.skipped if s.startswith(prefix)]
+        if bad:
+            found[build_id] = f"createrepo_c could not read {'; '.join(bad)}"
+    return found

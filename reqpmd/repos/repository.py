@@ -101,10 +101,23 @@ class Repository:
                 return SyncResult(
                     "regenerate", reason, createrepo.make_metadata(lay, self.tool, full=True)
                 )
-            if force or createrepo.manifest(lay) != createrepo.scan(lay):
+            if force or self._changed():
                 reason = "forced" if force else "RPMs were added or removed"
                 return SyncResult("update", reason, createrepo.make_metadata(lay, self.tool))
             return SyncResult("none", "metadata matches the packages", None)
+
+    def _changed(self) -> bool:
+        """Whether the RPMs in the tree differ from what the metadata lists (by path,
+        size and mtime, as --update compares them), leaving out those that could not be
+        read last time and have not changed since."""
+        listed = {p.href: (p.size, p.mtime) for p in self.packages()}
+        skipped = createrepo.skipped_before(self.layout)
+        on_disk = {
+            path: seen
+            for path, seen in createrepo.scan(self.layout).items()
+            if skipped.get(path) != seen
+        }
+        return on_disk != listed
 
     def packages(self) -> list[Package]:
         return packages(self.layout)
