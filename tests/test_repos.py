@@ -61,9 +61,13 @@ def test_published_builds_are_listed_and_sources_are_kept_beside(
     tmp_path: Path, built: dict[str, list[Path]]
 ) -> None:
     repo = repository(tmp_path / "repos")
-    repo.place("h1", 1, result_dir(tmp_path, *built["hello"]))
-    repo.place("h1", 2, result_dir(tmp_path, *built["greet"]))
-    run = repo.update()
+    umask = os.umask(0o027)  # the unit's: what dnf users read must not depend on it
+    try:
+        repo.place("h1", 1, result_dir(tmp_path, *built["hello"]))
+        repo.place("h1", 2, result_dir(tmp_path, *built["greet"]))
+        run = repo.update()
+    finally:
+        os.umask(umask)
     assert run is not None and run.skipped == []
     pkgs = repo.packages()
     assert sorted(p.nvr for p in pkgs) == ["greet-2.1-3", "hello-1.0-1"]
@@ -74,8 +78,11 @@ def test_published_builds_are_listed_and_sources_are_kept_beside(
         f.name for f in built["hello"]
     )
     verify(repo.layout)
-    mode = (repo.layout.repomd).stat().st_mode & 0o777
-    assert mode == 0o644  # dnf users read it
+    lay = repo.layout
+    for d in (lay.repo_dir, lay.root, lay.repodata, lay.root / "h1-1"):
+        assert d.stat().st_mode & 0o777 == 0o755, d
+    for f in [*lay.repodata.iterdir(), *(lay.root / "h1-1").iterdir()]:
+        assert f.stat().st_mode & 0o777 == 0o644, f
 
 
 def test_one_new_build_reads_only_its_own_packages(

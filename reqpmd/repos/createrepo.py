@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reqpmd.fsutil import atomic_write, fsync_dir
-from reqpmd.repos.layout import RepoLayout
+from reqpmd.repos.layout import RepoLayout, public_dir
 from reqpmd.repos.metadata import MetadataError, data_files
 
 RUN_TIMEOUT = 3600.0  # seconds one createrepo_c run may take
@@ -117,7 +117,7 @@ def make_metadata(repo: RepoLayout, tool: Tool, full: bool = False) -> RunResult
 def install(new: Path, repo: RepoLayout) -> None:
     """Move a finished revision into ``repodata/``: data files first, repomd.xml last."""
     live = repo.repodata
-    live.mkdir(mode=0o755, exist_ok=True)
+    public_dir(live)
     previous = referenced(repo)
     for path in sorted(new.iterdir()):
         os.chmod(path, 0o644)  # served to every dnf user, whatever the daemon's umask

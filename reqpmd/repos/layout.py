@@ -16,6 +16,7 @@ from each host's own database: two daemons sharing repo_dir never collide.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,3 +81,11 @@ def repositories(repo_dir: Path) -> list[RepoLayout]:
     return [
         RepoLayout(repo_dir, p.name) for p in entries if p.is_dir() and not p.name.startswith(".")
     ]
+
+
+def public_dir(path: Path) -> None:
+    """Make a directory dnf users and web servers may read, whatever the daemon's umask
+    (the unit's UMask=0027 would make it 0750)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o777 != 0o755:
+        os.chmod(path, 0o755)

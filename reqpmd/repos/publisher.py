@@ -27,7 +27,7 @@ from reqpmd.builds.states import Publish
 from reqpmd.builds.store import Build, Store
 from reqpmd.config.schema import Settings
 from reqpmd.repos.createrepo import RunResult, Tool, run_tool
-from reqpmd.repos.layout import RepoLayout, repositories
+from reqpmd.repos.layout import RepoLayout, public_dir, repositories
 from reqpmd.repos.lock import RepoLocks
 from reqpmd.repos.repository import NoPackages, RepoError, Repository
 
@@ -103,7 +103,12 @@ class Publisher:
     # -- any thread -----------------------------------------------------------------------
 
     def start(self) -> None:
-        self.repo_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        """Start the thread. A repo_dir that cannot be made is not fatal: builds still run,
+        and each publish fails with the reason (status, journal) until it is fixed."""
+        try:
+            public_dir(self.repo_dir)
+        except OSError as exc:
+            log.error("repo_dir %s cannot be made: %s; publishing will fail", self.repo_dir, exc)
         self._thread.start()
 
     def stop(self, timeout: float) -> None:

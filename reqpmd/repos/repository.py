@@ -18,7 +18,7 @@ from typing import Any
 from reqpmd.fsutil import fsync_dir
 from reqpmd.repos import createrepo
 from reqpmd.repos.createrepo import RunResult, Tool
-from reqpmd.repos.layout import RepoLayout, build_of
+from reqpmd.repos.layout import RepoLayout, build_of, public_dir
 from reqpmd.repos.lock import LockTimeout, RepoLocks
 from reqpmd.repos.metadata import MetadataError, Package, packages, verify
 
@@ -60,7 +60,8 @@ class Repository:
         if not rpms:
             raise NoPackages(f"build {build_id} produced no RPM in {result_dir}")
         lay = self.layout
-        lay.root.mkdir(mode=0o755, parents=True, exist_ok=True)
+        public_dir(lay.repo_dir)
+        public_dir(lay.root)
         lay.work.mkdir(parents=True, exist_ok=True)
         incoming = Path(tempfile.mkdtemp(prefix="incoming-", dir=lay.work))
         try:
