@@ -30,7 +30,7 @@ from typing import Any, NoReturn
 import click
 
 from reqpmctl import output
-from reqpmctl.client import Client, ClientError, default_socket
+from reqpmctl.client import Client, ClientError, ResultExists, default_socket
 from reqpmd import __version__
 from reqpmd.builds.states import State
 from reqpmd.config.parse import parse_assignment
@@ -401,7 +401,7 @@ def _follow(c: Ctx, build_id: int, show_log: bool) -> dict[str, Any]:
 
 @main.group()
 def builds() -> None:
-    """List, show, cancel, retry builds and read their logs."""
+    """List, show, cancel, retry builds, read their logs and fetch their results."""
 
 
 def _builds_table(rows: list[dict[str, Any]], colour: bool) -> str:
@@ -486,6 +486,69 @@ def builds_log(c: Ctx, build_id: int, follow: bool) -> None:
         click.echo(output.dump_json({"id": build_id, "log": log.decode(errors="replace")}))
     else:
         click.echo(log, nl=False)  # byte-exact
+
+
+@builds.command("results")
+@click.argument("build_id", type=int, metavar="ID")
+@pass_ctx
+def builds_results(c: Ctx, build_id: int) -> None:
+    """List a build's result files with their SHA-256.
+
+    Result files are the packages and mock's logs; a build still running lists what it
+    has written so far. --json gives the list."""
+    with c.client() as client:
+        listing = client.results(build_id)
+    files = listing["files"]
+    human = (
+        output.table(
+            ["NAME", "SIZE", "SHA256"],
+            [[output.safe(f["name"]), f["size"], output.safe(f["sha256"])] for f in files],
+        )
+        if files
+        else f"build {build_id} ({listing['state']}) has no result files"
+    )
+    c.emit(files, human)
+
+
+@builds.command("fetch")
+@click.argument("build_id", type=int, metavar="ID")
+@click.option(
+    "--dest",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default="the current directory",
+    metavar="DIR",
+    help="Where to write the files (made if missing).",
+)
+@click.option(
+    "--rpms-only", is_flag=True, help="Only the packages (binary and source), not the logs."
+)
+@click.option("--force", is_flag=True, help="Overwrite files of the same names in DIR.")
+@pass_ctx
+def builds_fetch(c: Ctx, build_id: int, dest: Path, rpms_only: bool, force: bool) -> None:
+    """Copy a finished build's result files into DIR.
+
+    Prints one line per file written (--json: the list). Each file is checked against
+    the SHA-256 the daemon lists, and the files take their names only once all have
+    arrived intact: an interrupted fetch leaves none half written (only, after a kill
+    -9, a .reqpmctl-fetch-* directory).
+
+    \b
+    Exit codes:
+      1  a file of that name is already in DIR (it is named; nothing is written;
+         --force overwrites it), or a file arrived corrupt
+      2  the build has not ended yet
+      4  there is no such build
+    """
+    try:
+        with c.client() as client:
+            files = client.fetch(build_id, dest, rpms_only=rpms_only, force=force)
+    except ResultExists as exc:
+        raise ClientError(exc.code, f"{exc.message} (--force overwrites it)") from None
+    if not files and not c.json:
+        click.echo(f"build {build_id} has no result files to fetch", err=True)
+        return
+    c.emit(files, "\n".join(output.safe(f["path"]) for f in files))
 
 
 # -- hosts ---------------------------------------------------------------------------------------

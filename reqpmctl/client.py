@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import os
+import shutil
 import socket
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from reqpmd.builds.results import is_plain_name
 from reqpmd.control import protocol
+from reqpmd.quoting import printable, shown
 
 DEFAULT_SOCKET = "/run/reqpm/reqpmd.sock"
 SUBMIT_TIMEOUT = 900.0
+# The daemon hashes a page of result files before it answers: big packages, slow disk.
+FETCH_TIMEOUT = 600.0
+COPY_CHUNK = 1024 * 1024
+STAGING_PREFIX = ".reqpmctl-fetch-"  # fetched files wait here, inside the destination
 
 
 def default_socket() -> str:
@@ -29,6 +41,14 @@ class ClientError(Exception):
     @property
     def exit_code(self) -> int:
         return protocol.ERROR_EXIT.get(self.code, protocol.EXIT_FAILED)
+
+
+class ResultExists(ClientError):
+    """A fetched file would replace one already in the destination (and force is off)."""
+
+    def __init__(self, path: Path, detail: str = "") -> None:
+        super().__init__("conflict", f"{printable(str(path))} already exists{detail}")
+        self.path = path
 
 
 class Client:
@@ -85,6 +105,16 @@ class Client:
     def call(
         self, op: str, args: dict[str, Any] | None = None, fds: list[int] | None = None
     ) -> Any:
+        """The result of ``op``; descriptors the reply carried are closed unread."""
+        result, got = self.call_with_fds(op, args, fds)
+        protocol.close_all(got)
+        return result
+
+    def call_with_fds(
+        self, op: str, args: dict[str, Any] | None = None, fds: list[int] | None = None
+    ) -> tuple[Any, list[int]]:
+        """The result of ``op`` and the descriptors its reply carried, which the caller
+        now owns and must close. An error reply's descriptors are closed here."""
         sock = self._connect()
         assert self._reader is not None
         request = protocol.encode({"v": protocol.VERSION, "op": op, "args": args or {}})
@@ -100,15 +130,22 @@ class Client:
             raise self._lost(exc) from None
         try:
             frame = self._reader.read()
-            reply = protocol.decode(frame[0]) if frame is not None else None
         except (OSError, protocol.FrameError) as exc:
             self.close()
             raise self._lost(exc) from None
-        if reply is None:
+        if frame is None:
             self.close()
             raise self._lost(EOFError())
+        line, got = frame
+        try:
+            reply = protocol.decode(line)
+        except protocol.FrameError as exc:
+            protocol.close_all(got)
+            self.close()
+            raise self._lost(exc) from None
         if reply.get("ok"):
-            return reply.get("result")
+            return reply.get("result"), got
+        protocol.close_all(got)
         error = reply.get("error") or {}
         raise ClientError(str(error.get("code", "failed")), str(error.get("message", reply)))
 
@@ -117,6 +154,8 @@ class Client:
         assert self._reader is not None
         try:
             frame = self._reader.read(deadline=time.monotonic() + 1.0)
+            if frame is not None:
+                protocol.close_all(frame[1])
             reply = protocol.decode(frame[0]) if frame is not None else {}
         except (OSError, protocol.FrameError):
             return None
@@ -187,3 +226,200 @@ class Client:
             for fd in fds:
                 os.close(fd)
         return int(result["id"])
+
+    @contextlib.contextmanager
+    def _patience(self, seconds: float) -> Iterator[None]:
+        """A longer timeout for calls the daemon answers only after reading whole files,
+        so a slow disk is not reported as "unreachable"."""
+        sock = self._connect()
+        sock.settimeout(max(self.timeout, seconds))
+        try:
+            yield
+        finally:
+            if self._sock is not None:
+                self._sock.settimeout(self.timeout)
+
+    def results(self, build_id: int) -> dict[str, Any]:
+        """A build's result files, every page of them: {"id", "state", "files"}."""
+        files: list[dict[str, Any]] = []
+        after: str | None = None
+        with self._patience(FETCH_TIMEOUT):
+            while True:
+                page = self.call("build.results", {"id": build_id, "after": after})
+                files += page["files"]
+                after = _next_cursor(page, after)
+                if after is None:
+                    return {"id": page["id"], "state": page["state"], "files": files}
+
+    def fetch_page(
+        self, build_id: int, *, rpms_only: bool = False, after: str | None = None
+    ) -> tuple[dict[str, Any], list[int]]:
+        """One build.fetch reply and its descriptors, one per entry of its "files" and in
+        that order; the caller owns them and must close them."""
+        args = {"id": build_id, "rpms_only": rpms_only, "after": after}
+        result, fds = self.call_with_fds("build.fetch", args)
+        files = result.get("files") if isinstance(result, dict) else None
+        if not isinstance(files, list) or len(files) != len(fds):
+            protocol.close_all(fds)
+            raise ClientError(
+                "failed",
+                f"reqpmd sent {len(fds)} descriptors for "
+                f"{len(files) if isinstance(files, list) else 'no list of'} files",
+            )
+        return result, fds
+
+    def fetch(
+        self, build_id: int, dest: Path, *, rpms_only: bool = False, force: bool = False
+    ) -> list[dict[str, Any]]:
+        """Copy a finished build's result files into ``dest`` (made if missing) and return
+        them as listed, each with its "path".
+
+        Every file is checked against the size and SHA-256 the daemon listed, and only
+        once all are complete do they take their real names: a fetch that is cut off,
+        refused or corrupt leaves no file under a real name. Without ``force`` an existing
+        file is never replaced (ResultExists, before anything is written)."""
+        with self._patience(FETCH_TIMEOUT), _Staging(dest, force) as staging:
+            after: str | None = None
+            while True:
+                page, fds = self.fetch_page(build_id, rpms_only=rpms_only, after=after)
+                try:
+                    staging.add(page["files"], fds)
+                finally:
+                    protocol.close_all(fds)
+                after = _next_cursor(page, after)
+                if after is None:
+                    return staging.commit()
+
+
+def _next_cursor(page: dict[str, Any], after: str | None) -> str | None:
+    """The cursor of the next page; a daemon whose cursor does not advance would have us
+    ask for the same page for ever."""
+    following = page.get("next")
+    if following is None:
+        return None
+    if not isinstance(following, str) or (after is not None and following <= after):
+        raise ClientError(
+            "failed", f"reqpmd sent a paging cursor that does not advance: {shown(following)}"
+        )
+    return following
+
+
+class _Staging:
+    """Fetched files under temporary names in a directory of their own inside the
+    destination (same file system: renames are atomic), moved to their real names only
+    once every file is complete and checked; the directory goes whatever happens."""
+
+    def __init__(self, dest: Path, force: bool) -> None:
+        self.dest = dest
+        self.force = force
+        self.tmp: Path | None = None
+        self.staged: list[tuple[dict[str, Any], Path]] = []
+        self.names: set[str] = set()
+
+    def __enter__(self) -> _Staging:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _dir(self) -> Path:
+        """Made at the first reply, so a refused fetch (no such build) creates nothing."""
+        if self.tmp is None:
+            try:
+                self.dest.mkdir(parents=True, exist_ok=True)
+                self.tmp = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.dest))
+            except OSError as exc:
+                raise _local_error(f"cannot write into {printable(str(self.dest))}", exc) from None
+        return self.tmp
+
+    def add(self, files: list[Any], fds: list[int]) -> None:
+        tmp = self._dir()
+        for meta, fd in zip(files, fds, strict=True):
+            entry = self._checked(meta)
+            target = tmp / str(len(self.staged))
+            try:
+                size, sha256 = _copy(fd, target)
+            except OSError as exc:
+                raise _local_error(f"cannot copy {printable(entry['name'])}", exc) from None
+            if (size, sha256) != (entry["size"], entry["sha256"]):
+                raise ClientError(
+                    "failed",
+                    f"{printable(entry['name'])} arrived as {size} bytes with sha256 "
+                    f"{sha256}, not the {entry['size']} bytes with sha256 "
+                    f"{printable(entry['sha256'])} listed; nothing was written",
+                )
+            self.staged.append((entry, target))
+
+    def _checked(self, meta: Any) -> dict[str, Any]:
+        """A listed file fit to write: a plain name, not listed before, with a size and a
+        checksum; and, without force, no file of that name in the destination yet."""
+        if not isinstance(meta, dict) or not is_plain_name(meta.get("name")):
+            raise ClientError(
+                "failed",
+                f"reqpmd listed a result as {shown(meta)}, not under a plain file name; "
+                "nothing was written",
+            )
+        name = str(meta["name"])
+        if name in self.names:
+            raise ClientError("failed", f"reqpmd listed {shown(name)} twice; nothing was written")
+        if not isinstance(meta.get("size"), int) or not isinstance(meta.get("sha256"), str):
+            raise ClientError("failed", f"reqpmd listed {shown(name)} without a size or sha256")
+        self.names.add(name)
+        if not self.force and os.path.lexists(self.dest / name):
+            raise ResultExists(self.dest / name, "; nothing was written")
+        return meta
+
+    def commit(self) -> list[dict[str, Any]]:
+        placed = []
+        for entry, target in self.staged:
+            final = self.dest / entry["name"]
+            _place(target, final, self.force)
+            placed.append({**entry, "path": str(final)})
+        return placed
+
+
+def _copy(fd: int, target: Path) -> tuple[int, str]:
+    """Copy a passed descriptor into a new file: its size and SHA-256 as read. pread, not
+    read: the descriptor shares its offset with the daemon's copy."""
+    digest = hashlib.sha256()
+    offset = 0
+    with open(target, "xb") as out:
+        while chunk := os.pread(fd, COPY_CHUNK, offset):
+            out.write(chunk)
+            digest.update(chunk)
+            offset += len(chunk)
+        out.flush()
+        os.fsync(out.fileno())  # the rename must not outlive its data in a crash
+    return offset, digest.hexdigest()
+
+
+# link(2) refused by the file system itself (no hard links there)
+_NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
+
+
+def _place(staged: Path, final: Path, force: bool) -> None:
+    """Give a staged file its real name in one step. Without force, link(2): unlike
+    rename(2) it fails on an existing name, even one that appeared since the check."""
+    try:
+        if force:
+            os.replace(staged, final)
+            return
+        try:
+            os.link(staged, final)
+        except FileExistsError:
+            raise ResultExists(final, "; not overwritten") from None
+        except OSError as exc:
+            if exc.errno not in _NO_LINKS:
+                raise
+            if os.path.lexists(final):
+                raise ResultExists(final, "; not overwritten") from None
+            os.rename(staged, final)
+            return
+        os.unlink(staged)
+    except OSError as exc:
+        raise _local_error(f"cannot write {printable(str(final))}", exc) from None
+
+
+def _local_error(what: str, exc: OSError) -> ClientError:
+    return ClientError("failed", f"{what}: {exc.strerror or exc}")

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import base64
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from reqpmd import __version__
+from reqpmd.builds import results
 from reqpmd.builds.events import build_event
 from reqpmd.builds.gates import MB, disk_free_bytes
 from reqpmd.builds.scheduler import Scheduler
@@ -23,17 +25,20 @@ from reqpmd.checks import int_in_range
 from reqpmd.cluster import Cluster
 from reqpmd.config.schema import BY_NAME, shown_setting, unknown_key_error
 from reqpmd.config.transaction import SettingsService
+from reqpmd.control import protocol
 from reqpmd.control.quota import Quota, Uploads
 from reqpmd.control.server import Request
 from reqpmd.control.submission import MAX_FILE_BYTES, check_chroot, check_submission
 from reqpmd.errors import (
     BadRequest,
+    Busy,
     DiskFull,
     InvalidArgument,
     NotFound,
     PermissionDenied,
     disk_full,
 )
+from reqpmd.quoting import shown
 from reqpmd.slots.limiter import BuildConcurrencyLimiter
 from reqpmd.slots.scripts import MAX_PRIORITY
 from reqpmd.status import Status, build_json, slot_listing
@@ -45,6 +50,16 @@ MAX_ID = 2**62
 # well under protocol.MAX_LINE whatever the bytes are (JSON escapes of invalid UTF-8
 # used to grow a chunk past it).
 LOG_CHUNK = 256 * 1024
+# Result files listed per build.results reply: each entry is a few hundred bytes at most
+# (a name of 255 bytes, JSON-escaped), so a page stays well under protocol.MAX_LINE.
+RESULTS_PAGE = 256
+# Result files passed per build.fetch reply: half of what one frame may carry.
+FETCH_PAGE = protocol.MAX_FDS // 2
+# build.fetch replies holding descriptors at once, daemon-wide: every one is an open file
+# of the daemon until its reply is sent, and builds need descriptors too (logs, mock).
+FETCHES_AT_ONCE = 4
+FETCH_WAIT = 30.0  # seconds a fetch waits for its turn before it is told to try again
+MAX_CURSOR = 4096  # characters of an 'after' cursor: a file name is at most 255 bytes
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,24 @@ class Op:
 
 def _int_arg(args: dict[str, Any], key: str, lo: int, hi: int, default: int | None = None) -> int:
     return int_in_range(key, args.get(key, default), lo, hi)
+
+
+def _bool_arg(args: dict[str, Any], key: str) -> bool:
+    value = args.get(key, False)
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{key} must be true or false, not {shown(value)}")
+    return value
+
+
+def _cursor_arg(args: dict[str, Any]) -> str | None:
+    """The 'after' cursor of a paged reply: the last name of the previous page."""
+    after = args.get("after")
+    if after is not None and (not isinstance(after, str) or len(after) > MAX_CURSOR):
+        raise InvalidArgument(
+            f"after must be a file name (the 'next' of the previous reply) or null, "
+            f"not {shown(after)}"
+        )
+    return after
 
 
 class Operations:
@@ -77,6 +110,7 @@ class Operations:
         self.wake = wake
         self._uploads = Uploads()
         self._quota = Quota(store, settings.current)
+        self._fetching = threading.BoundedSemaphore(FETCHES_AT_ONCE)
         self.ops: dict[str, Op] = {
             "ping": Op(self.ping),
             "status": Op(self.status),
@@ -86,6 +120,8 @@ class Operations:
             "build.cancel": Op(self.build_cancel),
             "build.retry": Op(self.build_retry),
             "build.log": Op(self.build_log),
+            "build.results": Op(self.build_results),
+            "build.fetch": Op(self.build_fetch),
             "settings.show": Op(self.settings_show),
             "settings.get": Op(self.settings_get),
             "settings.set": Op(self.settings_set, admin=True),
@@ -161,6 +197,60 @@ class Operations:
             "state": str(build.state),
             "done": build.state.final and len(data) < LOG_CHUNK,
         }
+
+    def build_results(self, req: Request) -> dict[str, Any]:
+        """What a build has left in its result directory so far, a page at a time; a build
+        still running lists what exists (mock's logs grow there as it builds)."""
+        build_id = _int_arg(req.args, "id", 1, MAX_ID)
+        after = _cursor_arg(req.args)
+        build = self.store.get(build_id)
+        result_dir = self.store.files(build.id).result
+        page, following = results.page_after(results.list_names(result_dir), after, RESULTS_PAGE)
+        files = results.list_results(result_dir, page)
+        return {
+            "id": build.id,
+            "state": str(build.state),
+            "files": [f.as_dict() for f in files],
+            "next": following,
+        }
+
+    def build_fetch(self, req: Request) -> protocol.WithFds:
+        """Descriptors of a finished build's result files, FETCH_PAGE per reply, in the
+        order of the reply's ``files``. Descriptors, not paths: the client needs no
+        access to state_dir, and reads exactly the file that was described."""
+        build_id = _int_arg(req.args, "id", 1, MAX_ID)
+        rpms_only = _bool_arg(req.args, "rpms_only")
+        after = _cursor_arg(req.args)
+        build = self.store.get(build_id)
+        if not build.state.final:
+            raise InvalidArgument(
+                f"build {build.id} is still building (it is {build.state}): its results "
+                "can be fetched once it has ended"
+            )
+        result_dir = self.store.files(build.id).result
+        names = [
+            n
+            for n in results.list_names(result_dir)
+            if not rpms_only or results.kind_of(n) in results.RPM_KINDS
+        ]
+        page, following = results.page_after(names, after, FETCH_PAGE)
+        if not self._fetching.acquire(timeout=FETCH_WAIT):
+            raise Busy(
+                f"{FETCHES_AT_ONCE} fetches are being answered and yours waited "
+                f"{FETCH_WAIT:.0f}s; try again in a moment"
+            )
+        try:
+            opened = results.open_described(result_dir, page)
+        except BaseException:
+            self._fetching.release()
+            raise
+        reply = {
+            "id": build.id,
+            "state": str(build.state),
+            "files": [f.as_dict() for f, _ in opened],
+            "next": following,
+        }
+        return protocol.WithFds(reply, [fd for _, fd in opened], self._fetching.release)
 
     def settings_show(self, req: Request) -> dict[str, Any]:
         return self.settings.current().as_dict(redact=True)

@@ -4,7 +4,9 @@ One JSON object per line, each way. Request: ``{"v": 1, "op": "...", "args": {..
 reply: ``{"v": 1, "ok": true, "result": ...}`` or ``{"v": 1, "ok": false, "error":
 {"code": "...", "message": "..."}}``. Files travel as open file descriptors
 (SCM_RIGHTS) sent with the request line, in the order of ``args["files"]``: the client
-opens them with its own rights, the daemon never opens a path a client names.
+opens them with its own rights, the daemon never opens a path a client names. A reply
+may carry descriptors the same way (``WithFds``), in the order of its result's
+``files``: the client reads them and never needs the daemon's paths or rights.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from __future__ import annotations
 import array
 import contextlib
 import json
+import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 VERSION = 1
@@ -55,6 +59,47 @@ def send_with_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:
         data = data[sent:]
     if data:
         sock.sendall(data)
+
+
+class WithFds:
+    """A handler's result that travels with open descriptors attached to the reply line.
+
+    Whoever holds it owns the descriptors: the control server sends them and then calls
+    ``close()``, whether the send worked or not. ``close()`` may be called more than once;
+    it closes each descriptor once and then runs ``on_close`` once (a handler's count of
+    descriptors in flight, say).
+    """
+
+    def __init__(
+        self, result: Any, fds: list[int], on_close: Callable[[], None] | None = None
+    ) -> None:
+        self.result = result
+        self.fds = list(fds)
+        self._on_close = on_close
+        self._closed = False
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            close_all(self.fds)
+        finally:
+            if self._on_close is not None:
+                self._on_close()
+
+    def __enter__(self) -> WithFds:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def close_all(fds: list[int]) -> None:
+    """Close descriptors that may already be gone (the daemon's or a peer's)."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 class FrameError(ValueError):
@@ -107,11 +152,7 @@ class LineReader:
         return line, fds
 
     def close_fds(self) -> None:
-        import os
-
-        for fd in self.fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        close_all(self.fds)
         self.fds = []
 
 

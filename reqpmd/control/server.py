@@ -10,11 +10,13 @@ uid may hold MAX_CLIENTS_PER_UID connections, all non-admins together MAX_USER_C
 and everyone MAX_CLIENTS; the difference is kept for root and admin_group, so one user
 (or a few) cannot lock admins out. A refused client gets one "unavailable" error saying
 which cap it hit, then a clean end of stream (not a reset, see ControlServer._refuse).
+
+A handler may answer with ``protocol.WithFds``: its descriptors go with the reply line,
+and the server closes its own copies once sent, or once the send failed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import grp
 import logging
 import os
@@ -324,12 +326,10 @@ class ControlServer:
                     return
                 line, fds = frame
                 try:
-                    reply = self._answer(line, fds, peer)
+                    reply, attached = self._answer(line, fds, peer)
                 finally:
-                    for fd in fds:
-                        with contextlib.suppress(OSError):
-                            os.close(fd)
-                conn.sendall(reply)
+                    protocol.close_all(fds)
+                self._send(conn, reply, attached)
         except (OSError, TimeoutError):
             pass  # slow, vanished or half-closed client: just drop it
         finally:
@@ -337,7 +337,20 @@ class ControlServer:
             conn.close()
             self.admission.release(peer)
 
-    def _answer(self, line: bytes, fds: list[int], peer: Peer) -> bytes:
+    @staticmethod
+    def _send(conn: socket.socket, reply: bytes, attached: protocol.WithFds | None) -> None:
+        """The reply line with its descriptors; our copies are closed however it went
+        (the client's are its own once the kernel has queued them)."""
+        try:
+            protocol.send_with_fds(conn, reply, attached.fds if attached else [])
+        finally:
+            if attached is not None:
+                attached.close()
+
+    def _answer(
+        self, line: bytes, fds: list[int], peer: Peer
+    ) -> tuple[bytes, protocol.WithFds | None]:
+        """The reply line, and the descriptors to send with it, if the handler gave any."""
         try:
             obj = protocol.decode(line)
             if obj.get("v") != protocol.VERSION:
@@ -348,15 +361,30 @@ class ControlServer:
             op, args = obj.get("op"), obj.get("args", {})
             if not isinstance(op, str) or not isinstance(args, dict):
                 raise BadRequest("a request needs a string 'op' and an object 'args'")
-            result = self.handler(Request(op, args, peer, fds))
-            return protocol.encode({"v": protocol.VERSION, "ok": True, "result": result})
+            return _success(self.handler(Request(op, args, peer, fds)))
         except protocol.FrameError as exc:
-            return _error("bad_request", str(exc))
+            return _error("bad_request", str(exc)), None
         except ReqpmError as exc:
-            return _error(exc.code, str(exc))
+            return _error(exc.code, str(exc)), None
         except Exception as exc:
             log.exception("control request failed")
-            return _error("failed", f"internal error: {type(exc).__name__}: {exc}")
+            return _error("failed", f"internal error: {type(exc).__name__}: {exc}"), None
+
+
+def _success(result: Any) -> tuple[bytes, protocol.WithFds | None]:
+    """An ok reply; a WithFds result is closed here if its reply cannot be made."""
+    if not isinstance(result, protocol.WithFds):
+        return protocol.encode({"v": protocol.VERSION, "ok": True, "result": result}), None
+    try:
+        if len(result.fds) > protocol.MAX_FDS:
+            raise RuntimeError(
+                f"a reply with {len(result.fds)} descriptors; at most {protocol.MAX_FDS} fit"
+            )
+        line = protocol.encode({"v": protocol.VERSION, "ok": True, "result": result.result})
+    except BaseException:
+        result.close()
+        raise
+    return line, result
 
 
 def _error(code: str, message: str) -> bytes:
