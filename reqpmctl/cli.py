@@ -25,53 +25,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
 from reqpmctl import output
 from reqpmctl.client import Client, ClientError, ResultExists, default_socket
+from reqpmctl.context import Ctx, Group, pass_ctx
+from reqpmctl.repos import repos
 from reqpmd import __version__
 from reqpmd.builds.states import State
 from reqpmd.config.parse import parse_assignment
 from reqpmd.config.schema import SettingsInvalid
 from reqpmd.control import protocol
 from reqpmd.slots.scripts import MAX_PRIORITY
-
-
-class Ctx:
-    def __init__(self, socket_path: str, as_json: bool) -> None:
-        self.socket_path = socket_path
-        self.json = as_json
-        self.colour = output.use_colour()
-
-    def call(self, op: str, args: dict[str, Any] | None = None) -> Any:
-        with Client(self.socket_path) as c:
-            return c.call(op, args)
-
-    def client(self) -> Client:
-        return Client(self.socket_path)
-
-    def emit(self, obj: Any, human: str) -> None:
-        click.echo(output.dump_json(obj) if self.json else human)
-
-
-def fail(exc: ClientError) -> NoReturn:
-    click.echo(f"reqpmctl: {exc.message}", err=True)
-    sys.exit(exc.exit_code)
-
-
-class Group(click.Group):
-    """Maps daemon errors to one stderr line and the documented exit code."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except ClientError as exc:
-            fail(exc)
-
-
-pass_ctx = click.make_pass_decorator(Ctx)
 
 
 @click.group(cls=Group, help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
@@ -121,6 +88,14 @@ def status(c: Ctx) -> None:
         lines.append(f"repaired: {redis['repaired']}")
     if st.get("restart_grace"):
         lines.append(f"grace:   {st['restart_grace']}")
+    pub = st.get("publish")
+    if pub:
+        lines.append(
+            f"publish: {pub['published']} published, {pub['pending']} pending, "
+            f"{pub['failed']} failed  (into {output.safe(pub['repo_dir'])})"
+        )
+        for chroot, problem in sorted(pub["failing_repos"].items()):
+            lines.append(f"repo:    {output.safe(chroot)} FAILING: {output.safe(problem['error'])}")
     for g in st["gates"]:
         lines.append(f"gate:    {g['name']}: {'open' if g['open'] else 'CLOSED'} ({g['detail']})")
     if st["active_builds"]:
@@ -338,6 +313,12 @@ def slots_end_grace(c: Ctx, yes: bool) -> None:
     "--priority", default=0, show_default=True, type=click.IntRange(-MAX_PRIORITY, MAX_PRIORITY)
 )
 @click.option("--wait", is_flag=True, help="Follow the build; exit 1 unless it succeeds.")
+@click.option(
+    "--no-publish",
+    "no_publish",
+    is_flag=True,
+    help="Keep the build out of the repository (it is published by default).",
+)
 @pass_ctx
 def submit(
     c: Ctx,
@@ -347,6 +328,7 @@ def submit(
     chroot: str | None,
     priority: int,
     wait: bool,
+    no_publish: bool,
 ) -> None:
     """Queue a build of SRPM, or of --spec FILE with --sources DIR."""
     if (srpm is None) == (spec is None):
@@ -357,7 +339,12 @@ def submit(
         raise click.UsageError("--sources goes with --spec, not with an SRPM")
     with c.client() as client:
         build_id = client.submit(
-            srpm=srpm, spec=spec, sources=sources, chroot=chroot, priority=priority
+            srpm=srpm,
+            spec=spec,
+            sources=sources,
+            chroot=chroot,
+            priority=priority,
+            publish=not no_publish,
         )
     if not wait:
         c.emit({"id": build_id}, str(build_id))
@@ -589,6 +576,8 @@ def hosts(c: Ctx) -> None:
         click.echo(warning, err=True)
     c.emit(rows, table)
 
+
+main.add_command(repos)
 
 if __name__ == "__main__":
     main(prog_name="reqpmctl")

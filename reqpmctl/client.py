@@ -20,6 +20,7 @@ from reqpmd.quoting import printable, shown
 
 DEFAULT_SOCKET = "/run/reqpm/reqpmd.sock"
 SUBMIT_TIMEOUT = 900.0
+SYNC_TIMEOUT = 960.0  # a little over the daemon's own wait (control.repositories.SYNC_WAIT)
 # The daemon hashes a page of result files before it answers: big packages, slow disk.
 FETCH_TIMEOUT = 600.0
 COPY_CHUNK = 1024 * 1024
@@ -192,6 +193,7 @@ class Client:
         sources: Path | None = None,
         chroot: str | None = None,
         priority: int = 0,
+        publish: bool = True,
     ) -> int:
         """Open the files with our own rights and hand the daemon the descriptors."""
         entries: list[tuple[str, str, Path]] = []
@@ -213,15 +215,12 @@ class Client:
             }
             if chroot:
                 args["chroot"] = chroot
+            if not publish:
+                args["publish"] = False
             # the daemon copies the files before it answers: allow for large uploads, so a
             # slow disk is not reported as "unreachable" for a build that was accepted
-            sock = self._connect()
-            sock.settimeout(max(self.timeout, SUBMIT_TIMEOUT))
-            try:
+            with self._patience(SUBMIT_TIMEOUT):
                 result = self.call("submit", args, fds)
-            finally:
-                if self._sock is not None:
-                    self._sock.settimeout(self.timeout)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -238,6 +237,14 @@ class Client:
         finally:
             if self._sock is not None:
                 self._sock.settimeout(self.timeout)
+
+    def sync_repos(self, chroot: str | None, wait: bool, full: bool = False) -> dict[str, Any]:
+        """Ask for a repository sync; with ``wait``, the answer comes when it is done."""
+        args: dict[str, Any] = {"wait": wait, "full": full}
+        if chroot is not None:
+            args["chroot"] = chroot
+        with self._patience(SYNC_TIMEOUT if wait else self.timeout):
+            return dict(self.call("repos.sync", args))
 
     def results(self, build_id: int) -> dict[str, Any]:
         """A build's result files, every page of them: {"id", "state", "files"}."""

@@ -136,6 +136,7 @@ class Daemon:
             self.store,
             self.limiter,
             self.cluster,
+            self.publisher,
             self.wake,
         )
         self.server = ControlServer(sock, operations, lambda: current().admin_group)

@@ -20,24 +20,13 @@ import pytest
 from reqpmctl.client import ClientError
 from reqpmd.slots.server import RedisServer
 from tests.daemon_harness import FINAL, Reqpmd, wait_for
+from tests.mounts import tmpfs
 
 
 @pytest.fixture
 def small_disk(short_tmp: Path) -> Iterator[Path]:
-    mount = short_tmp / "state"
-    mount.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.strip()}")
-    try:
+    with tmpfs(short_tmp / "state", "size=12m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def fill(mount: Path) -> Path:

@@ -58,6 +58,7 @@ ADMIN_OPS = {
     "slots.release",
     "slots.clear",
     "slots.end_grace",
+    "repos.sync",
 }
 
 
@@ -109,7 +110,14 @@ def make_env(tmp_path: Path, make_limiter: MakeLimiter) -> Iterator[Callable[...
         settings.subscribe(cluster.on_settings_change)
         wakes: list[int] = []
         ops = Operations(
-            settings, status, scheduler, store, limiter, cluster, lambda: wakes.append(1)
+            settings,
+            status,
+            scheduler,
+            store,
+            limiter,
+            cluster,
+            publisher,
+            lambda: wakes.append(1),
         )
         return Env(ops, settings, store, limiter, cluster, scheduler, status, config, wakes)
 
@@ -163,6 +171,7 @@ def test_every_admin_operation_refuses_a_user_and_changes_nothing(
         "slots.release": {"names": ["held"]},
         "slots.clear": {"yes": True},
         "slots.end_grace": {"yes": True},
+        "repos.sync": {"wait": False},
     }
     admin_ops = [name for name, op in env.ops.ops.items() if op.admin]
     assert set(admin_ops) == set(valid_args)
@@ -180,6 +189,7 @@ def test_every_admin_operation_refuses_a_user_and_changes_nothing(
     assert env.limiter.get_active_builds() == ["held"]
     assert env.limiter.in_restart_grace() > 0
     assert env.wakes == []
+    assert env.status.status()["publish"]["failing_repos"] == {}
 
 
 def test_unknown_operation_is_a_bad_request_listing_the_known_ones(env: Env) -> None:

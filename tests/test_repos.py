@@ -21,6 +21,7 @@ from reqpmd.repos.lock import RepoLocks
 from reqpmd.repos.metadata import MetadataError, data_files, verify
 from reqpmd.repos.repository import NoPackages, Repository
 from tests import rpms
+from tests.mounts import tmpfs
 from tests.workers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -306,20 +307,8 @@ def test_batched_requests_are_served_by_one_run(tmp_path: Path) -> None:
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "disk", "size=1m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_disk_full_during_a_metadata_run_keeps_the_served_revision(

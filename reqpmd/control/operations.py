@@ -27,6 +27,7 @@ from reqpmd.config.schema import BY_NAME, shown_setting, unknown_key_error
 from reqpmd.config.transaction import SettingsService
 from reqpmd.control import protocol
 from reqpmd.control.quota import Quota, Uploads
+from reqpmd.control.repositories import RepositoryOps
 from reqpmd.control.server import Request
 from reqpmd.control.submission import MAX_FILE_BYTES, check_chroot, check_submission
 from reqpmd.errors import (
@@ -39,6 +40,7 @@ from reqpmd.errors import (
     disk_full,
 )
 from reqpmd.quoting import shown
+from reqpmd.repos.publisher import Publisher
 from reqpmd.slots.limiter import BuildConcurrencyLimiter
 from reqpmd.slots.scripts import MAX_PRIORITY
 from reqpmd.status import Status, build_json, slot_listing
@@ -99,6 +101,7 @@ class Operations:
         store: Store,
         limiter: BuildConcurrencyLimiter,
         cluster: Cluster,
+        publisher: Publisher,
         wake: Callable[[], None],
     ) -> None:
         self.settings = settings
@@ -111,6 +114,7 @@ class Operations:
         self._uploads = Uploads()
         self._quota = Quota(store, settings.current)
         self._fetching = threading.BoundedSemaphore(FETCHES_AT_ONCE)
+        repos = RepositoryOps(publisher)
         self.ops: dict[str, Op] = {
             "ping": Op(self.ping),
             "status": Op(self.status),
@@ -134,6 +138,11 @@ class Operations:
             "slots.clear": Op(self.slots_clear, admin=True),
             "slots.end_grace": Op(self.slots_end_grace, admin=True),
             "hosts": Op(self.hosts),
+            "repos.list": Op(lambda req: repos.list(req.args)),
+            "repos.show": Op(lambda req: repos.show(req.args)),
+            "repos.dnf_config": Op(lambda req: repos.dnf_config(req.args)),
+            # work for the host (a full metadata run may take minutes): admins
+            "repos.sync": Op(lambda req: repos.sync(req.args), admin=True),
         }
 
     def __call__(self, req: Request) -> Any:
@@ -286,6 +295,9 @@ class Operations:
                 f"priority {priority} is above max_user_priority={bound}: only admins "
                 f"(root or group {self.settings.current().admin_group}) may submit above it"
             )
+        publish = args.get("publish", True)
+        if not isinstance(publish, bool):
+            raise InvalidArgument(f"publish must be true or false, not {shown(publish)}")
         sub = check_submission(args.get("files"), req.fds)
         self._check_room(sub.size)
         with self._uploads.storing(req.peer), self._quota.reserve(req.peer, sub.size):
@@ -299,10 +311,12 @@ class Operations:
                 uid=req.peer.uid,
                 user=req.peer.user,
                 input_bytes=sub.size,
+                publish=publish,
             )
         build_event(
             build_id,
-            f"submitted by {req.peer.who}: {sub.main} for {chroot}, priority {priority}",
+            f"submitted by {req.peer.who}: {sub.main} for {chroot}, priority {priority}"
+            + ("" if publish else ", not to be published"),
         )
         self.wake()
         return {"id": build_id}

@@ -47,10 +47,10 @@ class RepositoryOps:
         chroot = args.get("chroot")
         if chroot is not None:
             chroot = self._repo(args).chroot
-        wait = args.get("wait", False)
-        if not isinstance(wait, bool):
-            raise InvalidArgument("wait must be true or false")
-        request = self.publisher.request_sync(chroot)
+        wait, full = args.get("wait", False), args.get("full", False)
+        if not isinstance(wait, bool) or not isinstance(full, bool):
+            raise InvalidArgument("wait and full must be true or false")
+        request = self.publisher.request_sync(chroot, full)
         if not wait:
             return {"requested": chroot or "all", "done": False, "results": {}}
         done = request.done.wait(SYNC_WAIT)

@@ -72,6 +72,7 @@ class Health:
 @dataclass
 class SyncRequest:
     chroot: str | None  # None: every repository
+    full: bool = False  # re-read every package, whatever the check finds
     done: threading.Event = field(default_factory=threading.Event)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -122,8 +123,8 @@ class Publisher:
     def wake(self, build_id: int | None = None) -> None:
         self._wake.set()
 
-    def request_sync(self, chroot: str | None) -> SyncRequest:
-        request = SyncRequest(chroot)
+    def request_sync(self, chroot: str | None, full: bool = False) -> SyncRequest:
+        request = SyncRequest(chroot, full)
         with self._lock:
             self._requests.append(request)
         self._wake.set()
@@ -196,7 +197,7 @@ class Publisher:
             requests, self._requests = self._requests, []
         if self.clock() >= self._next_sync():
             self._last_sync = self.clock()
-            self._sync_all(force=False)
+            self._sync_all()
         for request in requests:
             self._serve(request)
         self._publish_pending()
@@ -209,19 +210,19 @@ class Publisher:
                 else self.repositories()
             )
             for repo in repos:
-                request.results[repo.chroot] = self._sync(repo, force=True)
+                request.results[repo.chroot] = self._sync(repo, request.full)
         finally:
             request.done.set()
 
-    def _sync_all(self, force: bool) -> None:
+    def _sync_all(self) -> None:
         for repo in self.repositories():
             if self._stop.is_set():
                 return
-            self._sync(repo, force)
+            self._sync(repo, full=False)
 
-    def _sync(self, repo: Repository, force: bool) -> dict[str, Any]:
+    def _sync(self, repo: Repository, full: bool) -> dict[str, Any]:
         try:
-            result = repo.sync(force)
+            result = repo.sync(full)
         except RepoError as exc:
             self._failed(repo.chroot, f"sync failed: {exc}")
             return {"action": "failed", "error": str(exc)}

@@ -87,24 +87,27 @@ class Repository:
             self.layout, lambda: createrepo.make_metadata(self.layout, self.tool)
         )
 
-    def sync(self, force: bool = False) -> SyncResult:
+    def sync(self, full: bool = False) -> SyncResult:
         """Check the served metadata against its files and the tree: regenerate it all
-        when it is missing or broken, update it when RPMs were added or removed by hand,
-        leave it alone otherwise (clients then need not download anything)."""
+        when it is missing or broken (or ``full`` is asked for), update it when RPMs were
+        added or removed by hand, and else leave it alone (clients then need not
+        download anything)."""
         with self.locks.held(self.layout):
             lay = self.layout
             for stale in lay.work.glob("staging-*"):  # a run cut off by a crash
                 shutil.rmtree(stale, ignore_errors=True)
-            try:
-                verify(lay)
-            except MetadataError as exc:
-                reason = str(exc)
-                return SyncResult(
-                    "regenerate", reason, createrepo.make_metadata(lay, self.tool, full=True)
-                )
-            if force or self._changed():
-                reason = "forced" if force else "RPMs were added or removed"
-                return SyncResult("update", reason, createrepo.make_metadata(lay, self.tool))
+            reason = "a full run was asked for" if full else None
+            if reason is None:
+                try:
+                    verify(lay)
+                except MetadataError as exc:
+                    reason = str(exc)
+            if reason is not None:
+                run = createrepo.make_metadata(lay, self.tool, full=True)
+                return SyncResult("regenerate", reason, run)
+            if self._changed():
+                run = createrepo.make_metadata(lay, self.tool)
+                return SyncResult("update", "RPMs were added or removed", run)
             return SyncResult("none", "metadata matches the packages", None)
 
     def _changed(self) -> bool:
