@@ -198,9 +198,22 @@ class Publisher:
         if self.clock() >= self._next_sync():
             self._last_sync = self.clock()
             self._sync_all()
+        else:
+            self._retry_failed_syncs()
         for request in requests:
             self._serve(request)
         self._publish_pending()
+
+    def _retry_failed_syncs(self) -> None:
+        """A repository whose last sync or publish failed is synced again when its backoff
+        ends, not only at the next interval: a repair should not wait half an hour."""
+        now = self.clock()
+        with self._lock:
+            due = [c for c, h in self._health.items() if h.backoff.failing and now >= h.retry_at]
+        for chroot in due:
+            repo = self.repository(chroot)
+            if repo.layout.root.is_dir():
+                self._sync(repo, full=False)
 
     def _serve(self, request: SyncRequest) -> None:
         try:

@@ -1,0 +1,160 @@
+"""The publisher's schedule, in-process with a fake clock and the real createrepo_c: the
+sync every repository_sync_interval_minutes (read live), retries with backoff, batching
+of pending builds, and what it records on builds."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reqpmd.builds.states import Publish, State
+from reqpmd.builds.store import Store
+from reqpmd.config.parse import validate
+from reqpmd.config.schema import Settings
+from reqpmd.repos.createrepo import run_tool
+from reqpmd.repos.publisher import RETRY_FIRST, Publisher
+from tests import rpms
+from tests.fakes import FakeClock
+
+CHROOT = "fedora-42-x86_64"
+
+
+@pytest.fixture(scope="module")
+def greet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rpms.need_rpmbuild()
+    out = tmp_path_factory.mktemp("greet")
+    built = rpms.build(rpms.DATA / "greet" / "greet.spec", out)
+    return next(p for p in built if ".src." not in p.name)
+
+
+class World:
+    def __init__(self, root: Path, **settings: Any) -> None:
+        self.settings: Settings = validate(
+            {"state_dir": str(root / "state"), "host_id": "h1", **settings}, environ={}
+        )
+        self.store = Store(self.settings.state_dir)
+        self.clock = FakeClock()
+        self.runs: list[list[str]] = []
+        self.publisher = Publisher(
+            self.store, lambda: self.settings, tool=self._tool, clock=self.clock
+        )
+        self.publisher.repo_dir.mkdir(parents=True)
+
+    def _tool(self, argv: list[str], timeout: float) -> tuple[int, str]:
+        self.runs.append(argv)
+        return run_tool(argv, timeout)
+
+    def succeeded_build(self, rpm: Path) -> int:
+        """A build as the scheduler leaves one that succeeded: result files, pending."""
+        inputs = self.store.stage({"greet.spec": b"Name: greet\n"})
+        build_id = self.store.submit(
+            chroot=CHROOT, kind="spec", source="greet.spec", inputs=inputs, priority=0, uid=0
+        )
+        for state in (State.WAITING, State.BUILDING):
+            self.store.transition(build_id, state)
+        result = self.store.files(build_id).result
+        result.mkdir(parents=True)
+        shutil.copy2(rpm, result / rpm.name)
+        self.store.transition(build_id, State.SUCCEEDED, publish_state=Publish.PENDING)
+        return build_id
+
+
+def test_pending_builds_are_published_with_one_metadata_run(tmp_path: Path, greet: Path) -> None:
+    w = World(tmp_path)
+    ids = [w.succeeded_build(greet) for _ in range(5)]
+    w.publisher._pass()
+    assert [w.store.get(i).publish_state for i in ids] == [Publish.PUBLISHED] * 5
+    assert len(w.runs) == 1
+    assert w.publisher.health(CHROOT)["published_builds"] == 5
+    assert all(w.store.get(i).published_at for i in ids)
+
+
+def test_the_sync_runs_every_interval_read_live(tmp_path: Path, greet: Path) -> None:
+    w = World(tmp_path, repository_sync_interval_minutes=30)
+    w.succeeded_build(greet)
+    w.publisher._pass()  # the first pass: sync (nothing yet), then the publish
+    repo = w.publisher.repository(CHROOT)
+    by_hand = repo.layout.root / "by-hand"
+    by_hand.mkdir()
+    shutil.copy2(greet, by_hand / "copy.rpm")
+    runs = len(w.runs)
+
+    w.clock.advance(29 * 60)
+    w.publisher._pass()
+    assert len(w.runs) == runs  # not due yet: the hand-added RPM is not listed
+    assert len(repo.packages()) == 1
+
+    w.clock.advance(60)
+    w.publisher._pass()
+    assert len(w.runs) == runs + 1
+    assert len(repo.packages()) == 2
+    assert w.publisher.health(CHROOT)["last_sync"] == "update: RPMs were added or removed"
+
+    # the interval is re-read: a shorter one applies from the last sync on
+    w.settings = w.settings.replace(repository_sync_interval_minutes=5)
+    (by_hand / "copy.rpm").unlink()
+    w.clock.advance(5 * 60)
+    w.publisher._pass()
+    assert len(repo.packages()) == 1
+    w.clock.advance(5 * 60)
+    w.publisher._pass()
+    assert w.publisher.health(CHROOT)["last_sync"] == "none: metadata matches the packages"
+    assert len(w.runs) == runs + 2  # an unchanged repository costs no metadata run
+
+
+def test_a_failing_repository_is_retried_with_backoff_and_reported(
+    tmp_path: Path, greet: Path
+) -> None:
+    w = World(tmp_path)
+    build_id = w.succeeded_build(greet)
+    real_tool = w._tool
+    broken = [True]
+
+    def tool(argv: list[str], timeout: float) -> tuple[int, str]:
+        if broken[0]:
+            w.runs.append(argv)
+            return 1, "C_CREATEREPOLIB: Critical: cannot write: No space left on device"
+        return real_tool(argv, timeout)
+
+    w.publisher.tool = tool
+    w.publisher._pass()
+    build = w.store.get(build_id)
+    assert build.state == State.SUCCEEDED
+    assert build.publish_state == Publish.PUBLISH_FAILED
+    assert "No space left on device" in (build.publish_error or "")
+    assert "No space left" in w.publisher.summary()["failing_repos"][CHROOT]["error"]
+    assert "repository fedora-42-x86_64 failing" in (w.publisher.problem() or "")
+    tries = len(w.runs)
+
+    w.publisher._pass()  # within the backoff: no new try
+    assert len(w.runs) == tries
+    broken[0] = False
+    w.clock.advance(RETRY_FIRST)
+    w.publisher._pass()
+    assert w.store.get(build_id).publish_state == Publish.PUBLISHED
+    assert w.publisher.summary()["failing_repos"] == {}
+    assert w.publisher.problem() is None
+
+
+def test_a_build_without_packages_is_not_published_and_says_why(tmp_path: Path) -> None:
+    w = World(tmp_path)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("not a package")
+    build_id = w.succeeded_build(empty)
+    w.publisher._pass()
+    build = w.store.get(build_id)
+    assert build.publish_state == Publish.NOT_PUBLISHED
+    assert "produced no RPM" in (build.publish_error or "")
+    assert w.runs == []
+
+
+def test_a_retried_build_publishes_anew(tmp_path: Path, greet: Path) -> None:
+    w = World(tmp_path)
+    build_id = w.succeeded_build(greet)
+    w.publisher._pass()
+    assert w.store.get(build_id).publish_state == Publish.PUBLISHED
+    requeued = w.store.transition(build_id, State.QUEUED)
+    assert requeued.publish_state is None and requeued.published_at is None
