@@ -261,7 +261,7 @@ def test_kill9_mid_build_then_restart_loses_nothing_and_never_over_admits(
 def test_redis_down_keeps_builds_running_and_accepts_submissions(
     daemons: MakeDaemon, redis_server: RedisServer
 ) -> None:
-    d = daemons(redis_url=redis_server.url, mock_sleep=2).start()  # lease 5 s > the build
+    d = daemons(redis_url=redis_server.url, mock_sleep=1).start()  # lease 5 s > the build
     running = d.submit()
     d.wait_state(running, "building")
     redis_server.kill()
@@ -397,7 +397,7 @@ def test_hosts_warns_when_daemons_disagree_on_the_limit(
 def test_changing_the_limit_on_one_host_changes_it_for_all(
     daemons: MakeDaemon, redis_server: RedisServer, short_tmp: Path
 ) -> None:
-    a, b = two_hosts(daemons, redis_server, short_tmp, mock_sleep=0.8, limit=3)
+    a, b = two_hosts(daemons, redis_server, short_tmp, mock_sleep=0.4, limit=3)
     a.call("settings.set", {"changes": {"max_concurrent_builds": 1}})
     wait_for(lambda: b.call("status")["max_concurrent"] == 1, timeout=10)
     started = time.time()
