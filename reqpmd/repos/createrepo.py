@@ -15,12 +15,12 @@ adding one build to a large repository reads that build's RPMs and no others.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -59,10 +59,17 @@ def run_tool(argv: list[str], timeout: float) -> tuple[int, str]:
 
 
 def command() -> str:
-    """createrepo_c next to this Python (pip's wheel puts it there), else from PATH."""
-    beside = Path(sys.executable).parent / "createrepo_c"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
+    """The createrepo_c binary: the one pip's wheel ships, else the distribution's on PATH.
+
+    The wheel's ``bin/createrepo_c`` is a Python wrapper that imports the bindings and then
+    runs the binary as a child: 60 ms of every publish. So the binary inside the package
+    is found without importing it (find_spec does not import), and run directly."""
+    spec = importlib.util.find_spec("createrepo_c")
+    bases = (spec.submodule_search_locations or []) if spec is not None else []
+    for base in bases:
+        binary = Path(base) / "data" / "bin" / "createrepo_c"
+        if binary.is_file() and os.access(binary, os.X_OK):
+            return str(binary)
     return shutil.which("createrepo_c") or "createrepo_c"
 
 
