@@ -16,6 +16,8 @@ import pytest
 
 from reqpmctl.client import Client
 from reqpmd.control import protocol
+from reqpmd.repos.layout import RepoLayout
+from reqpmd.repos.metadata import verify
 from tests import rpms
 from tests.daemon_harness import FINAL, Reqpmd, wait_for
 from tests.mounts import tmpfs
@@ -147,27 +149,45 @@ class ForeignRun:
             self.fd = None
 
 
-def test_ten_builds_finishing_together_are_published_with_fewer_runs(
-    daemons: Callable[..., Reqpmd],
+def test_ten_builds_of_two_daemons_sharing_repo_dir_need_fewer_runs_than_builds(
+    daemons: Callable[..., Reqpmd], short_tmp: Path
 ) -> None:
-    d = daemons(mock_sleep=0.05, settings={"max_concurrent_builds": 10})
-    foreign = ForeignRun(d.root / "state" / "repos" / ".reqpm" / CHROOT / "lock")
+    """Two daemons (two hosts sharing an NFS repo_dir, say) each finish five builds while
+    another run holds the repository: all ten are published, with fewer runs than builds,
+    and no two runs interleave (the flock; the metadata is whole at the end)."""
+    repo_dir = short_tmp / "shared-repos"
+    hosts = [
+        daemons(
+            f"d{n}",
+            host_id=f"h{n}",
+            mock_sleep=0.05,
+            settings={"max_concurrent_builds": 5, "repo_dir": str(repo_dir)},
+        )
+        for n in (1, 2)
+    ]
+    foreign = ForeignRun(repo_dir / ".reqpm" / CHROOT / "lock")
     try:
-        d.start()
-        ids = [submit_spec(d, "greet") for _ in range(10)]
-        for i in ids:
-            assert d.wait_state(i, FINAL, timeout=120)["state"] == "succeeded"
-        # nothing is published while the other run holds the repository
-        assert all(d.build(i)["publish_state"] == "pending" for i in ids)
+        for d in hosts:
+            d.start()
+        ids = {d: [submit_spec(d, "greet") for _ in range(5)] for d in hosts}
+        for d, mine in ids.items():
+            for i in mine:
+                assert d.wait_state(i, FINAL, timeout=120)["state"] == "succeeded"
+                # nothing is published while the other run holds the repository
+                assert d.build(i)["publish_state"] == "pending"
     finally:
         foreign.end()
-    for i in ids:
-        assert published(d, i)["publish_state"] == "published"
-    shown = d.call("repos.show", {"chroot": CHROOT})
-    assert sorted(p["build"] for p in shown["package_list"]) == sorted(ids)
-    # one run for whatever the publisher had placed before it waited, one for the rest
-    assert shown["metadata_runs"] <= 2 < len(ids)
-    assert shown["published_builds"] == 10
+    for d, mine in ids.items():
+        for i in mine:
+            wait_for(lambda d=d, i=i: d.build(i)["publish_state"] == "published", timeout=60)
+    shown = [d.call("repos.show", {"chroot": CHROOT}) for d in hosts]
+    listed = sorted((p["host"], p["build"]) for p in shown[0]["package_list"])
+    expected = [(h, i) for d, h in zip(hosts, ("h1", "h2"), strict=True) for i in ids[d]]
+    assert listed == sorted(expected)
+    runs = sum(s["metadata_runs"] for s in shown)
+    assert 1 <= runs <= 4, runs  # each daemon: at most one run before it waited, one after
+    assert sum(s["published_builds"] for s in shown) == 10
+    verify(RepoLayout(repo_dir, CHROOT))  # every file repomd.xml names matches its checksum
 
 
 @pytest.fixture
