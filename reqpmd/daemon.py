@@ -31,8 +31,12 @@ from reqpmd.config.parse import load
 from reqpmd.config.schema import DEFAULT_CONFIG, Settings, SettingsInvalid
 from reqpmd.config.transaction import Change, SettingsService
 from reqpmd.control.operations import Operations
+from reqpmd.control.projects import ProjectOps
+from reqpmd.control.repositories import RepositoryOps
 from reqpmd.control.server import ControlServer, bind_socket
 from reqpmd.errors import RedisUnavailable
+from reqpmd.projects.registry import Projects
+from reqpmd.projects.syncer import ProjectSyncer
 from reqpmd.repos.publisher import Publisher
 from reqpmd.slots.connection import connect
 from reqpmd.slots.limiter import BuildConcurrencyLimiter
@@ -118,12 +122,23 @@ class Daemon:
             self.gates,
             on_succeeded=self.publisher.wake,
         )
+        self.projects = Projects(self.store)
+        self.syncer = ProjectSyncer(
+            self.store, self.projects, self.scheduler, current, wake_scheduler=self.wake
+        )
         self.status = Status(
-            current, self.cluster, self.scheduler, self.store, self.limiter, self.publisher
+            current,
+            self.cluster,
+            self.scheduler,
+            self.store,
+            self.limiter,
+            self.publisher,
+            self.syncer,
         )
         self.settings.subscribe(self.cluster.on_settings_change)
         self.settings.subscribe(self._on_settings_change)
         self.settings.subscribe(lambda settings, change: self.publisher.wake())
+        self.settings.subscribe(lambda settings, change: self.syncer.wake())
         inherited = listen_fds()
         sock = inherited[0] if inherited else bind_socket(s.socket_path, s.socket_group)
         # Know the state of Redis before the first client (maybe the one whose connection
@@ -136,7 +151,8 @@ class Daemon:
             self.store,
             self.limiter,
             self.cluster,
-            self.publisher,
+            RepositoryOps(self.publisher),
+            ProjectOps(self.projects, self.syncer, current),
             self.wake,
         )
         self.server = ControlServer(sock, operations, lambda: current().admin_group)
@@ -152,6 +168,7 @@ class Daemon:
         )
         self.notifier.ready()
         self.publisher.start()  # its first pass checks every repository (a crash mid-run)
+        self.syncer.start()
         # after READY: scrubs of what an earlier instance left may take minutes each
         leftover = self.scheduler.start_recovery(Stopper(s.cancel_grace_seconds))
         if leftover:
@@ -227,6 +244,7 @@ class Daemon:
             with contextlib.suppress(OSError):
                 s.socket_path.unlink()
         self.scheduler.shutdown(timeout=4 * s.cancel_grace_seconds + 60)
+        self.syncer.stop(timeout=PUBLISHER_STOP)  # a fetch in progress has its timeout
         self.publisher.stop(timeout=PUBLISHER_STOP)
         self.limiter.close()
         self.store.close()

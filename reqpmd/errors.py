@@ -77,6 +77,12 @@ class Busy(ReqpmError):
     code = "unavailable"
 
 
+class AlreadyExists(ReqpmError):
+    """A name that must be unique (a project) is taken."""
+
+    code = "conflict"
+
+
 class QuotaExceeded(ReqpmError):
     """A user is at one of their limits (unfinished builds, bytes submitted)."""
 

@@ -16,6 +16,7 @@ from reqpmd.builds.store import Build, Store
 from reqpmd.cluster import Cluster
 from reqpmd.config.schema import Settings
 from reqpmd.errors import RedisUnavailable
+from reqpmd.projects.syncer import ProjectSyncer
 from reqpmd.quoting import printable
 from reqpmd.repos.publisher import Publisher
 from reqpmd.slots.limiter import BuildConcurrencyLimiter, grace_text
@@ -85,9 +86,11 @@ class Status:
         store: Store,
         limiter: BuildConcurrencyLimiter,
         publisher: Publisher,
+        syncer: ProjectSyncer,
     ) -> None:
         self._settings = settings
         self._publisher = publisher
+        self._syncer = syncer
         self._cluster = cluster
         self._scheduler = scheduler
         self._store = store
@@ -115,6 +118,11 @@ class Status:
         failing = self._publisher.problem()
         if failing:
             parts.append(failing)
+        projects = self._syncer.failing()
+        if projects:
+            name = min(projects)
+            more = f" (and {len(projects) - 1} more)" if len(projects) > 1 else ""
+            parts.append(f"project {name} sync failing: {projects[name]}{more}")
         shut = describe_closed(self._scheduler.last_gates)
         if shut:
             parts.insert(0, shut)
@@ -158,6 +166,7 @@ class Status:
             ),
             "summary": self.line(flight, queued, grace_left),
             "publish": self._publisher.summary(),
+            "projects": self._syncer.summary(),
         }
         if c.ok:
             try:

@@ -28,6 +28,8 @@ LAYERS: list[tuple[str, int]] = [
     ("reqpmd.builds", 3),
     ("reqpmd.repos", 3),  # repositories on disk: no store, no threads
     ("reqpmd.repos.publisher", 4),  # what to publish and when: reads the store
+    ("reqpmd.projects", 3),  # git, exports, the projects table
+    ("reqpmd.projects.syncer", 4),  # fetches and queues builds through the scheduler
     ("reqpmd.cluster", 4),
     ("reqpmd.status", 5),
     ("reqpmd.control", 6),

@@ -23,6 +23,8 @@ from reqpmd.config.parse import load
 from reqpmd.config.transaction import SettingsService
 from reqpmd.control import operations
 from reqpmd.control.operations import Operations
+from reqpmd.control.projects import ProjectOps
+from reqpmd.control.repositories import RepositoryOps
 from reqpmd.control.server import Peer, Request
 from reqpmd.errors import (
     BadRequest,
@@ -32,6 +34,8 @@ from reqpmd.errors import (
     PermissionDenied,
     QuotaExceeded,
 )
+from reqpmd.projects.registry import Projects
+from reqpmd.projects.syncer import ProjectSyncer
 from reqpmd.repos.publisher import Publisher
 from reqpmd.slots import keys
 from reqpmd.slots.limiter import BuildConcurrencyLimiter
@@ -59,6 +63,9 @@ ADMIN_OPS = {
     "slots.clear",
     "slots.end_grace",
     "repos.sync",
+    "projects.add",
+    "projects.edit",
+    "projects.remove",
 }
 
 
@@ -106,7 +113,9 @@ def make_env(tmp_path: Path, make_limiter: MakeLimiter) -> Iterator[Callable[...
         cluster = Cluster(client, limiter, current, store, clock=lambda: clock[0])
         scheduler = Scheduler(store, limiter, current, never_run)
         publisher = Publisher(store, current)
-        status = Status(current, cluster, scheduler, store, limiter, publisher)
+        projects = Projects(store)
+        syncer = ProjectSyncer(store, projects, scheduler, current)
+        status = Status(current, cluster, scheduler, store, limiter, publisher, syncer)
         settings.subscribe(cluster.on_settings_change)
         wakes: list[int] = []
         ops = Operations(
@@ -116,7 +125,8 @@ def make_env(tmp_path: Path, make_limiter: MakeLimiter) -> Iterator[Callable[...
             store,
             limiter,
             cluster,
-            publisher,
+            RepositoryOps(publisher),
+            ProjectOps(projects, syncer, current),
             lambda: wakes.append(1),
         )
         return Env(ops, settings, store, limiter, cluster, scheduler, status, config, wakes)
@@ -172,6 +182,9 @@ def test_every_admin_operation_refuses_a_user_and_changes_nothing(
         "slots.clear": {"yes": True},
         "slots.end_grace": {"yes": True},
         "repos.sync": {"wait": False},
+        "projects.add": {"name": "p", "url": "file:///nonexistent"},
+        "projects.edit": {"name": "p", "priority": 1},
+        "projects.remove": {"name": "p"},
     }
     admin_ops = [name for name, op in env.ops.ops.items() if op.admin]
     assert set(admin_ops) == set(valid_args)

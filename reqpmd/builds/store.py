@@ -52,7 +52,9 @@ CREATE TABLE IF NOT EXISTS builds (
     publish       INTEGER NOT NULL DEFAULT 1,  -- 0: submitted with --no-publish
     publish_state TEXT,                        -- states.Publish once it succeeded
     publish_error TEXT,
-    published_at  REAL
+    published_at  REAL,
+    project       TEXT,                        -- the project it was built for, if any
+    commit_id     TEXT                         -- the commit its spec and sources came from
 );
 CREATE INDEX IF NOT EXISTS builds_state ON builds(state, priority, id);
 CREATE INDEX IF NOT EXISTS builds_submitter ON builds(submitted_by, state);
@@ -107,6 +109,8 @@ class Build:
     publish_state: Publish | None
     publish_error: str | None
     published_at: float | None
+    project: str | None
+    commit_id: str | None
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -133,12 +137,19 @@ class Store:
         _migrate(self._db)
         self._lock = threading.RLock()
 
+    def rows(self, query: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """A read of the shared database, under the store's lock."""
+        with self._lock:
+            return list(self._db.execute(query, args).fetchall())
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE), for this module and the records that
+        share the database (projects)."""
         with self._lock, _full_is_enospc():
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -185,17 +196,23 @@ class Store:
         user: str = "",
         input_bytes: int = 0,
         publish: bool = True,
+        project: str | None = None,
+        commit_id: str | None = None,
+        refused: str | None = None,
     ) -> int:
         """Queue a build whose files ``stage`` wrote to ``inputs``; row and files are on disk
-        before the id is returned."""
+        before the id is returned. ``refused``: it cannot run (why): made failed at once,
+        so it shows with its reason and is never started."""
+        state, finished = (State.QUEUED, None) if refused is None else (State.FAILED, time.time())
         try:
-            with self._tx() as db:
+            with self.tx() as db:
                 cur = db.execute(
                     "INSERT INTO builds (state, chroot, kind, source, priority, submitted_by,"
-                    " submitted_name, submitted_at, input_bytes, publish)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " submitted_name, submitted_at, input_bytes, publish, project, commit_id,"
+                    " error, finished_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
-                        State.QUEUED,
+                        state,
                         chroot,
                         kind,
                         source,
@@ -205,6 +222,10 @@ class Store:
                         time.time(),
                         input_bytes,
                         int(publish),
+                        project,
+                        commit_id,
+                        refused,
+                        finished,
                     ),
                 )
                 build_id = int(cur.lastrowid or 0)
@@ -279,7 +300,7 @@ class Store:
         unknown = set(changes) - set(_COLUMNS)
         if unknown:
             raise ValueError(f"unknown build fields {sorted(unknown)}")
-        with self._tx() as db:
+        with self.tx() as db:
             row = db.execute("SELECT state FROM builds WHERE id = ?", (build_id,)).fetchone()
             if row is None:
                 raise NotFound(f"no build {build_id}")
@@ -312,7 +333,7 @@ class Store:
         """Set fields that are not the state (pid of mock, slot token, ...)."""
         if "state" in changes or set(changes) - set(_COLUMNS):
             raise ValueError(f"update() cannot set {sorted(changes)}")
-        with self._tx() as db:
+        with self.tx() as db:
             assignments = ", ".join(f"{k} = ?" for k in changes)
             db.execute(
                 f"UPDATE builds SET {assignments} WHERE id = ?", (*changes.values(), build_id)
@@ -338,7 +359,7 @@ class Store:
             return
         marks = ", ".join("?" for _ in build_ids)
         at = time.time() if state == Publish.PUBLISHED else None
-        with self._tx() as db:
+        with self.tx() as db:
             db.execute(
                 "UPDATE builds SET publish_state = ?, publish_error = ?,"
                 " published_at = COALESCE(?, published_at)"
@@ -364,7 +385,7 @@ class Store:
         return None if row is None else str(row[0])
 
     def set_state(self, key: str, value: str) -> None:
-        with self._tx() as db:
+        with self.tx() as db:
             db.execute(
                 "INSERT OR REPLACE INTO daemon_state (key, value) VALUES (?, ?)", (key, value)
             )
@@ -372,7 +393,7 @@ class Store:
     # -- settings audit -----------------------------------------------------------------
 
     def audit_setting(self, uid: int, user: str, key: str, old: Any, new: Any) -> None:
-        with self._tx() as db:
+        with self.tx() as db:
             db.execute(
                 "INSERT INTO settings_history (at, uid, user, key, old, new)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -414,11 +435,14 @@ def _migrate(db: sqlite3.Connection) -> None:
         "publish_state": "TEXT",
         "publish_error": "TEXT",
         "published_at": "REAL",
+        "project": "TEXT",
+        "commit_id": "TEXT",
     }
     for column, kind in added.items():
         if column not in have:
             db.execute(f"ALTER TABLE builds ADD COLUMN {column} {kind}")
     db.execute("CREATE INDEX IF NOT EXISTS builds_publish ON builds(publish_state, chroot)")
+    db.execute("CREATE INDEX IF NOT EXISTS builds_project ON builds(project, chroot, state)")
 
 
 def _build(row: tuple[Any, ...]) -> Build:

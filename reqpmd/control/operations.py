@@ -26,6 +26,7 @@ from reqpmd.cluster import Cluster
 from reqpmd.config.schema import BY_NAME, shown_setting, unknown_key_error
 from reqpmd.config.transaction import SettingsService
 from reqpmd.control import protocol
+from reqpmd.control.projects import ProjectOps
 from reqpmd.control.quota import Quota, Uploads
 from reqpmd.control.repositories import RepositoryOps
 from reqpmd.control.server import Request
@@ -40,7 +41,6 @@ from reqpmd.errors import (
     disk_full,
 )
 from reqpmd.quoting import shown
-from reqpmd.repos.publisher import Publisher
 from reqpmd.slots.limiter import BuildConcurrencyLimiter
 from reqpmd.slots.scripts import MAX_PRIORITY
 from reqpmd.status import Status, build_json, slot_listing
@@ -101,7 +101,8 @@ class Operations:
         store: Store,
         limiter: BuildConcurrencyLimiter,
         cluster: Cluster,
-        publisher: Publisher,
+        repos: RepositoryOps,
+        projects: ProjectOps,
         wake: Callable[[], None],
     ) -> None:
         self.settings = settings
@@ -114,7 +115,6 @@ class Operations:
         self._uploads = Uploads()
         self._quota = Quota(store, settings.current)
         self._fetching = threading.BoundedSemaphore(FETCHES_AT_ONCE)
-        repos = RepositoryOps(publisher)
         self.ops: dict[str, Op] = {
             "ping": Op(self.ping),
             "status": Op(self.status),
@@ -143,6 +143,14 @@ class Operations:
             "repos.dnf_config": Op(lambda req: repos.dnf_config(req.args)),
             # work for the host (a full metadata run may take minutes): admins
             "repos.sync": Op(lambda req: repos.sync(req.args), admin=True),
+            "projects.list": Op(lambda req: projects.list(req.args)),
+            "projects.show": Op(lambda req: projects.show(req.args)),
+            "projects.sync": Op(lambda req: projects.sync(req.args)),
+            "projects.build": Op(lambda req: projects.build(req.args)),
+            # each makes the daemon fetch a URL of the caller's choosing: admins
+            "projects.add": Op(lambda req: projects.add(req.args, req.peer.who), admin=True),
+            "projects.edit": Op(lambda req: projects.edit(req.args), admin=True),
+            "projects.remove": Op(lambda req: projects.remove(req.args), admin=True),
         }
 
     def __call__(self, req: Request) -> Any:

@@ -1,0 +1,175 @@
+"""The ``projects.*`` operations. Adding, editing and removing a project is for admins
+(it makes the daemon fetch a URL of their choosing); any member may look, sync now, or
+build now."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from reqpmd.checks import int_in_range
+from reqpmd.config.schema import Settings
+from reqpmd.control.submission import check_chroot
+from reqpmd.errors import InvalidArgument
+from reqpmd.projects import git
+from reqpmd.projects.export import ExportError
+from reqpmd.projects.git import GitError
+from reqpmd.projects.registry import EDITABLE, NAME_DOC, NAME_RE, Project, Projects
+from reqpmd.projects.syncer import ProjectSyncer
+from reqpmd.quoting import shown
+from reqpmd.slots.scripts import MAX_PRIORITY
+
+SYNC_WAIT = 600.0  # seconds ``projects sync --wait`` waits for the fetch
+MAX_CHROOTS = 32
+
+
+def check_name(name: Any) -> str:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name in (".", ".."):
+        raise InvalidArgument(f"project name {shown(name)} is not allowed: {NAME_DOC}")
+    return name
+
+
+class ProjectOps:
+    def __init__(
+        self, projects: Projects, syncer: ProjectSyncer, settings: Callable[[], Settings]
+    ) -> None:
+        self.projects = projects
+        self.syncer = syncer
+        self.settings = settings
+
+    def _checked(self, args: dict[str, Any], defaults: Settings | None) -> dict[str, Any]:
+        """The editable fields present in ``args``, validated; with ``defaults``, every
+        field (a new project)."""
+        out: dict[str, Any] = {}
+        try:
+            if "url" in args or defaults is not None:
+                out["url"] = git.check_url(args.get("url"))
+            if args.get("branch") is not None:
+                out["branch"] = git.check_branch(args["branch"])
+            elif "branch" in args or defaults is not None:
+                out["branch"] = None
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        if args.get("spec") is not None:
+            spec = args["spec"]
+            if (
+                not isinstance(spec, str)
+                or not spec.endswith(".spec")
+                or spec.startswith(("/", "-"))
+                or ".." in spec.split("/")
+            ):
+                raise InvalidArgument(f"spec {shown(spec)}: a relative path to a .spec file")
+            out["spec"] = spec
+        elif "spec" in args or defaults is not None:
+            out["spec"] = None
+        if args.get("chroots"):
+            chroots = args["chroots"]
+            if not isinstance(chroots, list) or len(chroots) > MAX_CHROOTS:
+                raise InvalidArgument(f"chroots: a list of at most {MAX_CHROOTS} mock configs")
+            out["chroots"] = tuple(dict.fromkeys(check_chroot(c) for c in chroots))
+        elif defaults is not None:
+            out["chroots"] = (defaults.default_chroot,)
+        if "priority" in args or defaults is not None:
+            out["priority"] = int_in_range(
+                "priority", args.get("priority", 0), -MAX_PRIORITY, MAX_PRIORITY
+            )
+        if "enabled" in args:
+            if not isinstance(args["enabled"], bool):
+                raise InvalidArgument("enabled must be true or false")
+            out["enabled"] = args["enabled"]
+        return out
+
+    def add(self, args: dict[str, Any], who: str) -> dict[str, Any]:
+        name = check_name(args.get("name"))
+        fields = self._checked(args, self.settings())
+        self.projects.add(
+            Project(
+                name=name,
+                enabled=fields.pop("enabled", True),
+                created_at=time.time(),
+                created_by=who,
+                **fields,
+            )
+        )
+        self.syncer.request_sync(name)  # the first sync: its result shows in projects show
+        return self.show({"name": name})
+
+    def edit(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = check_name(args.get("name"))
+        self.projects.get(name)  # not found: exit 4, before anything is checked
+        fields = self._checked({k: v for k, v in args.items() if k in EDITABLE}, None)
+        if not fields:
+            raise InvalidArgument(f"nothing to change; editable: {', '.join(EDITABLE)}")
+        before = self.projects.get(name)
+        self.projects.edit(name, **fields)
+        if "url" in fields and fields["url"] != before.url:
+            self.syncer.forget_clone(name)  # another repository: clone it afresh
+        self.syncer.request_sync(name)
+        return self.show({"name": name})
+
+    def remove(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = check_name(args.get("name"))
+        self.projects.remove(name)
+        self.syncer.forget_clone(name)
+        return {"removed": name}
+
+    def list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        return [self._json(p) for p in self.projects.all()]
+
+    def show(self, args: dict[str, Any]) -> dict[str, Any]:
+        project = self.projects.get(check_name(args.get("name")))
+        out = self._json(project)
+        out["builds"] = self.projects.last_builds(project.name)
+        return out
+
+    def _json(self, p: Project) -> dict[str, Any]:
+        health = self.syncer.health(p.name)
+        return {
+            "name": p.name,
+            "url": git.shown_url(p.url),
+            "branch": p.branch,
+            "spec": p.spec,
+            "chroots": list(p.chroots),
+            "priority": p.priority,
+            "enabled": p.enabled,
+            "created_at": p.created_at,
+            "created_by": p.created_by,
+            "last_sync_at": p.last_sync_at,
+            "last_sync_ok": p.last_sync_ok,
+            "last_sync_result": p.last_sync_result,
+            "last_commit": p.last_commit,
+            "sync_error": health["error"],
+            "next_sync_in": health["next_sync_in"]
+            if self.settings().auto_sync_projects and p.enabled
+            else None,
+        }
+
+    def sync(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = check_name(args.get("name"))
+        self.projects.get(name)
+        wait = args.get("wait", False)
+        if not isinstance(wait, bool):
+            raise InvalidArgument("wait must be true or false")
+        request = self.syncer.request_sync(name)
+        if not wait:
+            return {"name": name, "requested": True, "done": False}
+        done = request.done.wait(SYNC_WAIT)
+        return {"name": name, "requested": True, "done": done, **request.result}
+
+    def build(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = check_name(args.get("name"))
+        project = self.projects.get(name)
+        commit = args.get("commit")
+        chroot = args.get("chroot")
+        try:
+            if commit is not None:
+                commit = git.check_commit(commit)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        if chroot is not None:
+            chroot = check_chroot(chroot)
+        try:
+            return {"name": project.name, **self.syncer.build_now(name, commit, chroot)}
+        except (GitError, ExportError) as exc:
+            raise InvalidArgument(f"project {name}: {exc}") from None

@@ -1,0 +1,261 @@
+"""Projects from git, in-process with real git repositories, the real store and a fake
+clock: syncs, builds per commit, superseding, failures with backoff, clone cleanup."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reqpmd.builds.scheduler import Scheduler
+from reqpmd.builds.states import State
+from reqpmd.builds.store import Store
+from reqpmd.config.parse import validate
+from reqpmd.config.schema import Settings
+from reqpmd.projects import git as gitmod
+from reqpmd.projects.registry import Project, Projects
+from reqpmd.projects.syncer import START_SPREAD, ProjectSyncer
+from tests.fakes import FakeClock
+from tests.gitrepos import Upstream, spec
+
+C1, C2 = "fedora-42-x86_64", "epel-9-x86_64"
+
+
+class World:
+    def __init__(self, root: Path, **settings: Any) -> None:
+        self.settings: Settings = validate(
+            {"state_dir": str(root / "state"), "host_id": "h1", **settings}, environ={}
+        )
+        self.store = Store(self.settings.state_dir)
+        self.projects = Projects(self.store)
+        self.scheduler = Scheduler(self.store, None, lambda: self.settings, runner=None)  # type: ignore[arg-type]
+        self.clock = FakeClock()
+        self.wall = [time.time()]
+        self.syncer = ProjectSyncer(
+            self.store,
+            self.projects,
+            self.scheduler,
+            lambda: self.settings,
+            clock=self.clock,
+            wall=lambda: self.wall[0],
+        )
+
+    def add(self, name: str, url: str, **kwargs: Any) -> Project:
+        values: dict[str, Any] = {
+            "branch": None,
+            "spec": None,
+            "chroots": (C1,),
+            "priority": 0,
+            "enabled": True,
+            "created_at": self.wall[0],
+            "created_by": "root",
+        }
+        values.update(kwargs)
+        project = Project(name=name, url=url, **values)
+        self.projects.add(project)
+        return project
+
+    def builds(self, name: str) -> list[Any]:
+        return [b for b in self.store.recent(limit=1000) if b.project == name][::-1]
+
+    def advance_hours(self, hours: float) -> None:
+        self.clock.advance(hours * 3600)
+        self.wall[0] += hours * 3600
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Upstream:
+    up = Upstream(tmp_path / "git")
+    up.commit({"greet.spec": spec(), "greet.sh": "echo hi\n"}, "first")
+    return up
+
+
+def test_the_first_sync_builds_the_head_in_every_chroot_from_that_commit(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    w = World(tmp_path)
+    head = gitmod.Git().run(["rev-parse", "HEAD"], cwd=upstream.bare).strip()
+    w.add("greet", upstream.url, chroots=(C1, C2), priority=3)
+    result = w.syncer.sync("greet")
+    assert result["ok"] and result["commit"] == head
+    builds = w.builds("greet")
+    assert [(b.chroot, b.commit_id, b.state, b.priority) for b in builds] == [
+        (C1, head, State.QUEUED, 3),
+        (C2, head, State.QUEUED, 3),
+    ]
+    files = w.store.files(builds[0].id)
+    assert files.submitted("greet.spec").read_text() == spec()
+    assert (files.sources / "greet.sh").read_text() == "echo hi\n"
+    assert builds[0].kind == "spec" and builds[0].submitted_name == "project greet"
+    p = w.projects.get("greet")
+    assert p.last_commit == head and p.last_sync_ok and p.last_sync_at
+    # nothing moved: nothing is built
+    again = w.syncer.sync("greet")
+    assert again["ok"] and again["builds"] == [] and "unchanged" in again["result"]
+    assert len(w.builds("greet")) == 2
+
+
+def test_a_push_is_built_at_the_next_periodic_sync_exactly_at_its_commit(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    w = World(tmp_path, sync_interval_hours=6)
+    w.add("greet", upstream.url)
+    w.syncer._pass()  # never synced: due within START_SPREAD
+    w.clock.advance(START_SPREAD)
+    w.syncer._pass()
+    (first,) = w.builds("greet")
+    w.store.transition(first.id, State.CANCELLED)  # out of the way: not superseding here
+    pushed = upstream.commit({"greet.spec": spec(release="2")}, "release 2")
+    w.advance_hours(5.9)
+    w.syncer._pass()
+    assert len(w.builds("greet")) == 1  # not due yet
+    w.advance_hours(0.1)
+    w.syncer._pass()
+    latest = w.builds("greet")[-1]
+    assert latest.commit_id == pushed and latest.state == State.QUEUED
+    assert "Release: 2" in w.store.files(latest.id).submitted("greet.spec").read_text()
+
+
+def test_quick_pushes_leave_one_queued_build_of_the_newest_commit(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    w = World(tmp_path)
+    w.add("greet", upstream.url)
+    w.syncer.sync("greet")
+    upstream.commit({"greet.spec": spec(release="2")})
+    w.syncer.sync("greet")
+    newest = upstream.commit({"greet.spec": spec(release="3")})
+    w.syncer.sync("greet")
+    builds = w.builds("greet")
+    queued = [b for b in builds if b.state == State.QUEUED]
+    assert [b.commit_id for b in queued] == [newest]
+    superseded = [b for b in builds if b.state == State.CANCELLED]
+    assert len(superseded) == 2
+    assert all("superseded by commit" in (b.error or "") for b in superseded)
+
+
+def test_a_repository_gone_from_disk_fails_the_sync_with_backoff_said_once(
+    tmp_path: Path, upstream: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    w = World(tmp_path)
+    w.add("greet", upstream.url)
+    w.syncer.sync("greet")
+    import shutil
+
+    shutil.rmtree(upstream.bare)
+    caplog.set_level(logging.ERROR, logger="reqpmd.projects.syncer")
+    for _ in range(3):
+        w.clock.advance(7 * 3600)  # past the interval and any backoff
+        w.syncer._pass()
+    p = w.projects.get("greet")
+    assert p.last_sync_ok is False and "git fetch failed" in (p.last_sync_result or "")
+    health = w.syncer.health("greet")
+    assert "git fetch failed" in health["error"]
+    assert w.syncer.failing() == {"greet": health["error"]}
+    assert sum("sync failed" in r.message for r in caplog.records) == 1  # once per change
+    # backoff: the next try comes sooner than the interval, then later
+    assert 0 < health["next_sync_in"] <= 4 * gitmod.FETCH_TIMEOUT
+
+
+def test_bad_projects_are_clear_sync_errors_that_build_nothing(tmp_path: Path) -> None:
+    up = Upstream(tmp_path / "git")
+    up.commit({"a.spec": spec("a", source=False), "b.spec": spec("b", source=False)})
+    w = World(tmp_path)
+    w.add("two", up.url)
+    result = w.syncer.sync("two")
+    assert not result["ok"] and "2 spec files at the top level (a.spec, b.spec)" in result["error"]
+    w.add("nobranch", up.url, branch="nope")
+    assert "no branch 'nope'" in w.syncer.sync("nobranch")["error"]
+    w.add("nospec", up.url, spec="pkg/c.spec")
+    assert "pkg/c.spec does not exist at commit" in w.syncer.sync("nospec")["error"]
+    w.add("chosen", up.url, spec="b.spec")
+    assert w.syncer.sync("chosen")["ok"]
+    assert [b.source for b in w.builds("chosen")] == ["b.spec"]
+    assert all(w.builds(n) == [] for n in ("two", "nobranch", "nospec"))
+
+
+def test_a_missing_source_fails_the_build_before_mock_naming_it(tmp_path: Path) -> None:
+    up = Upstream(tmp_path / "git")
+    up.commit({"pkg/greet.spec": spec()})  # Source0 greet.sh is not committed
+    w = World(tmp_path)
+    w.add("greet", up.url, spec="pkg/greet.spec")
+    assert w.syncer.sync("greet")["ok"]
+    (build,) = w.builds("greet")
+    assert build.state == State.FAILED and build.started_at is None
+    assert "greet.sh, named by pkg/greet.spec, not in pkg at commit" in (build.error or "")
+
+
+def test_clones_unused_for_the_configured_days_are_deleted_and_come_back(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    w = World(tmp_path, cleanup_repos_after_days=7, auto_sync_projects=False)
+    w.add("greet", upstream.url)
+    w.add("gone", upstream.url)
+    w.syncer.sync("greet")
+    w.syncer.sync("gone")
+    w.projects.remove("gone")
+    assert w.syncer.cleanup() == ["gone"]  # its project was removed
+    w.wall[0] += 6 * 86400
+    assert w.syncer.cleanup() == []
+    w.wall[0] += 2 * 86400
+    assert w.syncer.cleanup() == ["greet"]
+    assert not w.syncer.clone_of("greet").exists()
+    assert w.syncer.sync("greet")["ok"]  # the next need clones again
+    assert w.syncer.clone_of("greet").is_dir()
+
+
+def test_auto_sync_off_stops_periodic_syncs_and_a_shorter_interval_applies_at_once(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    w = World(tmp_path, sync_interval_hours=24)
+    w.add("greet", upstream.url)
+    w.syncer.sync("greet")
+    upstream.commit({"greet.spec": spec(release="2")})
+    w.settings = w.settings.replace(auto_sync_projects=False)
+    w.advance_hours(30)
+    w.syncer._pass()
+    assert len(w.builds("greet")) == 1  # off: nothing fetched
+    assert w.syncer.request_sync("greet")  # an explicit sync still works
+    w.syncer._pass()
+    assert len(w.builds("greet")) == 2
+    pushed = upstream.commit({"greet.spec": spec(release="3")})
+    w.settings = w.settings.replace(auto_sync_projects=True, sync_interval_hours=1)
+    w.advance_hours(1)
+    w.syncer._pass()
+    assert w.builds("greet")[-1].commit_id == pushed
+
+
+def test_a_hundred_projects_due_at_start_are_spread_out(tmp_path: Path) -> None:
+    w = World(tmp_path)
+    for i in range(100):
+        w.add(f"p{i}", "file:///nonexistent")
+    dues = sorted(w.syncer._due(w.syncer._state(p)) for p in w.projects.all())
+    assert dues[-1] - dues[0] > 0.8 * START_SPREAD
+    per_second = max(sum(1 for d in dues if int(d) == int(x)) for x in dues)
+    assert per_second <= 3
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["-oProxyCommand=evil", "ext::sh -c evil", "fd::3", "relative/path", "https://x\nmore"],
+)
+def test_urls_that_could_run_commands_are_refused(url: str) -> None:
+    with pytest.raises(ValueError):
+        gitmod.check_url(url)
+
+
+def test_credentials_never_appear_in_errors(tmp_path: Path) -> None:
+    w = World(tmp_path)
+    url = "https://builder:s3cr3t-pw@127.0.0.1:9/repo.git"
+    w.add("private", url)
+    result = w.syncer.sync("private")
+    assert not result["ok"]
+    assert "s3cr3t" not in result["error"]
+    assert "s3cr3t" not in (w.projects.get("private").last_sync_result or "")
+    assert gitmod.shown_url(url) == "https://builder:***@127.0.0.1:9/repo.git"
+    for branch in ("-x", "a..b", "x\ny"):
+        with pytest.raises(ValueError):
+            gitmod.check_branch(branch)
