@@ -63,7 +63,12 @@ def repos_list(c: Ctx) -> None:
 @pass_ctx
 def repos_show(c: Ctx, chroot: str) -> None:
     """A repository's packages, with the build that published each."""
-    r = c.call("repos.show", {"chroot": chroot})
+    with c.client() as client:  # every page of the package list
+        r = client.call("repos.show", {"chroot": chroot})
+        while r.get("next") is not None:
+            page = client.call("repos.show", {"chroot": chroot, "offset": r["next"]})
+            r["package_list"] += page["package_list"]
+            r["next"] = page["next"]
     lines = [
         f"repository: {output.safe(r['chroot'])}  ({output.safe(r['path'])})",
         f"packages:   {'?' if r['packages'] is None else r['packages']}, {size(r['size'])}",

@@ -4,7 +4,10 @@ of pending builds, and what it records on builds."""
 
 from __future__ import annotations
 
+import errno
+import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,10 @@ from reqpmd.builds.store import Store
 from reqpmd.config.parse import validate
 from reqpmd.config.schema import Settings
 from reqpmd.repos.createrepo import run_tool
+from reqpmd.repos.metadata import verify
 from reqpmd.repos.publisher import RETRY_FIRST, Publisher
+from reqpmd.repos.repository import Repository
+from reqpmd.repos.retired import OLD_REVISION_GRACE, Retired
 from tests import rpms
 from tests.fakes import FakeClock
 
@@ -151,10 +157,116 @@ def test_a_build_without_packages_is_not_published_and_says_why(tmp_path: Path) 
     assert w.runs == []
 
 
-def test_a_retried_build_publishes_anew(tmp_path: Path, greet: Path) -> None:
+def _rerun(w: World, build_id: int, rpm: Path, end: State = State.SUCCEEDED) -> None:
+    """A retry of the build, as mock does it: result files rewritten in place."""
+    for state in (State.QUEUED, State.WAITING, State.BUILDING):
+        w.store.transition(build_id, state)
+    result = w.store.files(build_id).result
+    for old in result.glob("*.rpm"):
+        with open(old, "r+b") as f:  # the same inode, new bytes (mock's shutil.copy2)
+            f.write(b"rewritten by the retry")
+    (result / rpm.name).write_bytes(rpm.read_bytes())
+    extra = {"publish_state": Publish.PENDING} if end == State.SUCCEEDED else {}
+    w.store.transition(build_id, end, **extra)
+
+
+def test_a_retried_build_is_published_anew_without_touching_what_is_served(
+    tmp_path: Path, greet: Path
+) -> None:
     w = World(tmp_path)
     build_id = w.succeeded_build(greet)
     w.publisher._pass()
+    repo = w.publisher.repository(CHROOT)
+    assert {p.href.split("/")[0] for p in repo.packages()} == {f"h1-{build_id}-1"}
+    _rerun(w, build_id, greet)
+    verify(repo.layout)  # the served package was copied: the retry's rewrite did not reach it
+    w.publisher._pass()
     assert w.store.get(build_id).publish_state == Publish.PUBLISHED
-    requeued = w.store.transition(build_id, State.QUEUED)
-    assert requeued.publish_state is None and requeued.published_at is None
+    # the new attempt is served; the first left the metadata and waits out the grace
+    assert {p.href.split("/")[0] for p in repo.packages()} == {f"h1-{build_id}-2"}
+    assert (repo.layout.root / f"h1-{build_id}-1").is_dir()
+    gone = Retired(repo.layout).prune(time.time() + OLD_REVISION_GRACE)
+    assert f"h1-{build_id}-1" in gone  # with the metadata files of the revisions before
+    assert all(g.startswith("repodata/") for g in gone if g != f"h1-{build_id}-1")
+    assert not (repo.layout.root / f"h1-{build_id}-1").exists()
+
+
+def test_a_published_build_that_is_retried_and_fails_leaves_the_repository(
+    tmp_path: Path, greet: Path
+) -> None:
+    w = World(tmp_path)
+    build_id = w.succeeded_build(greet)
+    w.publisher._pass()
+    _rerun(w, build_id, greet, end=State.FAILED)
+    w.publisher._pass()
+    repo = w.publisher.repository(CHROOT)
+    assert repo.packages() == []
+    assert w.store.get(build_id).published_at is None
+    assert w.store.to_unpublish() == []
+
+
+def test_a_run_retried_during_a_publish_is_not_taken_for_published(
+    tmp_path: Path, greet: Path
+) -> None:
+    w = World(tmp_path)
+    build_id = w.succeeded_build(greet)
+    taken = w.store.to_publish()
+    _rerun(w, build_id, greet)  # the new run ends while the pass works on the old one
+    w.store.set_publish(taken, Publish.PUBLISHED)
+    assert w.store.get(build_id).publish_state == Publish.PENDING
+
+
+def test_a_failing_copy_backs_off_and_a_good_sync_does_not_hide_it(
+    tmp_path: Path, greet: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = World(tmp_path)
+    w.succeeded_build(greet)
+    w.publisher._pass()  # the repository exists and is healthy
+    second = w.succeeded_build(greet)
+
+    def no_space(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Repository, "place", no_space)
+    caplog.set_level(logging.INFO, logger="reqpmd.repos.publisher")
+    delays = []
+    for _ in range(4):
+        w.publisher._pass()
+        delays.append(w.publisher._health[CHROOT].retry_at - w.clock.now)
+        w.clock.advance(delays[-1])
+    assert delays == [RETRY_FIRST * 2**i for i in range(4)]
+    assert w.store.get(second).publish_state == Publish.PUBLISH_FAILED
+    assert sum("No space left" in r.message for r in caplog.records) == 1
+    assert not any("working again" in r.message for r in caplog.records)
+    monkeypatch.undo()
+    w.publisher._pass()
+    assert w.store.get(second).publish_state == Publish.PUBLISHED
+    assert sum("working again" in r.message for r in caplog.records) == 1
+
+
+def test_dnf_repo_ids_are_what_dnf_accepts(tmp_path: Path) -> None:
+    from reqpmd.control.repositories import repo_id
+
+    assert repo_id("h1", "centos-stream+epel-9-x86_64") == "reqpm-h1-centos-stream_epel-9-x86_64"
+
+
+def test_repos_show_pages_and_names_that_are_not_repositories_are_refused(
+    tmp_path: Path, greet: Path
+) -> None:
+    from reqpmd.control.repositories import RepositoryOps
+    from reqpmd.errors import InvalidArgument, NotFound
+
+    w = World(tmp_path)
+    ids = [w.succeeded_build(greet) for _ in range(3)]
+    w.publisher._pass()
+    ops = RepositoryOps(w.publisher)
+    first = ops.show({"chroot": CHROOT, "limit": 2})
+    assert first["packages"] == 3 and len(first["package_list"]) == 2 and first["next"] == 2
+    rest = ops.show({"chroot": CHROOT, "offset": 2, "limit": 2})
+    assert rest["next"] is None
+    assert sorted(p["build"] for p in first["package_list"] + rest["package_list"]) == ids
+    for name in ("..", ".", ".reqpm", "-rf", "a/b"):
+        with pytest.raises(InvalidArgument):
+            ops.show({"chroot": name})
+    with pytest.raises(NotFound):
+        ops.show({"chroot": "epel-9-x86_64"})

@@ -75,14 +75,14 @@ def test_published_builds_are_listed_and_sources_are_kept_beside(
     assert {build_of(p.href) for p in pkgs} == {("h1", 1), ("h1", 2)}
     assert all(not p.href.endswith(".src.rpm") for p in pkgs)
     # the source RPMs sit beside the binaries, out of the binary metadata (as mock does)
-    assert sorted(p.name for p in (repo.layout.root / "h1-1").iterdir()) == sorted(
+    assert sorted(p.name for p in (repo.layout.root / "h1-1-1").iterdir()) == sorted(
         f.name for f in built["hello"]
     )
     verify(repo.layout)
     lay = repo.layout
-    for d in (lay.repo_dir, lay.root, lay.repodata, lay.root / "h1-1"):
+    for d in (lay.repo_dir, lay.root, lay.repodata, lay.root / "h1-1-1"):
         assert d.stat().st_mode & 0o777 == 0o755, d
-    for f in [*lay.repodata.iterdir(), *(lay.root / "h1-1").iterdir()]:
+    for f in [*lay.repodata.iterdir(), *(lay.root / "h1-1-1").iterdir()]:
         assert f.stat().st_mode & 0o777 == 0o644, f
 
 
@@ -98,7 +98,7 @@ def test_one_new_build_reads_only_its_own_packages(
     repo.place("h1", 2, result_dir(tmp_path, *built["greet"]))
     second = repo.update()
     assert second is not None
-    assert second.read == [f"h1-2/{f.name}" for f in built["greet"] if ".src." not in f.name]
+    assert second.read == [f"h1-2-1/{f.name}" for f in built["greet"] if ".src." not in f.name]
     assert len(repo.packages()) == 2
 
 
@@ -106,7 +106,7 @@ def test_a_build_without_rpms_is_refused(tmp_path: Path) -> None:
     repo = repository(tmp_path / "repos")
     with pytest.raises(NoPackages, match="produced no RPM"):
         repo.place("h1", 1, result_dir(tmp_path))
-    assert not (repo.layout.root / "h1-1").exists()
+    assert not (repo.layout.root / "h1-1-1").exists()
 
 
 def test_a_corrupt_rpm_dropped_in_by_hand_is_skipped_and_named(
@@ -144,7 +144,7 @@ def test_sync_picks_up_hand_changes_repairs_broken_metadata_and_else_does_nothin
     (extra / greet.name).write_bytes(greet.read_bytes())
     assert repo.sync().action == "update"
     assert sorted(listed(repo).values()) == ["greet-2.1-3", "hello-1.0-1"]
-    for f in (repo.layout.root / "h1-1").iterdir():
+    for f in (repo.layout.root / "h1-1-1").iterdir():
         f.unlink()
     assert repo.sync().action == "update"
     assert list(listed(repo).values()) == ["greet-2.1-3"]
@@ -283,25 +283,29 @@ def test_batched_requests_are_served_by_one_run(tmp_path: Path) -> None:
     """Requests that arrive while a run is going are merged into the next one."""
     locks = RepoLocks("h1")
     lay = RepoLayout(tmp_path / "repos", "c")
-    runs: list[int] = []
+    runs: list[list[str]] = []
     gate = threading.Event()
 
-    def slow_run() -> int:
-        runs.append(1)
+    def slow_run(retire: list[str]) -> int:
+        runs.append(retire)
         gate.wait(10)
         return len(runs)
 
-    first = threading.Thread(target=locks.batched, args=(lay, slow_run))
+    first = threading.Thread(target=locks.batched, args=(lay, slow_run, []))
     first.start()
-    wait_until(lambda: runs == [1], timeout=10)
-    waiters = [threading.Thread(target=locks.batched, args=(lay, slow_run)) for _ in range(5)]
+    wait_until(lambda: runs == [[]], timeout=10)
+    waiters = [
+        threading.Thread(target=locks.batched, args=(lay, slow_run, [f"h1-{i}-1"]))
+        for i in range(5)
+    ]
     for t in waiters:
         t.start()
-    wait_until(lambda: len(list(lay.pending.iterdir())) == 6, timeout=10)
+    wait_until(lambda: len([p for p in lay.pending.iterdir() if p.name[0] != "."]) == 6, timeout=10)
     gate.set()
     for t in [first, *waiters]:
         t.join(10)
     assert len(runs) == 2  # the running one, then one for all five waiters
+    assert runs[1] == [f"h1-{i}-1" for i in range(5)]  # retiring what each asked for
     assert list(lay.pending.iterdir()) == []
 
 

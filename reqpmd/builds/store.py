@@ -319,7 +319,6 @@ class Store:
                     "slot_token",
                     "publish_state",
                     "publish_error",
-                    "published_at",
                 ):
                     changes.setdefault(key, None)
             changes["state"] = new
@@ -352,20 +351,39 @@ class Store:
             ).fetchall()
         return [_build(r) for r in rows]
 
-    def set_publish(self, build_ids: list[int], state: Publish, error: str | None = None) -> None:
-        """Record where the builds' packages are; only for builds that still succeeded
-        (a retry may have queued one again meanwhile: that run publishes anew)."""
-        if not build_ids:
-            return
-        marks = ", ".join("?" for _ in build_ids)
+    def set_publish(self, builds: list[Build], state: Publish, error: str | None = None) -> None:
+        """Record where the builds' packages are, for the runs the publisher took: a build
+        retried meanwhile (another run, another finished_at) is left alone, and its new run
+        publishes anew."""
         at = time.time() if state == Publish.PUBLISHED else None
         with self.tx() as db:
-            db.execute(
-                "UPDATE builds SET publish_state = ?, publish_error = ?,"
-                " published_at = COALESCE(?, published_at)"
-                f" WHERE state = ? AND id IN ({marks})",
-                (state, error, at, State.SUCCEEDED, *build_ids),
-            )
+            for b in builds:
+                db.execute(
+                    "UPDATE builds SET publish_state = ?, publish_error = ?,"
+                    " published_at = COALESCE(?, published_at)"
+                    " WHERE id = ? AND state = ? AND finished_at = ?",
+                    (state, error, at, b.id, State.SUCCEEDED, b.finished_at),
+                )
+
+    def to_unpublish(self) -> list[Build]:
+        """Builds whose packages are in a repository although they did not succeed (a
+        published build that was retried and then failed, or was cancelled)."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM builds WHERE published_at IS NOT NULL"
+                " AND state IN (?, ?, ?) ORDER BY id",
+                (State.FAILED, State.CANCELLED, State.TIMED_OUT),
+            ).fetchall()
+        return [_build(r) for r in rows]
+
+    def unpublished(self, builds: list[Build]) -> None:
+        """Their packages left the repository (for runs that still have not succeeded)."""
+        with self.tx() as db:
+            for b in builds:
+                db.execute(
+                    "UPDATE builds SET published_at = NULL WHERE id = ? AND state = ?",
+                    (b.id, b.state),
+                )
 
     def publish_counts(self) -> dict[str, int]:
         with self._lock:
@@ -443,6 +461,10 @@ def _migrate(db: sqlite3.Connection) -> None:
             db.execute(f"ALTER TABLE builds ADD COLUMN {column} {kind}")
     db.execute("CREATE INDEX IF NOT EXISTS builds_publish ON builds(publish_state, chroot)")
     db.execute("CREATE INDEX IF NOT EXISTS builds_project ON builds(project, chroot, state)")
+    db.execute(
+        "CREATE INDEX IF NOT EXISTS builds_published ON builds(state)"
+        " WHERE published_at IS NOT NULL"
+    )
 
 
 def _build(row: tuple[Any, ...]) -> Build:

@@ -26,9 +26,12 @@ DEFAULT_CONFIG = "/etc/reqpm/reqpmd.yaml"
 # Every pattern is used with fullmatch(): "$" also matches before a trailing newline.
 _URL_RE = re.compile(r"embedded|(redis|rediss|unix)://\S+")
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-# not starting with "-": a chroot name goes into mock's argv
-CHROOT_RE = re.compile(r"[A-Za-z0-9_.+][A-Za-z0-9_.+-]{0,127}")
-CHROOT_DOC = "a mock config name: 1-128 characters from A-Z a-z 0-9 _ . + -, not starting with -"
+# not starting with "-" (a chroot name goes into mock's argv) nor "." (it names a
+# directory under repo_dir: ".", ".." and ".reqpm" must never be one)
+CHROOT_RE = re.compile(r"[A-Za-z0-9_+][A-Za-z0-9_.+-]{0,127}")
+CHROOT_DOC = (
+    "a mock config name: 1-128 characters from A-Z a-z 0-9 _ . + -, not starting with - or ."
+)
 _NAME_DOC = "1-64 characters from A-Z a-z 0-9 _ . -"
 
 

@@ -3,10 +3,11 @@ new files are moved in and repomd.xml is swapped last.
 
 Readers never see a mix: metadata file names carry their checksum (createrepo_c's
 default), so the new revision's files land beside the old ones without replacing any,
-and repomd.xml, the one file a client reads first, is replaced by a single rename. The
-files of the revision before stay one more run (a client that read the old repomd.xml
-a moment ago still finds them). createrepo_c's own in-place mode renames the whole
-``repodata/`` away and back, which leaves a moment with no repodata at all.
+and repomd.xml, the one file a client reads first, is replaced by a single rename. What
+the revision before named stays for a grace period after the swap (``retired``): a
+client that read the old repomd.xml a moment ago still finds its files and packages.
+createrepo_c's own in-place mode renames the whole ``repodata/`` away and back, which
+leaves a moment with no repodata at all.
 
 ``--update`` reuses the metadata of every package whose size and mtime are unchanged, so
 adding one build to a large repository reads that build's RPMs and no others.
@@ -23,16 +24,16 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from reqpmd.fsutil import atomic_write, fsync_dir
 from reqpmd.repos.layout import RepoLayout, public_dir
 from reqpmd.repos.metadata import MetadataError, data_files
+from reqpmd.repos.retired import METADATA, Retired
 
 RUN_TIMEOUT = 3600.0  # seconds one createrepo_c run may take
-OLD_METADATA_GRACE = 300.0  # seconds unreferenced metadata files are kept for slow readers
 _UNREADABLE = re.compile(r"Cannot read package: (?P<path>.+?): (?P<why>.*)$", re.MULTILINE)
 # createrepo_c exits 2 when it skipped unreadable packages but wrote the rest
 _SKIPPED_SOME = 2
@@ -80,7 +81,9 @@ class RunResult:
     seconds: float = 0.0
 
 
-def metadata_argv(cmd: str, repo: RepoLayout, staging: Path, update: bool) -> list[str]:
+def metadata_argv(
+    cmd: str, repo: RepoLayout, staging: Path, update: bool, excluded: Iterable[str] = ()
+) -> list[str]:
     argv = [
         cmd,
         "--outputdir",
@@ -93,39 +96,54 @@ def metadata_argv(cmd: str, repo: RepoLayout, staging: Path, update: bool) -> li
         "--workers",
         "2",
     ]
+    for directory in sorted(excluded):  # retired build directories: out of the metadata
+        argv += ["--excludes", f"{directory}/*"]
     if update:
         argv += ["--update", "--update-md-path", str(repo.root)]
     return [*argv, str(repo.root)]
 
 
-def make_metadata(repo: RepoLayout, tool: Tool, full: bool = False) -> RunResult:
+def make_metadata(
+    repo: RepoLayout, tool: Tool, full: bool = False, retire: Iterable[str] = ()
+) -> RunResult:
     """Write a new metadata revision and swap it in. ``full`` re-reads every package (for
-    metadata found broken); otherwise unchanged packages are reused. The caller holds the
-    repository's lock. Raises MetadataError, leaving the served revision as it was."""
+    metadata found broken); otherwise unchanged packages are reused. Build directories in
+    ``retire`` (unpublished builds) and older attempts of a build leave the metadata; they
+    are deleted a grace period after the swap. The caller holds the repository's lock.
+    Raises MetadataError, leaving the served revision (and every file it names) as it was."""
     started = time.monotonic()
     repo.work.mkdir(parents=True, exist_ok=True)
+    retired = Retired(repo)
+    leaving = (set(repo.superseded()) | set(retire)) - retired.dirs()
     staging = Path(tempfile.mkdtemp(prefix="staging-", dir=repo.work))
     try:
         update = not full and repo.repomd.exists()
-        code, out = tool(metadata_argv(command(), repo, staging, update), RUN_TIMEOUT)
+        argv = metadata_argv(command(), repo, staging, update, retired.dirs() | leaving)
+        code, out = tool(argv, RUN_TIMEOUT)
+        out = out.replace(str(staging), "<staging>")  # the same error reads the same
         new = staging / "repodata"
         skipped = [f"{_relative(repo, m['path'])}: {m['why']}" for m in _UNREADABLE.finditer(out)]
-        complete = (new / "repomd.xml").is_file()
-        if not complete or (code != 0 and not (code == _SKIPPED_SOME and skipped)):
+        # exit 2: some packages (or file names) were refused, the rest was written
+        if not (new / "repomd.xml").is_file() or code not in (0, _SKIPPED_SOME):
             raise MetadataError(f"createrepo_c exited with {code}: {_tail(out)}")
+        if code == _SKIPPED_SOME and not skipped:
+            skipped = [f"(unnamed): {_tail(out, 2)}"]
         read = _read_list(staging / "read.txt", repo)
-        install(new, repo)
-        _remember_skipped(repo, [s.split(": ", 1)[0] for s in skipped])
+        unreferenced = install(new, repo)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    retired.add([f"{METADATA}{name}" for name in unreferenced] + sorted(leaving))
+    retired.prune()
+    retired.save()
+    _remember_skipped(repo, [s.split(": ", 1)[0] for s in skipped])
     return RunResult(read, skipped, time.monotonic() - started)
 
 
-def install(new: Path, repo: RepoLayout) -> None:
-    """Move a finished revision into ``repodata/``: data files first, repomd.xml last."""
+def install(new: Path, repo: RepoLayout) -> list[str]:
+    """Move a finished revision into ``repodata/``: data files first, repomd.xml last.
+    Returns the metadata files that are no longer named by the served revision."""
     live = repo.repodata
     public_dir(live)
-    previous = referenced(repo)
     for path in sorted(new.iterdir()):
         os.chmod(path, 0o644)  # served to every dnf user, whatever the daemon's umask
         if path.name != "repomd.xml":
@@ -135,12 +153,8 @@ def install(new: Path, repo: RepoLayout) -> None:
     _fsync(new / "repomd.xml")
     os.replace(new / "repomd.xml", repo.repomd)
     fsync_dir(live)
-    keep = referenced(repo) | previous
-    now = time.time()
-    for path in live.iterdir():
-        with contextlib.suppress(OSError):
-            if path.name not in keep and now - path.stat().st_mtime > OLD_METADATA_GRACE:
-                path.unlink()
+    served = referenced(repo)
+    return sorted(p.name for p in live.iterdir() if p.name not in served)
 
 
 def referenced(repo: RepoLayout) -> set[str]:
@@ -152,12 +166,16 @@ def referenced(repo: RepoLayout) -> set[str]:
 
 
 def scan(repo: RepoLayout) -> dict[str, tuple[int, int]]:
-    """Every RPM the metadata should list (source RPMs are excluded): relative path ->
-    (size, mtime in seconds), as primary.xml records them."""
+    """Every RPM the metadata should list (not source RPMs, not retired or superseded
+    build directories): relative path -> (size, mtime in seconds), as primary.xml
+    records them."""
+    left_out = Retired(repo).dirs() | set(repo.superseded())
     found: dict[str, tuple[int, int]] = {}
     for top, dirs, files in os.walk(repo.root):
         if top == str(repo.root):
-            dirs[:] = [d for d in dirs if d != "repodata" and not d.startswith(".")]
+            dirs[:] = [
+                d for d in dirs if d != "repodata" and not d.startswith(".") and d not in left_out
+            ]
         for name in files:
             if name.endswith(".rpm") and not name.endswith(".src.rpm"):
                 path = os.path.join(top, name)

@@ -1,7 +1,7 @@
 """Where a repository's files live: the one place that spells those names.
 
     <repo_dir>/<chroot>/                 one dnf repository per mock config
-        <host>-<build id>/               one succeeded build's binary and source RPMs
+        <host>-<build id>-<attempt>/     one publish of a succeeded build: its RPMs
         repodata/                        createrepo_c's metadata; repomd.xml is swapped last
     <repo_dir>/.reqpm/<chroot>/          ours, outside the tree createrepo_c walks:
         lock                             flock held for a metadata run (all daemons)
@@ -9,9 +9,13 @@
         staging-*/                       a metadata run writing; never read by clients
         incoming-*/                      a build's packages being copied, before the rename
         skipped.json                     RPMs the last run could not read (not worth retrying)
+        retired.json                     what left the metadata, and when: deleted after a grace
 
 A build's directory is named after the host and the build id because build ids come
-from each host's own database: two daemons sharing repo_dir never collide.
+from each host's own database: two daemons sharing repo_dir never collide. Each publish
+of a build (a retry publishes again) gets a new attempt number, so files a served
+revision names are never replaced underneath it: the older attempt leaves the metadata
+at the next run and is deleted a grace period later.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-_BUILD_DIR = re.compile(r"(?P<host>[A-Za-z0-9_.-]+)-(?P<id>[0-9]+)")
+# greedy host: the last two dash-separated numbers are the build id and the attempt
+_BUILD_DIR = re.compile(r"(?P<host>[A-Za-z0-9_.-]+)-(?P<id>[0-9]+)-(?P<attempt>[0-9]+)")
 
 
 WORK = ".reqpm"
@@ -60,8 +65,37 @@ class RepoLayout:
     def skipped(self) -> Path:
         return self.work / "skipped.json"
 
-    def build_dir(self, host: str, build_id: int) -> Path:
-        return self.root / f"{host}-{build_id}"
+    @property
+    def retired(self) -> Path:
+        return self.work / "retired.json"
+
+    def build_dir(self, host: str, build_id: int, attempt: int) -> Path:
+        return self.root / f"{host}-{build_id}-{attempt}"
+
+    def attempts(self, host: str, build_id: int) -> list[int]:
+        """The attempts of a build present in the tree, oldest first."""
+        found = []
+        for path in self.root.glob(f"{host}-{build_id}-*"):
+            match = _BUILD_DIR.fullmatch(path.name)
+            if match and match["host"] == host and int(match["id"]) == build_id:
+                found.append(int(match["attempt"]))
+        return sorted(found)
+
+    def superseded(self) -> list[str]:
+        """Build directories with a newer attempt of the same build beside them."""
+        newest: dict[tuple[str, int], int] = {}
+        dirs: list[tuple[str, tuple[str, int], int]] = []
+        try:
+            names = [p.name for p in self.root.iterdir() if p.is_dir()]
+        except FileNotFoundError:
+            return []
+        for name in names:
+            match = _BUILD_DIR.fullmatch(name)
+            if match:
+                key, attempt = (match["host"], int(match["id"])), int(match["attempt"])
+                newest[key] = max(newest.get(key, attempt), attempt)
+                dirs.append((name, key, attempt))
+        return sorted(name for name, key, attempt in dirs if attempt < newest[key])
 
 
 def build_of(href: str) -> tuple[str, int] | None:

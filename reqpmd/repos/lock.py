@@ -6,9 +6,10 @@ directory (on NFS, Linux maps flock to POSIX locks, which the server arbitrates)
 a thread lock, because POSIX locks do not exclude the threads of one process.
 
 Batching follows Copr's BatchedCreaterepo: whoever wants a run leaves a request file in
-``pending/`` and then waits for the lock. The holder takes every request present when
-it starts and removes them when its run succeeded; a waiter whose request is gone when
-it gets the lock was served by that run and has nothing to do. A request is left only
+``pending/`` (listing the build directories it wants out of the metadata) and then waits
+for the lock. The holder takes every request present when it starts, retires what they
+list, and removes them when its run succeeded; a waiter whose request is gone when it
+gets the lock was served by that run and has nothing to do. A request is left only
 after the build's files are in place, and the holder lists requests before createrepo_c
 walks the directory, so a served request's files are always in the metadata.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import threading
 import time
@@ -26,6 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+from reqpmd.fsutil import atomic_write
 from reqpmd.repos.layout import RepoLayout
 
 LOCK_TIMEOUT = 2 * 3600.0  # seconds to wait for another run (a huge repository's full run)
@@ -64,18 +67,23 @@ class RepoLocks:
         finally:
             thread_lock.release()
 
-    def batched(self, repo: RepoLayout, run: Callable[[], T]) -> T | None:
-        """Have a metadata run cover what is in the repository now: ``run`` under the
-        lock, unless another holder's run took this request (then None)."""
+    def batched(
+        self, repo: RepoLayout, run: Callable[[list[str]], T], retire: list[str]
+    ) -> T | None:
+        """Have a metadata run cover what is in the repository now, and take the build
+        directories in ``retire`` out of it: ``run`` under the lock, given every waiting
+        request's directories to retire, unless another holder's run took this request
+        (then None: that run retired ours too)."""
         repo.pending.mkdir(parents=True, exist_ok=True)
         mine = repo.pending / f"{self.host}-{os.getpid()}-{uuid.uuid4().hex}"
-        mine.touch()
+        atomic_write(mine, json.dumps(sorted(retire)).encode())
         try:
             with self.held(repo):
                 if not mine.exists():
                     return None  # served by a run that started after we asked
-                taken = list(repo.pending.iterdir())
-                result = run()
+                # not the temp files of requests still being written (atomic_write)
+                taken = [t for t in repo.pending.iterdir() if not t.name.startswith(".")]
+                result = run(sorted(set().union(*(_retire_list(t) for t in taken))))
                 for request in taken:
                     with contextlib.suppress(FileNotFoundError):
                         request.unlink()
@@ -83,6 +91,17 @@ class RepoLocks:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 mine.unlink()  # a failed run leaves it: the caller retries with a new one
+
+
+def _retire_list(request: Path) -> set[str]:
+    """The directories a request asks to retire (none if it cannot be read)."""
+    try:
+        value = json.loads(request.read_bytes())
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(value, list):
+        return set()
+    return {v for v in value if isinstance(v, str) and "/" not in v and not v.startswith(".")}
 
 
 def _flock(fd: int, deadline: float, repo: RepoLayout) -> None:

@@ -29,7 +29,7 @@ from reqpmd.config.schema import Settings
 from reqpmd.repos.createrepo import RunResult, Tool, run_tool
 from reqpmd.repos.layout import RepoLayout, public_dir, repositories
 from reqpmd.repos.lock import RepoLocks
-from reqpmd.repos.repository import NoPackages, RepoError, Repository
+from reqpmd.repos.repository import NoPackages, Placed, RepoError, Repository
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class Health:
     last_sync: str | None = None
     last_error: str | None = None
     last_error_at: float | None = None
+    failing: str | None = None  # "sync" or "publish": what failed last
     backoff: Backoff = field(default_factory=lambda: Backoff(RETRY_FIRST, RETRY_CAP))
     retry_at: float = 0.0  # monotonic; no publish before it while failing
 
@@ -184,7 +185,7 @@ class Publisher:
         now = self.clock()
         due = [self._next_sync() - now]
         with self._lock:
-            due += [h.retry_at - now for h in self._health.values() if h.backoff.failing]
+            due += [h.retry_at - now for h in self._health.values() if h.failing]
         return min(MAX_IDLE, max(0.05, min(due)))
 
     def _next_sync(self) -> float:
@@ -205,11 +206,12 @@ class Publisher:
         self._publish_pending()
 
     def _retry_failed_syncs(self) -> None:
-        """A repository whose last sync or publish failed is synced again when its backoff
-        ends, not only at the next interval: a repair should not wait half an hour."""
+        """A repository whose last sync failed is synced again when its backoff ends, not
+        only at the next interval: a repair should not wait half an hour. (Failed
+        publishes are retried by _publish_pending, with the same backoff.)"""
         now = self.clock()
         with self._lock:
-            due = [c for c, h in self._health.items() if h.backoff.failing and now >= h.retry_at]
+            due = [c for c, h in self._health.items() if h.failing == "sync" and now >= h.retry_at]
         for chroot in due:
             repo = self.repository(chroot)
             if repo.layout.root.is_dir():
@@ -237,7 +239,7 @@ class Publisher:
         try:
             result = repo.sync(full)
         except RepoError as exc:
-            self._failed(repo.chroot, f"sync failed: {exc}")
+            self._failed(repo.chroot, f"sync failed: {exc}", "sync")
             return {"action": "failed", "error": str(exc)}
         with self._lock:
             h = self._health[repo.chroot]
@@ -249,60 +251,81 @@ class Publisher:
             log.info("repository %s: %s; metadata updated", repo.chroot, result.reason)
         if result.run is not None:
             self._ran(repo.chroot, result.run)
-        self._recovered(repo.chroot)
+        self._recovered(repo.chroot, "sync")
         return {"action": result.action, "reason": result.reason}
 
     def _publish_pending(self) -> None:
         by_chroot: dict[str, list[Build]] = defaultdict(list)
         for build in self.store.to_publish():
             by_chroot[build.chroot].append(build)
+        leaving: dict[str, list[Build]] = defaultdict(list)
+        for build in self.store.to_unpublish():
+            leaving[build.chroot].append(build)
         now = self.clock()
-        for chroot, builds in by_chroot.items():
+        for chroot in sorted(set(by_chroot) | set(leaving)):
             if self._stop.is_set():
                 return
             with self._lock:
                 h = self._health[chroot]
-                if h.backoff.failing and now < h.retry_at:
+                if h.failing and now < h.retry_at:
                     continue
-            self._publish(self.repository(chroot), builds)
+            self._publish(self.repository(chroot), by_chroot[chroot], leaving[chroot])
 
-    def _publish(self, repo: Repository, builds: list[Build]) -> None:
-        placed: list[int] = []
+    def _publish(self, repo: Repository, builds: list[Build], leaving: list[Build]) -> None:
+        """Place the builds' packages, then one metadata run that lists them and drops
+        the packages of ``leaving`` (builds that no longer succeeded); then check that
+        the served metadata lists every placed binary before calling a build published."""
+        placed: dict[int, tuple[Build, Placed]] = {}
         for build in builds:
             try:
-                repo.place(self.host, build.id, self.store.files(build.id).result)
+                placed[build.id] = (
+                    build,
+                    repo.place(self.host, build.id, self.store.files(build.id).result),
+                )
             except NoPackages as exc:
-                self.store.set_publish([build.id], Publish.NOT_PUBLISHED, str(exc))
+                self.store.set_publish([build], Publish.NOT_PUBLISHED, str(exc))
                 build_event(build.id, f"not published: {exc}", logging.WARNING)
-                continue
             except OSError as exc:
                 error = f"cannot put its packages into {repo.layout.root}: {exc}"
-                self.store.set_publish([build.id], Publish.PUBLISH_FAILED, error)
-                self._failed(repo.chroot, error)
-                continue
-            placed.append(build.id)
-        if not placed:
+                self.store.set_publish([build], Publish.PUBLISH_FAILED, error)
+                self._failed(repo.chroot, error, "publish")
+        retire = [d for b in leaving for d in repo.published_dirs(self.host, b.id)]
+        if not placed and not leaving:
             return
         try:
-            run = repo.update()
+            run = repo.update(retire)
+            listed = repo.listed()
         except RepoError as exc:
             error = f"metadata run failed: {exc}"
-            self.store.set_publish(placed, Publish.PUBLISH_FAILED, error)
-            self._failed(repo.chroot, error)
+            self.store.set_publish([b for b, _ in placed.values()], Publish.PUBLISH_FAILED, error)
+            self._failed(repo.chroot, error, "publish")
             return
-        unreadable = _unreadable(repo, self.host, placed, run)
-        for build_id, why in unreadable.items():
-            self.store.set_publish([build_id], Publish.PUBLISH_FAILED, why)
-            build_event(build_id, f"not published: {why}", logging.WARNING)
-        published = [b for b in placed if b not in unreadable]
-        self.store.set_publish(published, Publish.PUBLISHED)
         if run is not None:
             self._ran(repo.chroot, run)
+        self.store.unpublished(leaving)
+        for build in leaving:
+            build_event(build.id, f"its packages left {repo.layout.root} ({build.state})")
+        published, refused = [], []
+        for build, where in placed.values():
+            left_out = sorted(where.binaries() - listed)
+            if left_out:  # unreadable, or named like a source RPM: retrying will not help
+                why = f"createrepo_c left out {', '.join(left_out)} (see the journal)"
+                self.store.set_publish([build], Publish.NOT_PUBLISHED, why)
+                build_event(build.id, f"not published: {why}", logging.WARNING)
+                refused.append(where.directory)
+            else:
+                published.append(build)
+        if refused:  # out of the tree too, or every later run would try to read them again
+            try:
+                repo.update(refused)
+            except RepoError as exc:
+                log.warning("repository %s: could not retire %s: %s", repo.chroot, refused, exc)
+        self.store.set_publish(published, Publish.PUBLISHED)
         with self._lock:
             self._health[repo.chroot].published += len(published)
-        self._recovered(repo.chroot)
-        for build_id in published:
-            build_event(build_id, f"published into {repo.layout.root}")
+        self._recovered(repo.chroot, "publish")
+        for build in published:
+            build_event(build.id, f"published into {repo.layout.root}")
 
     # -- health -------------------------------------------------------------------------
 
@@ -318,35 +341,23 @@ class Publisher:
         for skip in new_skips:  # once per file, not at every run
             log.warning("repository %s: left out an unreadable package: %s", chroot, skip)
 
-    def _failed(self, chroot: str, error: str) -> None:
+    def _failed(self, chroot: str, error: str, source: str) -> None:
         with self._lock:
             h = self._health[chroot]
             changed = error != h.last_error
-            h.last_error, h.last_error_at = error, time.time()
+            h.last_error, h.last_error_at, h.failing = error, time.time(), source
             h.retry_at = self.clock() + h.backoff.failed()
         if changed:
             log.error("repository %s: %s (retrying with backoff)", chroot, error)
 
-    def _recovered(self, chroot: str) -> None:
+    def _recovered(self, chroot: str, source: str) -> None:
+        """A success clears a failure of its own kind: a sync that works says nothing
+        about a publish that could not copy its packages."""
         with self._lock:
             h = self._health[chroot]
+            if h.failing not in (None, source):
+                return
             recovered = h.backoff.succeeded()
-            h.last_error = h.last_error_at = None
+            h.last_error = h.last_error_at = h.failing = None
         if recovered:
             log.info("repository %s: working again", chroot)
-
-
-def _unreadable(
-    repo: Repository, host: str, placed: list[int], run: RunResult | None
-) -> dict[int, str]:
-    """Builds among ``placed`` with a package createrepo_c could not read (and so left
-    out of the metadata): those are not published, whatever the run's exit code."""
-    if run is None:  # another daemon's run covered them; it saw the same files
-        return {}
-    found: dict[int, str] = {}
-    for build_id in placed:
-        prefix = repo.layout.build_dir(host, build_id).name + "/"
-        bad = [s for s in run.skipped if s.startswith(prefix)]
-        if bad:
-            found[build_id] = f"createrepo_c could not read {'; '.join(bad)}"
-    return found

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,10 @@ from reqpmd.repos.lock import LockTimeout, RepoLocks
 from reqpmd.repos.metadata import MetadataError, Package, packages, verify
 
 RepoError = (MetadataError, LockTimeout, OSError)
+LEFTOVER_AGE = 3600.0  # seconds before an incoming dir is taken for a crash's leftover
+# what a package file may be called here: createrepo_c refuses control characters, and a
+# name that needs quoting in a URL is trouble for every client
+_RPM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~^-]*\.rpm")
 
 
 class NoPackages(Exception):
@@ -32,7 +38,12 @@ class NoPackages(Exception):
 @dataclass(frozen=True)
 class Placed:
     build_id: int
+    directory: str  # its attempt directory, relative to the repository
     files: list[str]
+
+    def binaries(self) -> set[str]:
+        """Paths the metadata must list once it is published (not the source RPMs)."""
+        return {f"{self.directory}/{f}" for f in self.files if not f.endswith(".src.rpm")}
 
 
 @dataclass(frozen=True)
@@ -53,12 +64,17 @@ class Repository:
         return self.layout.chroot
 
     def place(self, host: str, build_id: int, result_dir: Path) -> Placed:
-        """Put a build's RPMs (binary and source) into the repository's tree, whole or
-        not at all: they are gathered out of the tree, then renamed in as one directory.
-        Hard links when state_dir and repo_dir share a file system, else copies."""
-        rpms = sorted(p for p in result_dir.glob("*.rpm") if p.is_file() and not p.is_symlink())
+        """Put a build's RPMs (binary and source) into the repository's tree as a new
+        attempt directory, whole or not at all: gathered out of the tree, then renamed in.
+        Copies, never hard links: mock rewrites its result files in place when a build is
+        retried, and a served package must not change under its checksum."""
+        rpms = sorted(
+            p
+            for p in result_dir.glob("*.rpm")
+            if p.is_file() and not p.is_symlink() and _RPM_NAME.fullmatch(p.name)
+        )
         if not rpms:
-            raise NoPackages(f"build {build_id} produced no RPM in {result_dir}")
+            raise NoPackages(f"build {build_id} produced no RPM (with a plain file name)")
         lay = self.layout
         public_dir(lay.repo_dir)
         public_dir(lay.root)
@@ -66,26 +82,34 @@ class Repository:
         incoming = Path(tempfile.mkdtemp(prefix="incoming-", dir=lay.work))
         try:
             for rpm in rpms:
-                _link_or_copy(rpm, incoming / rpm.name)
+                _copy(rpm, incoming / rpm.name)
             os.chmod(incoming, 0o755)
             fsync_dir(incoming)
-            target = lay.build_dir(host, build_id)
-            if target.exists():  # published before (a retried build): the new run wins
-                old = Path(tempfile.mkdtemp(prefix="replaced-", dir=lay.work))
-                os.replace(target, old / "dir")
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(incoming, target)
+            attempt = max(lay.attempts(host, build_id), default=0) + 1
+            target = lay.build_dir(host, build_id, attempt)
+            os.rename(incoming, target)
             fsync_dir(lay.root)
         finally:
             shutil.rmtree(incoming, ignore_errors=True)
-        return Placed(build_id, [r.name for r in rpms])
+        return Placed(build_id, target.name, [r.name for r in rpms])
 
-    def update(self) -> RunResult | None:
-        """A metadata run covering everything in the tree now; None when another
-        daemon's (or thread's) run covered it. Raises one of RepoError."""
+    def published_dirs(self, host: str, build_id: int) -> list[str]:
+        lay = self.layout
+        return [lay.build_dir(host, build_id, a).name for a in lay.attempts(host, build_id)]
+
+    def update(self, retire: list[str] | None = None) -> RunResult | None:
+        """A metadata run covering everything in the tree now, without the build
+        directories in ``retire``; None when another daemon's (or thread's) run covered
+        it. Raises one of RepoError."""
         return self.locks.batched(
-            self.layout, lambda: createrepo.make_metadata(self.layout, self.tool)
+            self.layout,
+            lambda dirs: createrepo.make_metadata(self.layout, self.tool, retire=dirs),
+            retire or [],
         )
+
+    def listed(self) -> set[str]:
+        """The package paths the served metadata lists."""
+        return {p.href for p in self.packages()}
 
     def sync(self, full: bool = False) -> SyncResult:
         """Check the served metadata against its files and the tree: regenerate it all
@@ -94,8 +118,7 @@ class Repository:
         download anything)."""
         with self.locks.held(self.layout):
             lay = self.layout
-            for stale in lay.work.glob("staging-*"):  # a run cut off by a crash
-                shutil.rmtree(stale, ignore_errors=True)
+            _clear_leftovers(lay)
             reason = "a full run was asked for" if full else None
             if reason is None:
                 try:
@@ -126,23 +149,27 @@ class Repository:
     def packages(self) -> list[Package]:
         return packages(self.layout)
 
-    def info(self) -> dict[str, Any]:
-        """What ``repos list`` shows of it, read from disk (any daemon's runs count)."""
+    def info(self, pkgs: list[Package] | None = None) -> dict[str, Any]:
+        """What ``repos list`` shows of it, read from its metadata (any daemon's runs
+        count); ``pkgs`` when the caller has them already."""
         lay = self.layout
         out: dict[str, Any] = {
             "chroot": lay.chroot,
             "path": str(lay.root),
             "packages": None,
-            "size": _tree_size(lay.root),
+            "size": None,  # of the packages the metadata lists
             "updated_at": None,
             "metadata_error": None,
         }
         with contextlib.suppress(OSError):
             out["updated_at"] = lay.repomd.stat().st_mtime
         try:
-            out["packages"] = len(self.packages())
+            listed = self.packages() if pkgs is None else pkgs
         except MetadataError as exc:
             out["metadata_error"] = str(exc)
+            return out
+        out["packages"] = len(listed)
+        out["size"] = sum(p.size for p in listed)
         return out
 
 
@@ -162,20 +189,21 @@ def package_json(pkg: Package) -> dict[str, Any]:
     }
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another file system, or links not allowed: copy
-        shutil.copyfile(src, dst)
-        with open(dst, "rb") as f:
-            os.fsync(f.fileno())
+def _copy(src: Path, dst: Path) -> None:
+    shutil.copyfile(src, dst)
+    with open(dst, "rb") as f:
+        os.fsync(f.fileno())
     os.chmod(dst, 0o644)
 
 
-def _tree_size(root: Path) -> int:
-    total = 0
-    for top, _, files in os.walk(root):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(top, name)).st_size
-    return total
+def _clear_leftovers(lay: RepoLayout) -> None:
+    """What a run or a placement cut off by a crash left in the work directory: staging
+    dirs (the caller holds the lock: no run is writing one), and incoming dirs older than
+    LEFTOVER_AGE (another daemon may be copying into a young one right now)."""
+    for stale in lay.work.glob("staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    now = time.time()
+    for stale in lay.work.glob("incoming-*"):
+        with contextlib.suppress(OSError):
+            if now - stale.stat().st_mtime > LEFTOVER_AGE:
+                shutil.rmtree(stale, ignore_errors=True)
