@@ -223,7 +223,16 @@ class Operations:
         build = self.store.get(build_id)
         result_dir = self.store.files(build.id).result
         page, following = results.page_after(results.list_names(result_dir), after, RESULTS_PAGE)
-        files = results.list_results(result_dir, page)
+        # hashing reads whole files: as few at once as fetches hold descriptors
+        if not self._fetching.acquire(timeout=FETCH_WAIT):
+            raise Busy(
+                f"{FETCHES_AT_ONCE} listings and fetches are being answered and yours "
+                f"waited {FETCH_WAIT:.0f}s; try again in a moment"
+            )
+        try:
+            files = results.list_results(result_dir, page)
+        finally:
+            self._fetching.release()
         return {
             "id": build.id,
             "state": str(build.state),
