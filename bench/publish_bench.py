@@ -118,7 +118,7 @@ def _run(tmp: Path, existing: list[Path], fresh: list[Path], args: argparse.Name
     layout = RepoLayout(tmp / "repos", "bench-chroot")
     repo = Repository(layout, RepoLocks("bench"), run_tool)
     for n in range(0, len(existing), PER_BUILD):
-        d = layout.build_dir("bench", n // PER_BUILD + 1)
+        d = layout.build_dir("bench", n // PER_BUILD + 1, 1)
         d.mkdir(parents=True)
         for rpm in existing[n : n + PER_BUILD]:
             os.link(rpm, d / rpm.name)

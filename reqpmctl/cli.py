@@ -32,6 +32,7 @@ import click
 from reqpmctl import output
 from reqpmctl.client import Client, ClientError, ResultExists, default_socket
 from reqpmctl.context import Ctx, Group, pass_ctx
+from reqpmctl.projects import projects
 from reqpmctl.repos import repos
 from reqpmd import __version__
 from reqpmd.builds.states import State
@@ -578,6 +579,7 @@ def hosts(c: Ctx) -> None:
 
 
 main.add_command(repos)
+main.add_command(projects)
 
 if __name__ == "__main__":
     main(prog_name="reqpmctl")

@@ -23,6 +23,10 @@ SUBMIT_TIMEOUT = 900.0
 SYNC_TIMEOUT = 960.0  # a little over the daemon's own wait (control.repositories.SYNC_WAIT)
 # The daemon hashes a page of result files before it answers: big packages, slow disk.
 FETCH_TIMEOUT = 600.0
+# projects.* calls answered after git ran: a waited-for sync (the daemon waits up to
+# control.projects.SYNC_WAIT), a build now (a fetch of its own, perhaps after another
+# one holding the clone's lock), an edit or removal waiting for a fetch to end
+PROJECT_TIMEOUT = 960.0
 COPY_CHUNK = 1024 * 1024
 STAGING_PREFIX = ".reqpmctl-fetch-"  # fetched files wait here, inside the destination
 
@@ -245,6 +249,34 @@ class Client:
             args["chroot"] = chroot
         with self._patience(SYNC_TIMEOUT if wait else self.timeout):
             return dict(self.call("repos.sync", args))
+
+    def sync_project(self, name: str, wait: bool) -> dict[str, Any]:
+        """Ask for a project's sync; with ``wait``, the answer says what it did."""
+        with self._patience(PROJECT_TIMEOUT if wait else self.timeout):
+            return dict(self.call("projects.sync", {"name": name, "wait": wait}))
+
+    def build_project(
+        self, name: str, commit: str | None = None, chroot: str | None = None
+    ) -> dict[str, Any]:
+        """Fetch the project and queue builds of ``commit`` (default: the branch head):
+        {"name", "commit", "builds"}."""
+        args: dict[str, Any] = {"name": name}
+        if commit is not None:
+            args["commit"] = commit
+        if chroot is not None:
+            args["chroot"] = chroot
+        with self._patience(PROJECT_TIMEOUT):
+            return dict(self.call("projects.build", args))
+
+    def edit_project(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """Change a project; a new URL waits for a fetch in progress on the old clone."""
+        with self._patience(PROJECT_TIMEOUT):
+            return dict(self.call("projects.edit", {**changes, "name": name}))
+
+    def remove_project(self, name: str) -> dict[str, Any]:
+        """Remove a project; its clone goes once a fetch in progress on it has ended."""
+        with self._patience(PROJECT_TIMEOUT):
+            return dict(self.call("projects.remove", {"name": name}))
 
     def results(self, build_id: int) -> dict[str, Any]:
         """A build's result files, every page of them: {"id", "state", "files"}."""

@@ -40,6 +40,24 @@ _SAFE_CONFIG = (
 )
 
 
+# lines of git's stderr that never say why: without them, the last lines kept for the
+# error are the reason ("... does not appear to be a git repository", "Permission denied
+# (publickey)", "detected dubious ownership"), not what git prints after every failure
+_NOISE = (
+    "Cloning into ",
+    "fatal: Could not read from remote repository.",
+    "Please make sure you have the correct access rights",
+    "and the repository exists.",
+)
+
+
+def _reason(err: str) -> str:
+    """The last lines of git's stderr that say why it failed, on one line."""
+    lines = [line.strip() for line in err.splitlines() if line.strip()]
+    said = [line for line in lines if not line.startswith(_NOISE)] or lines
+    return " / ".join(said[-4:])
+
+
 class GitError(Exception):
     """A git command failed; the message is safe to show (credentials masked)."""
 
@@ -147,8 +165,8 @@ class Git:
             raise GitError(f"{self.command}: not found (install git)") from None
         err = scrub(done.stderr.decode("utf-8", "replace").strip(), url)
         if done.returncode != 0:
-            last = " / ".join(line for line in err.splitlines()[-3:] if line.strip())
-            raise GitError(f"git {args[0]} failed ({done.returncode}): {last or 'no output'}")
+            why = _reason(err) or "no output"
+            raise GitError(f"git {args[0]} failed ({done.returncode}): {why}")
         return done.stdout.decode("utf-8", "replace") if done.stdout is not None else ""
 
     # -- clones ------------------------------------------------------------------------
