@@ -65,7 +65,7 @@ def main(ctx: click.Context, socket_path: str, as_json: bool) -> None:
 def status(c: Ctx) -> None:
     """Cluster-wide slots, this host's queue, gates and Redis."""
     st = c.call("status")
-    lines = [st["summary"], ""]
+    lines = [output.safe(st["summary"]), ""]
     busy = st["active_count"] if st["active_count"] is not None else "?"
     lines.append(
         f"slots:   {busy}/{st['max_concurrent']} busy cluster-wide "

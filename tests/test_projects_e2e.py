@@ -93,7 +93,9 @@ def test_a_project_is_built_at_each_new_commit_and_its_builds_say_which(
     (third,) = result["builds"]
     assert d.wait_state(third, FINAL, timeout=60)["state"] == "failed"
     assert d.build(third)["commit_id"] == broken
-    assert "see build.log" in ctl(d, "builds", "log", str(third)).stdout
+    shown_log = ctl(d, "builds", "log", str(third)).stdout
+    # rpm's own message, copied from mock's result/build.log into the build's log
+    assert "error: line 7: Unknown tag: Frobnicate: yes" in shown_log, shown_log
     fetched = ctl(d, "builds", "fetch", str(third), "--dest", str(tmp_path / "third"))
     assert fetched.returncode == 0, fetched.stderr
     mock_log = (tmp_path / "third" / "build.log").read_text()

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import IO
 
 from reqpmd.builds import mock
@@ -26,6 +27,7 @@ from reqpmd.builds.store import Build
 from reqpmd.config.schema import Settings
 
 SCRUB_TIMEOUT = 600.0
+WHY_LINES, WHY_BYTES = 40, 16384  # of result/build.log copied into a failed build's log
 
 OnStarted = Callable[[int, float | None], None]
 
@@ -107,7 +109,19 @@ class BuildRun:
         if self.stop.requested:
             note(logf, f"stopped ({self.stop.reason}): mock exited with {code}")
             return self.stop.outcome(code)
-        return step_outcome(step, code)
+        outcome = step_outcome(step, code)
+        if outcome is not None:
+            self._show_why(logf)
+        return outcome
+
+    def _show_why(self, logf: IO[bytes]) -> None:
+        """mock writes rpmbuild's output to result/build.log, not to its own stderr: the
+        end of it goes into the build's log too, so `builds log` shows why it failed."""
+        tail = _tail(self.layout.result / "build.log", WHY_LINES, WHY_BYTES)
+        if tail:
+            note(logf, "the last lines of result/build.log (mock's rpmbuild output):")
+            with contextlib.suppress(OSError):
+                logf.write(tail if tail.endswith(b"\n") else tail + b"\n")
 
     def _wait(self, proc: Process, deadline: float | None) -> int:
         while True:
@@ -182,3 +196,16 @@ def scrub_after_crash(
         logf = open(os.devnull, "ab")  # noqa: SIM115
     with logf:
         scrub(build, layout, settings, runner, logf, on_started)
+
+
+def _tail(path: Path, lines: int, limit: int) -> bytes:
+    """The last ``lines`` lines of a file, at most ``limit`` bytes; empty if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            data = f.read(limit)
+    except OSError:
+        return b""
+    return b"\n".join(data.split(b"\n")[-lines - 1 :]).lstrip(b"\n")
