@@ -226,6 +226,8 @@ class Publisher:
             )
             for repo in repos:
                 request.results[repo.chroot] = self._sync(repo, request.full)
+                with self._lock:  # an operator asked: failed publishes go again now too
+                    self._health[repo.chroot].retry_at = 0.0
         finally:
             request.done.set()
 
