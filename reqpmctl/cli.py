@@ -30,6 +30,7 @@ from typing import Any
 import click
 
 from reqpmctl import output
+from reqpmctl.cleanup import cleanup
 from reqpmctl.client import Client, ClientError, ResultExists, default_socket
 from reqpmctl.context import Ctx, Group, pass_ctx
 from reqpmctl.projects import projects
@@ -97,6 +98,15 @@ def status(c: Ctx) -> None:
         )
         for chroot, problem in sorted(pub["failing_repos"].items()):
             lines.append(f"repo:    {output.safe(chroot)} FAILING: {output.safe(problem['error'])}")
+    cl = st.get("cleanup")
+    if cl and cl.get("last_at"):
+        lines.append(
+            f"cleanup: {output.ago(cl['last_at'])}: {cl['last_cleaned']} build(s), "
+            f"{cl['last_bytes'] // (1024 * 1024)} MB freed, "
+            f"{cl['last_roots_scrubbed']} orphaned root(s) scrubbed"
+        )
+    if cl and cl.get("shortage"):
+        lines.append(f"disk:    {output.safe(cl['shortage'])}")
     for g in st["gates"]:
         lines.append(f"gate:    {g['name']}: {'open' if g['open'] else 'CLOSED'} ({g['detail']})")
     if st["active_builds"]:
@@ -434,6 +444,11 @@ def builds_show(c: Ctx, build_id: int) -> None:
         f"{k + ':':<15}{output.colour_state(str(v), c.colour) if k == 'state' else v}"
         for k, v in b.items()
     )
+    if b.get("cleaned_at"):
+        human += (
+            f"\nfiles:         cleaned up {output.ago(b['cleaned_at'])} "
+            "(cleanup_builds_after_days): this is its history record"
+        )
     c.emit(b, human)
 
 
@@ -579,6 +594,7 @@ def hosts(c: Ctx) -> None:
 
 
 main.add_command(repos)
+main.add_command(cleanup)
 main.add_command(projects)
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from types import FrameType
 import redis
 
 from reqpmd import __version__
-from reqpmd.builds.gates import Gates
+from reqpmd.builds.gates import Gates, disk_shortage
 from reqpmd.builds.layout import StateLayout
 from reqpmd.builds.process import Runner, Stopper, popen_runner
 from reqpmd.builds.scheduler import Scheduler
@@ -35,6 +35,9 @@ from reqpmd.control.projects import ProjectOps
 from reqpmd.control.repositories import RepositoryOps
 from reqpmd.control.server import ControlServer, bind_socket
 from reqpmd.errors import RedisUnavailable
+from reqpmd.maintenance.job import Maintenance
+from reqpmd.maintenance.orphans import Orphans
+from reqpmd.maintenance.retention import Retention
 from reqpmd.projects.registry import Projects
 from reqpmd.projects.syncer import ProjectSyncer
 from reqpmd.repos.publisher import Publisher
@@ -126,6 +129,12 @@ class Daemon:
         self.syncer = ProjectSyncer(
             self.store, self.projects, self.scheduler, current, wake_scheduler=self.wake
         )
+        self.maintenance = Maintenance(
+            Retention(self.store, self.publisher, current),
+            Orphans(self.store, self.limiter, current, self.runner),
+            current,
+            disk_short=lambda: disk_shortage(self.scheduler.last_gates),
+        )
         self.status = Status(
             current,
             self.cluster,
@@ -134,6 +143,7 @@ class Daemon:
             self.limiter,
             self.publisher,
             self.syncer,
+            self.maintenance,
         )
         self.settings.subscribe(self.cluster.on_settings_change)
         self.settings.subscribe(self._on_settings_change)
@@ -153,6 +163,7 @@ class Daemon:
             self.cluster,
             RepositoryOps(self.publisher),
             ProjectOps(self.projects, self.syncer, current),
+            self.maintenance,
             self.wake,
         )
         self.server = ControlServer(sock, operations, lambda: current().admin_group)
@@ -169,6 +180,8 @@ class Daemon:
         self.notifier.ready()
         self.publisher.start()  # its first pass checks every repository (a crash mid-run)
         self.syncer.start()
+        # after the recovery below has marked what it recovers: orphans are what is left
+        self.maintenance.start()
         # after READY: scrubs of what an earlier instance left may take minutes each
         leftover = self.scheduler.start_recovery(Stopper(s.cancel_grace_seconds))
         if leftover:
@@ -244,6 +257,7 @@ class Daemon:
             with contextlib.suppress(OSError):
                 s.socket_path.unlink()
         self.scheduler.shutdown(timeout=4 * s.cancel_grace_seconds + 60)
+        self.maintenance.stop(timeout=PUBLISHER_STOP)
         self.syncer.stop(timeout=PUBLISHER_STOP)  # a fetch in progress has its timeout
         self.publisher.stop(timeout=PUBLISHER_STOP)
         self.limiter.close()

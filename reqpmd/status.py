@@ -16,6 +16,7 @@ from reqpmd.builds.store import Build, Store
 from reqpmd.cluster import Cluster
 from reqpmd.config.schema import Settings
 from reqpmd.errors import RedisUnavailable
+from reqpmd.maintenance.job import Maintenance
 from reqpmd.projects.syncer import ProjectSyncer
 from reqpmd.quoting import printable
 from reqpmd.repos.publisher import Publisher
@@ -87,7 +88,9 @@ class Status:
         limiter: BuildConcurrencyLimiter,
         publisher: Publisher,
         syncer: ProjectSyncer,
+        maintenance: Maintenance,
     ) -> None:
+        self._maintenance = maintenance
         self._settings = settings
         self._publisher = publisher
         self._syncer = syncer
@@ -125,7 +128,7 @@ class Status:
             parts.append(f"project {name} sync failing: {projects[name]}{more}")
         shut = describe_closed(self._scheduler.last_gates)
         if shut:
-            parts.insert(0, shut)
+            parts.insert(0, self._maintenance.shortage or shut)
         if self._scheduler.write_error:
             parts.insert(0, self._scheduler.write_error)
         recovering = len(self._scheduler.recovering)
@@ -167,6 +170,7 @@ class Status:
             "summary": self.line(flight, queued, grace_left),
             "publish": self._publisher.summary(),
             "projects": self._syncer.summary(),
+            "cleanup": self._cleanup(),
         }
         if c.ok:
             try:
@@ -182,6 +186,16 @@ class Status:
                     "repaired": c.repaired,
                 }
         return result
+
+    def _cleanup(self) -> dict[str, Any]:
+        last = self._maintenance.last
+        return {
+            "last_at": last["at"] if last else None,
+            "last_cleaned": len(last["cleaned"]) if last else None,
+            "last_bytes": last["bytes"] if last else None,
+            "last_roots_scrubbed": len(last["orphaned_roots"]["scrubbed"]) if last else None,
+            "shortage": self._maintenance.shortage,
+        }
 
     def host_record(self) -> dict[str, Any]:
         """What this host tells the others with its heartbeat (``reqpmctl hosts``)."""

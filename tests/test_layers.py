@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, int]] = [
     ("reqpmd.repos.publisher", 4),  # what to publish and when: reads the store
     ("reqpmd.projects", 3),  # git, exports, the projects table
     ("reqpmd.projects.syncer", 4),  # fetches and queues builds through the scheduler
+    ("reqpmd.maintenance", 4),  # retention and orphaned roots: store, repositories, slots
     ("reqpmd.cluster", 4),
     ("reqpmd.status", 5),
     ("reqpmd.control", 6),

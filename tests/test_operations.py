@@ -34,6 +34,9 @@ from reqpmd.errors import (
     PermissionDenied,
     QuotaExceeded,
 )
+from reqpmd.maintenance.job import Maintenance
+from reqpmd.maintenance.orphans import Orphans
+from reqpmd.maintenance.retention import Retention
 from reqpmd.projects.registry import Projects
 from reqpmd.projects.syncer import ProjectSyncer
 from reqpmd.repos.publisher import Publisher
@@ -66,6 +69,7 @@ ADMIN_OPS = {
     "projects.add",
     "projects.edit",
     "projects.remove",
+    "cleanup.run",
 }
 
 
@@ -115,7 +119,13 @@ def make_env(tmp_path: Path, make_limiter: MakeLimiter) -> Iterator[Callable[...
         publisher = Publisher(store, current)
         projects = Projects(store)
         syncer = ProjectSyncer(store, projects, scheduler, current)
-        status = Status(current, cluster, scheduler, store, limiter, publisher, syncer)
+        maintenance = Maintenance(
+            Retention(store, publisher, current),
+            Orphans(store, limiter, current, never_run),
+            current,
+            disk_short=lambda: None,
+        )
+        status = Status(current, cluster, scheduler, store, limiter, publisher, syncer, maintenance)
         settings.subscribe(cluster.on_settings_change)
         wakes: list[int] = []
         ops = Operations(
@@ -127,6 +137,7 @@ def make_env(tmp_path: Path, make_limiter: MakeLimiter) -> Iterator[Callable[...
             cluster,
             RepositoryOps(publisher),
             ProjectOps(projects, syncer, current),
+            maintenance,
             lambda: wakes.append(1),
         )
         return Env(ops, settings, store, limiter, cluster, scheduler, status, config, wakes)
@@ -185,6 +196,7 @@ def test_every_admin_operation_refuses_a_user_and_changes_nothing(
         "projects.add": {"name": "p", "url": "file:///nonexistent"},
         "projects.edit": {"name": "p", "priority": 1},
         "projects.remove": {"name": "p"},
+        "cleanup.run": {},
     }
     admin_ops = [name for name, op in env.ops.ops.items() if op.admin]
     assert set(admin_ops) == set(valid_args)

@@ -7,7 +7,9 @@ import fcntl
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -224,3 +226,36 @@ def test_a_publish_failure_never_fails_the_build_and_is_retried_after_a_crash(
     assert [(p["name"], p["build"]) for p in shown["package_list"]] == [("greet", build_id)]
     assert shown["last_error"] is None
     assert d.call("status")["publish"]["failing_repos"] == {}
+
+
+def test_cleanup_through_reqpmctl_on_a_real_daemon(daemons: Callable[..., Reqpmd]) -> None:
+    d = daemons(mock_sleep=0.05, settings={"socket_group": "nogroup"})
+    for path in (d.root.parent, d.root):
+        os.chmod(path, 0o755)
+    d.start()
+    old, new = submit_spec(d, "greet"), submit_spec(d, "greet")
+    for i in (old, new):
+        assert d.wait_state(i, FINAL, timeout=60)["state"] == "succeeded"
+        wait_for(lambda i=i: d.build(i)["publish_state"] == "published", timeout=60)
+    assert d.stop() == 0
+    # the first build ended 40 days ago, as far as the database knows
+    db = sqlite3.connect(d.root / "state" / "reqpm.db")
+    with db:
+        db.execute(
+            "UPDATE builds SET finished_at = ? WHERE id = ?", (time.time() - 40 * 86400, old)
+        )
+    db.close()
+    d.start()  # the maintenance job runs at start
+    wait_for(lambda: d.build(old)["cleaned_at"] is not None, timeout=30)
+    shown = ctl(d, "builds", "show", str(old)).stdout
+    assert "cleaned up" in shown and "history record" in shown
+    assert ctl(d, "builds", "retry", str(old)).returncode == protocol.EXIT_USAGE
+    repo = d.call("repos.show", {"chroot": CHROOT})
+    assert [p["build"] for p in repo["package_list"]] == [new]
+    status = ctl(d, "status").stdout
+    assert "cleanup:" in status and "1 build(s)" in status
+    dry = json.loads(ctl(d, "--json", "cleanup", "--dry-run").stdout)
+    assert dry["builds"]["delete"] == []
+    assert ctl(d, "cleanup", "--now", as_user=NOBODY).returncode == protocol.EXIT_PERMISSION
+    now = ctl(d, "cleanup", "--now")
+    assert now.returncode == 0 and "cleaned 0 build(s)" in now.stdout

@@ -97,3 +97,12 @@ def closed(gates: list[Gate]) -> list[Gate]:
 
 def describe_closed(gates: list[Gate]) -> str:
     return "; ".join(f"{g.name} gate closed: {g.detail}" for g in closed(gates))
+
+
+def disk_shortage(gates: list[Gate]) -> str | None:
+    """Why a disk gate (mock_root_dir or state_dir) is closed, or None: what makes the
+    maintenance job clean up at once."""
+    for g in gates:
+        if g.name in ("disk", "state_disk") and not g.open:
+            return f"{g.name} gate closed ({g.detail})"
+    return None

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -184,3 +185,31 @@ def page_after(names: Sequence[str], after: str | None, size: int) -> tuple[list
     rest = [n for n in names if after is None or n > after]
     page = rest[:size]
     return page, (page[-1] if len(rest) > size else None)
+
+
+def package_name(srpm: str) -> str | None:
+    """The source package name in a ``name-version-release.src.rpm`` file name."""
+    if not srpm.endswith(".src.rpm"):
+        return None
+    parts = srpm[: -len(".src.rpm")].rsplit("-", 2)
+    return parts[0] if len(parts) == 3 and parts[0] else None
+
+
+_SPEC_NAME = re.compile(rb"^Name:\s*(\S+)\s*$", re.MULTILINE | re.IGNORECASE)
+
+
+def source_package(result_dir: Path, submitted: Path) -> str | None:
+    """The build's source package name, for its history record: from the source RPM it
+    made or was given, else from the spec's Name tag (as written, macros and all)."""
+    for name in list_names(result_dir):
+        if (found := package_name(name)) is not None:
+            return found
+    if (found := package_name(submitted.name)) is not None:
+        return found
+    if submitted.suffix == ".spec":
+        with contextlib.suppress(OSError):
+            with open(submitted, "rb") as f:
+                match = _SPEC_NAME.search(f.read(256 * 1024))
+            if match:
+                return match[1].decode("utf-8", "replace")[:128]
+    return None

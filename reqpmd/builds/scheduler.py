@@ -31,6 +31,7 @@ from reqpmd.builds.lifecycle import (
     settle,
 )
 from reqpmd.builds.process import Runner, Stopper
+from reqpmd.builds.results import source_package
 from reqpmd.builds.run import BuildRun, scrub_after_crash
 from reqpmd.builds.states import State
 from reqpmd.builds.store import Build, Store
@@ -191,6 +192,11 @@ class Scheduler:
                 raise InvalidArgument(
                     f"build {build_id} is {build.state}; only an ended build can be retried"
                 )
+            if build.cleaned_at is not None:
+                raise InvalidArgument(
+                    f"build {build_id}'s files were cleaned up (cleanup_builds_after_days); "
+                    "submit it again instead"
+                )
             return self.store.transition(build_id, State.QUEUED, error=None, retries=0)
 
     def shutdown(self, timeout: float) -> None:
@@ -349,6 +355,9 @@ class Scheduler:
             )
             if state == State.SUCCEEDED:
                 changes.update(publish_fields(requested=build.publish, enabled=s.publish))
+            if state.final:  # for the history record, which outlives the files
+                files = self.store.files(build_id)
+                changes["package"] = source_package(files.result, files.submitted(build.source))
             self.store.transition(build_id, state, **changes)
             if flight is not None:
                 flight.ended = True

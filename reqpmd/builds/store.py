@@ -54,7 +54,9 @@ CREATE TABLE IF NOT EXISTS builds (
     publish_error TEXT,
     published_at  REAL,
     project       TEXT,                        -- the project it was built for, if any
-    commit_id     TEXT                         -- the commit its spec and sources came from
+    commit_id     TEXT,                        -- the commit its spec and sources came from
+    package       TEXT,                        -- its source package name, once it ended
+    cleaned_at    REAL                         -- when retention deleted its files
 );
 CREATE INDEX IF NOT EXISTS builds_state ON builds(state, priority, id);
 CREATE INDEX IF NOT EXISTS builds_submitter ON builds(submitted_by, state);
@@ -111,6 +113,8 @@ class Build:
     published_at: float | None
     project: str | None
     commit_id: str | None
+    package: str | None
+    cleaned_at: float | None
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -393,6 +397,40 @@ class Store:
             ).fetchall()
         return {str(state): int(n) for state, n in rows}
 
+    # -- retention ----------------------------------------------------------------------
+
+    def to_clean(self, before: float) -> list[Build]:
+        """Ended builds whose files are still there and that ended before ``before``
+        (wall time), oldest first."""
+        marks = ", ".join("?" for _ in states.FINAL)
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM builds WHERE cleaned_at IS NULL"
+                f" AND finished_at IS NOT NULL AND finished_at < ? AND state IN ({marks})"
+                " ORDER BY finished_at",
+                (before, *states.FINAL),
+            ).fetchall()
+        return [_build(r) for r in rows]
+
+    def cleaned(self, build: Build) -> None:
+        """Its files are gone: the row stays as a history record. Only the run that was
+        planned (a retry since changes finished_at, and is left alone)."""
+        with self.tx() as db:
+            db.execute(
+                "UPDATE builds SET cleaned_at = ? WHERE id = ? AND finished_at IS ?",
+                (time.time(), build.id, build.finished_at),
+            )
+
+    def forget(self, before: float) -> int:
+        """Delete the history records of builds cleaned up and ended before ``before``."""
+        with self.tx() as db:
+            return int(
+                db.execute(
+                    "DELETE FROM builds WHERE cleaned_at IS NOT NULL AND finished_at < ?",
+                    (before,),
+                ).rowcount
+            )
+
     # -- daemon state -------------------------------------------------------------------
 
     def get_state(self, key: str) -> str | None:
@@ -455,12 +493,18 @@ def _migrate(db: sqlite3.Connection) -> None:
         "published_at": "REAL",
         "project": "TEXT",
         "commit_id": "TEXT",
+        "package": "TEXT",
+        "cleaned_at": "REAL",
     }
     for column, kind in added.items():
         if column not in have:
             db.execute(f"ALTER TABLE builds ADD COLUMN {column} {kind}")
     db.execute("CREATE INDEX IF NOT EXISTS builds_publish ON builds(publish_state, chroot)")
     db.execute("CREATE INDEX IF NOT EXISTS builds_project ON builds(project, chroot, state)")
+    db.execute(
+        "CREATE INDEX IF NOT EXISTS builds_uncleaned ON builds(finished_at)"
+        " WHERE cleaned_at IS NULL AND finished_at IS NOT NULL"
+    )
     db.execute(
         "CREATE INDEX IF NOT EXISTS builds_published ON builds(state)"
         " WHERE published_at IS NOT NULL"

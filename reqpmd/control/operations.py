@@ -40,6 +40,7 @@ from reqpmd.errors import (
     PermissionDenied,
     disk_full,
 )
+from reqpmd.maintenance.job import Maintenance
 from reqpmd.quoting import shown
 from reqpmd.slots.limiter import BuildConcurrencyLimiter
 from reqpmd.slots.scripts import MAX_PRIORITY
@@ -103,6 +104,7 @@ class Operations:
         cluster: Cluster,
         repos: RepositoryOps,
         projects: ProjectOps,
+        maintenance: Maintenance,
         wake: Callable[[], None],
     ) -> None:
         self.settings = settings
@@ -151,6 +153,9 @@ class Operations:
             "projects.add": Op(lambda req: projects.add(req.args, req.peer.who), admin=True),
             "projects.edit": Op(lambda req: projects.edit(req.args), admin=True),
             "projects.remove": Op(lambda req: projects.remove(req.args), admin=True),
+            "cleanup.plan": Op(lambda req: maintenance.plan()),
+            # deletes files (by the configured policy only): admins
+            "cleanup.run": Op(lambda req: maintenance.run(f"asked by {req.peer.who}"), admin=True),
         }
 
     def __call__(self, req: Request) -> Any:

@@ -22,6 +22,7 @@ from reqpmd.repos.layout import RepoLayout
 
 _REPO = "{http://linux.duke.edu/metadata/repo}"
 _COMMON = "{http://linux.duke.edu/metadata/common}"
+_RPM = "{http://linux.duke.edu/metadata/rpm}"
 _OPENERS: dict[str, Callable[[Path, str], IO[bytes]]] = {
     ".gz": gzip.open,  # type: ignore[dict-item]
     ".xz": lzma.open,  # type: ignore[dict-item]
@@ -51,6 +52,7 @@ class Package:
     href: str
     size: int
     mtime: int  # of the file, as createrepo_c saw it (--update compares size and mtime)
+    sourcerpm: str = ""  # the source RPM it was built from (name-version-release.src.rpm)
 
     @property
     def nvr(self) -> str:
@@ -134,6 +136,7 @@ def _parse_primary(f: IO[bytes]) -> Iterator[Package]:
             href=location.get("href", "") if location is not None else "",
             size=int(size.get("package", "0")) if size is not None else 0,
             mtime=int(times.get("file", "0")) if times is not None else 0,
+            sourcerpm=elem.findtext(f"{_COMMON}format/{_RPM}sourcerpm", ""),
         )
         elem.clear()
 
