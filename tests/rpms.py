@@ -43,3 +43,14 @@ def build(spec: Path, out: Path, sources: Path | None = None, check: bool = True
         made.append(Path(shutil.copy2(rpm, out / rpm.name)))
     shutil.rmtree(top, ignore_errors=True)
     return made
+
+
+def build_data(out: Path, *names: str) -> dict[str, list[Path]]:
+    """The packages of tests/data/<name>/<name>.spec, each into a directory of its own."""
+    need_rpmbuild()
+    made = {}
+    for name in names:
+        where = out / name
+        where.mkdir()
+        made[name] = build(DATA / name / f"{name}.spec", where)
+    return made

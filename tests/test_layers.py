@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, int]] = [
     ("reqpmd.quoting", 0),
     ("reqpmd.backoff", 0),
     ("reqpmd.fsutil", 0),
+    ("reqpmd.worker", 0),
     ("reqpmd.systemd", 0),
     ("reqpmd.control.protocol", 0),  # the wire format, shared with reqpmctl
     ("reqpmd.config", 1),

@@ -30,14 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
     """Real RPMs of tests/data/hello and greet (binary and source)."""
-    rpms.need_rpmbuild()
-    out = tmp_path_factory.mktemp("rpms")
-    made = {}
-    for name in ("hello", "greet"):
-        d = out / name
-        d.mkdir()
-        made[name] = rpms.build(rpms.DATA / name / f"{name}.spec", d)
-    return made
+    return rpms.build_data(tmp_path_factory.mktemp("rpms"), "hello", "greet")
 
 
 def result_dir(tmp: Path, *files: Path) -> Path:

@@ -37,15 +37,9 @@ C1, C2 = "fedora-42-x86_64", "epel-9-x86_64"
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    rpms.need_rpmbuild()
-    out = tmp_path_factory.mktemp("rpms")
-    made = {}
-    for name in ("hello", "greet"):
-        d = out / name
-        d.mkdir()
-        made[name] = d
-        rpms.build(rpms.DATA / name / f"{name}.spec", d)
-    return made
+    """Directories holding the real RPMs of tests/data/hello and greet."""
+    made = rpms.build_data(tmp_path_factory.mktemp("rpms"), "hello", "greet")
+    return {name: files[0].parent for name, files in made.items()}
 
 
 class World:

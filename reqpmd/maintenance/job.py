@@ -13,6 +13,7 @@ from typing import Any
 from reqpmd.config.schema import Settings
 from reqpmd.maintenance.orphans import Orphans
 from reqpmd.maintenance.retention import Retention
+from reqpmd.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ PRESSURE_EVERY = 300.0  # seconds between runs while the disk gate stays closed
 MB = 1024 * 1024
 
 
-class Maintenance:
+class Maintenance(Worker):
     def __init__(
         self,
         retention: Retention,
@@ -40,21 +41,7 @@ class Maintenance:
         self._next: float | None = None  # monotonic: the next hourly run
         self._pressed_at: float | None = None  # monotonic: the last run for a closed gate
         self._run_lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="maintenance", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def wake(self) -> None:
-        self._wake.set()
+        super().__init__("maintenance")
 
     def plan(self) -> dict[str, Any]:
         """What a run now would do, changing nothing (``cleanup --dry-run``)."""
@@ -87,16 +74,6 @@ class Maintenance:
                 len(roots["scrubbed"]),
             )
         return report
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._pass()
-            except Exception:  # the thread outlives any one failure
-                log.exception("maintenance pass failed; trying again later")
-                self._next = self.clock() + PRESSURE_EVERY
-            self._wake.wait(30.0)
-            self._wake.clear()
 
     def _pass(self) -> None:
         short = self.disk_short()

@@ -33,6 +33,7 @@ from reqpmd.config.schema import Settings
 from reqpmd.projects.export import ExportError, SpecPath, choose_spec, export, missing_sources
 from reqpmd.projects.git import Git, GitError, shown_url
 from reqpmd.projects.registry import Project, Projects
+from reqpmd.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class _State:
     error: str | None = None
 
 
-class ProjectSyncer:
+class ProjectSyncer(Worker):
     def __init__(
         self,
         store: Store,
@@ -85,29 +86,15 @@ class ProjectSyncer:
         self._requests: list[SyncRequest] = []
         self._next_cleanup: float | None = None
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="projects", daemon=True)
+        super().__init__("projects")
 
     # -- any thread -----------------------------------------------------------------------
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def wake(self) -> None:
-        self._wake.set()
 
     def request_sync(self, name: str) -> SyncRequest:
         request = SyncRequest(name)
         with self._lock:
             self._requests.append(request)
-        self._wake.set()
+        self.wake()
         return request
 
     def clone_of(self, name: str) -> Path:
@@ -142,16 +129,6 @@ class ProjectSyncer:
 
     # -- the syncer's thread --------------------------------------------------------------
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._pass()
-            except Exception:  # the thread outlives any one failure
-                log.exception("project sync pass failed; trying again")
-                self._stop.wait(5.0)
-            self._wake.wait(self._idle())
-            self._wake.clear()
-
     def _idle(self) -> float:
         now = self.clock()
         with self._lock:
@@ -173,7 +150,7 @@ class ProjectSyncer:
         if self.settings().auto_sync_projects:
             now = self.clock()
             for project in self.projects.all():
-                if self._stop.is_set():
+                if self.stopping:
                     return
                 if project.enabled and now >= self._due(self._state(project)):
                     self.sync(project.name)

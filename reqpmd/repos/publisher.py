@@ -30,6 +30,7 @@ from reqpmd.repos.createrepo import RunResult, Tool, run_tool
 from reqpmd.repos.layout import RepoLayout, public_dir, repositories
 from reqpmd.repos.lock import RepoLocks
 from reqpmd.repos.repository import NoPackages, Placed, RepoError, Repository
+from reqpmd.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class SyncRequest:
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-class Publisher:
+class Publisher(Worker):
     def __init__(
         self,
         store: Store,
@@ -98,9 +99,7 @@ class Publisher:
         self._requests: list[SyncRequest] = []
         self._last_sync: float | None = None  # monotonic; None: sync at the first pass
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="publisher", daemon=True)
+        super().__init__("publisher")
 
     # -- any thread -----------------------------------------------------------------------
 
@@ -111,24 +110,13 @@ class Publisher:
             public_dir(self.repo_dir)
         except OSError as exc:
             log.error("repo_dir %s cannot be made: %s; publishing will fail", self.repo_dir, exc)
-        self._thread.start()
-
-    def stop(self, timeout: float) -> None:
-        """A metadata run in progress finishes (or its repository keeps the old revision);
-        what was not published stays pending for the next start."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def wake(self, build_id: int | None = None) -> None:
-        self._wake.set()
+        super().start()
 
     def request_sync(self, chroot: str | None, full: bool = False) -> SyncRequest:
         request = SyncRequest(chroot, full)
         with self._lock:
             self._requests.append(request)
-        self._wake.set()
+        self.wake()
         return request
 
     def repository(self, chroot: str) -> Repository:
@@ -169,16 +157,6 @@ class Publisher:
         return f"repository {chroot} failing: {error}{more}"
 
     # -- the publisher's thread -----------------------------------------------------------
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._pass()
-            except Exception:  # the thread outlives any one failure
-                log.exception("publisher pass failed; trying again")
-                self._stop.wait(RETRY_FIRST)
-            self._wake.wait(self._idle())
-            self._wake.clear()
 
     def _idle(self) -> float:
         """Seconds until the next sync or retry is due (re-read: settings are live)."""
@@ -233,7 +211,7 @@ class Publisher:
 
     def _sync_all(self) -> None:
         for repo in self.repositories():
-            if self._stop.is_set():
+            if self.stopping:
                 return
             self._sync(repo, full=False)
 
@@ -265,7 +243,7 @@ class Publisher:
             leaving[build.chroot].append(build)
         now = self.clock()
         for chroot in sorted(set(by_chroot) | set(leaving)):
-            if self._stop.is_set():
+            if self.stopping:
                 return
             with self._lock:
                 h = self._health[chroot]
