@@ -254,6 +254,9 @@ def test_orphaned_roots_are_scrubbed_through_mock_unless_in_use(
     mine = _root(w, f"fedora-42-x86_64-build{running}")
     elsewhere = _root(w, "fedora-42-x86_64-build77")  # another host's build 77 holds a slot
     assert limiter.try_acquire("build_77@h2", labels={"build_id": 77, "host_id": "h2"})
+    kept = w.build(None, State.FAILED, 1)
+    kept_root = _root(w, f"fedora-42-x86_64-build{kept}")  # keep_failed_roots: for debugging
+    w.settings = w.settings.replace(keep_failed_roots=True)
     mounted = _root(w, "epel-9-x86_64-build5")
     unrelated = _root(w, "fedora-42-x86_64")  # the config's own root: not a unique-ext one
     with tmpfs(mounted / "root" / "proc", "size=1m"):
@@ -263,10 +266,11 @@ def test_orphaned_roots_are_scrubbed_through_mock_unless_in_use(
         assert "running here" in (plan[mine.name].skip or "")
         assert "holds a slot" in (plan[elsewhere.name].skip or "")
         assert "mounted" in (plan[mounted.name].skip or "")
+        assert "keep_failed_roots" in (plan[kept_root.name].skip or "")
         assert unrelated.name not in plan
         report = orphans.run()
         assert sorted(report["scrubbed"]) == sorted([str(orphan), str(orphan_boot)])
-        for path in (mine, elsewhere, mounted, unrelated):
+        for path in (mine, elsewhere, mounted, unrelated, kept_root):
             assert path.is_dir()
         assert not orphan.exists() and not orphan_boot.exists()
         log = (tmp_path / "mock.jsonl").read_text()

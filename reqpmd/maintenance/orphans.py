@@ -4,8 +4,9 @@ build is not running.
 
 They are scrubbed the way a finished build's roots are: through mock, ``--scrub=chroot
 --scrub=bootstrap`` with a private cache_topdir (never ``--scrub=all``, never ``rm -rf``).
-A root is left alone, with the reason, when its build runs here, when any host holds a
-slot for a build of that number (mock_root_dir may be shared, and build numbers are per
+A root is left alone, with the reason, when its build runs here, when it is a failed
+build's root kept on purpose (keep_failed_roots, until retention cleans the build up),
+when any host holds a slot for a build of that number (mock_root_dir may be shared, and build numbers are per
 host), when Redis cannot say (unreachable), or when something is mounted under it (a
 mock may still be at work there).
 """
@@ -118,10 +119,21 @@ class Orphans:
         mounted: list[str],
     ) -> str | None:
         try:
-            if self.store.get(build_id).state in (State.WAITING, State.BUILDING):
-                return f"build {build_id} is running here"
+            build = self.store.get(build_id)
         except NotFound:
-            pass
+            build = None
+        if build is not None and build.state in (State.WAITING, State.BUILDING):
+            return f"build {build_id} is running here"
+        if (
+            build is not None
+            and build.state == State.FAILED
+            and build.cleaned_at is None
+            and self.settings().keep_failed_roots
+        ):
+            return (
+                f"failed build {build_id}'s root is kept for debugging (keep_failed_roots) "
+                "until the build is cleaned up"
+            )
         if redis_error is not None:
             return f"Redis is unreachable, so another host's build {build_id} cannot be ruled out"
         if str(build_id) in holders:
