@@ -180,7 +180,8 @@ class Daemon:
         self.notifier.ready()
         self.publisher.start()  # its first pass checks every repository (a crash mid-run)
         self.syncer.start()
-        # after the recovery below has marked what it recovers: orphans are what is left
+        # builds left waiting or building by an earlier instance are recovered below, not
+        # by the orphan scrub: it leaves the roots of builds in those states alone
         self.maintenance.start()
         # after READY: scrubs of what an earlier instance left may take minutes each
         leftover = self.scheduler.start_recovery(Stopper(s.cancel_grace_seconds))
