@@ -131,7 +131,7 @@ class Daemon:
         )
         self.maintenance = Maintenance(
             Retention(self.store, self.publisher, current),
-            Orphans(self.store, self.limiter, current, self.runner),
+            Orphans(self.scheduler, self.limiter, current, self.runner),
             current,
             disk_short=lambda: disk_shortage(self.scheduler.last_gates),
         )

@@ -121,7 +121,7 @@ def make_env(tmp_path: Path, make_limiter: MakeLimiter) -> Iterator[Callable[...
         syncer = ProjectSyncer(store, projects, scheduler, current)
         maintenance = Maintenance(
             Retention(store, publisher, current),
-            Orphans(store, limiter, current, never_run),
+            Orphans(scheduler, limiter, current, never_run),
             current,
             disk_short=lambda: None,
         )

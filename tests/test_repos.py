@@ -9,12 +9,13 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from reqpmd.repos import createrepo
+from reqpmd.repos import createrepo, retired
 from reqpmd.repos.createrepo import run_tool
 from reqpmd.repos.layout import RepoLayout, build_of
 from reqpmd.repos.lock import RepoLocks
@@ -350,3 +351,19 @@ def test_metadata_argv_is_incremental_and_excludes_sources(tmp_path: Path) -> No
     assert "--update" in argv and argv[argv.index("--excludes") + 1] == "*.src.rpm"
     assert argv[-1] == str(lay.root)
     assert os.path.basename(createrepo.command()).startswith("createrepo_c")
+
+
+def test_what_left_the_metadata_is_deleted_by_a_sync_once_its_grace_is_over(
+    tmp_path: Path, built: dict[str, list[Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = repository(tmp_path / "repos")
+    repo.place("h1", 1, result_dir(tmp_path, *built["hello"]))
+    repo.update()
+    repo.update(["h1-1-1"])  # unpublished: out of the metadata, still on disk
+    assert repo.packages() == [] and (repo.layout.root / "h1-1-1").is_dir()
+    assert repo.sync().action == "none"
+    assert (repo.layout.root / "h1-1-1").is_dir()  # within the grace
+    later = time.time() + retired.OLD_REVISION_GRACE + 1
+    monkeypatch.setattr(retired.time, "time", lambda: later)
+    repo.sync()  # a quiet repository: no metadata run, the sync deletes it
+    assert not (repo.layout.root / "h1-1-1").exists()

@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from reqpmd.builds.process import popen_runner
+from reqpmd.builds.scheduler import Scheduler
 from reqpmd.builds.states import Publish, State
 from reqpmd.builds.store import Store
 from reqpmd.config.parse import validate
@@ -104,6 +105,9 @@ class World:
         )
         return build_id
 
+    def scheduler(self) -> Scheduler:
+        return Scheduler(self.store, None, lambda: self.settings, popen_runner)  # type: ignore[arg-type]
+
     def tree(self) -> dict[str, tuple[int, int]]:
         """Every file under state_dir and repo_dir (but the database), with size and mtime."""
         out = {}
@@ -164,7 +168,7 @@ def test_a_dry_run_changes_nothing(tmp_path: Path, built: dict[str, Path]) -> No
     before = w.tree()
     job = Maintenance(
         w.retention,
-        Orphans(w.store, None, lambda: w.settings, popen_runner),
+        Orphans(w.scheduler(), None, lambda: w.settings, popen_runner),  # type: ignore[arg-type]
         lambda: w.settings,
         lambda: None,
     )  # type: ignore[arg-type]
@@ -248,36 +252,46 @@ def test_orphaned_roots_are_scrubbed_through_mock_unless_in_use(
     monkeypatch.setenv("FAKEMOCK_LOG", str(tmp_path / "mock.jsonl"))
     limiter = make_limiter(rclient, max_concurrent=lambda: 4, namespace="orphans", host="h2")
     limiter.declare_no_survivors()
+    ended = w.build(None, State.CANCELLED, 1)
     running = w.build(None, State.BUILDING, None)
-    orphan = _root(w, "fedora-42-x86_64-build41")
-    orphan_boot = _root(w, "fedora-42-x86_64-bootstrap-build41")
-    mine = _root(w, f"fedora-42-x86_64-build{running}")
-    elsewhere = _root(w, "fedora-42-x86_64-build77")  # another host's build 77 holds a slot
-    assert limiter.try_acquire("build_77@h2", labels={"build_id": 77, "host_id": "h2"})
+    held = w.build("x", State.SUCCEEDED, 1)  # a build of that number holds a slot somewhere
+    assert limiter.try_acquire(f"build_{held}@h2", labels={"build_id": held, "host_id": "h2"})
+    in_use = w.build(None, State.CANCELLED, 1, chroot=C2)
     kept = w.build(None, State.FAILED, 1)
-    kept_root = _root(w, f"fedora-42-x86_64-build{kept}")  # keep_failed_roots: for debugging
     w.settings = w.settings.replace(keep_failed_roots=True)
-    mounted = _root(w, "epel-9-x86_64-build5")
-    unrelated = _root(w, "fedora-42-x86_64")  # the config's own root: not a unique-ext one
+    orphan, orphan_boot = _root(w, f"{C1}-build{ended}"), _root(w, f"{C1}-bootstrap-build{ended}")
+    mine = _root(w, f"{C1}-build{running}")
+    elsewhere = _root(w, f"{C1}-build{held}")
+    mounted = _root(w, f"{C2}-build{in_use}")
+    kept_root = _root(w, f"{C1}-build{kept}")
+    not_ours = [
+        _root(w, f"{C1}-build999"),  # no such build here: another host's, maybe
+        _root(w, f"{C2}-build{ended}"),  # build {ended} is not a {C2} build
+        _root(w, "rhel-9-build2"),  # the default root of a config named like one
+        _root(w, f"{C1}-build0{ended}"),  # mock never writes a leading zero
+        _root(w, C1),
+    ]
+    scheduler = Scheduler(w.store, limiter, lambda: w.settings, popen_runner)
     with tmpfs(mounted / "root" / "proc", "size=1m"):
-        orphans = Orphans(w.store, limiter, lambda: w.settings, popen_runner)
+        orphans = Orphans(scheduler, limiter, lambda: w.settings, popen_runner)
         plan = {r.path.name: r for r in orphans.plan()}
         assert plan[orphan.name].skip is None and plan[orphan_boot.name].skip is None
-        assert "running here" in (plan[mine.name].skip or "")
+        assert "is building here" in (plan[mine.name].skip or "")
         assert "holds a slot" in (plan[elsewhere.name].skip or "")
         assert "mounted" in (plan[mounted.name].skip or "")
         assert "keep_failed_roots" in (plan[kept_root.name].skip or "")
-        assert unrelated.name not in plan
+        assert not set(plan) & {p.name for p in not_ours}
         report = orphans.run()
         assert sorted(report["scrubbed"]) == sorted([str(orphan), str(orphan_boot)])
-        for path in (mine, elsewhere, mounted, unrelated, kept_root):
+        for path in (mine, elsewhere, mounted, kept_root, *not_ours):
             assert path.is_dir()
         assert not orphan.exists() and not orphan_boot.exists()
         log = (tmp_path / "mock.jsonl").read_text()
         assert "--scrub=chroot" in log and "--scrub=all" not in log
     # Redis gone: nothing can be ruled out, so nothing is touched
     redis_server.kill()
-    leftover = _root(w, "fedora-42-x86_64-build42")
+    later = w.build(None, State.CANCELLED, 1)
+    leftover = _root(w, f"{C1}-build{later}")
     (plan_down,) = [r for r in orphans.plan() if r.path == leftover]
     assert "Redis is unreachable" in (plan_down.skip or "")
 
@@ -288,7 +302,7 @@ def test_a_closed_disk_gate_runs_cleanup_at_once_and_says_which_setting_frees_mo
     w = World(tmp_path, cleanup_builds_after_days=30)
     w.build("x", State.FAILED, 31)
     short: list[str | None] = [None]
-    orphans = Orphans(w.store, None, lambda: w.settings, popen_runner)  # type: ignore[arg-type]
+    orphans = Orphans(w.scheduler(), None, lambda: w.settings, popen_runner)  # type: ignore[arg-type]
     clock = [0.0]
     job = Maintenance(
         w.retention, orphans, lambda: w.settings, lambda: short[0], clock=lambda: clock[0]
@@ -308,3 +322,45 @@ def test_a_closed_disk_gate_runs_cleanup_at_once_and_says_which_setting_frees_mo
     short[0] = None
     job._pass()
     assert job.shortage is None
+
+
+def test_what_retention_must_not_lose(tmp_path: Path, built: dict[str, Path]) -> None:
+    w = World(tmp_path, cleanup_builds_after_days=30)
+    # a build retried between the plan and the run keeps its files
+    retried = w.build("x", State.FAILED, 40)
+    plan = w.retention.plan()
+    w.scheduler().retry(retried)
+    report = w.retention.run(plan)
+    assert retried not in report["cleaned"]
+    assert w.store.files(retried).submitted("x.spec").exists()
+    assert w.store.get(retried).cleaned_at is None
+
+    # the newest *succeeded* build is kept, not a newer one that failed on a retry
+    good = w.build("greet", State.SUCCEEDED, 50, rpms_from=built["greet"])
+    later = w.build("greet", State.SUCCEEDED, 45, rpms_from=built["greet"])
+    w.publisher._pass()
+    for state in (State.QUEUED, State.WAITING, State.BUILDING):
+        w.store.transition(later, state)
+    w.store.transition(later, State.FAILED, finished_at=w.now - 44 * DAY)
+    w.retention.run()
+    assert w.store.get(good).cleaned_at is None
+    w.publisher._pass()  # the failed retry leaves the repository
+    assert served(w) == {good}
+
+    # a repository whose metadata cannot be read loses none of its builds
+    repo = w.publisher.repository(C1)
+    older = w.build("hello", State.SUCCEEDED, 60, rpms_from=built["hello"])
+    w.publisher._pass()
+    primary = next(p for p in repo.layout.repodata.iterdir() if "primary" in p.name)
+    primary.write_bytes(b"broken")
+    plan = w.retention.plan()
+    assert {older, good} <= {i for i, _ in plan.keep}
+    assert not {older, good} & {d.build.id for d in plan.delete}
+
+    # a publish that kept failing is given up when the build is cleaned up
+    owed = w.build("y", State.SUCCEEDED, 40)
+    w.store.set_publish([w.store.get(owed)], Publish.PUBLISH_FAILED, "no space")
+    w.retention.run()
+    gone = w.store.get(owed)
+    assert gone.cleaned_at is not None and gone.publish_state == Publish.NOT_PUBLISHED
+    assert owed not in {b.id for b in w.store.to_publish()}

@@ -14,7 +14,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +105,7 @@ class Scheduler:
         self._recovery: threading.Thread | None = None
         self.write_error: str | None = None  # why the queue cannot be written, if it cannot
         self._flights: dict[int, Flight] = {}
+        self._held: set[int] = set()  # builds that must not start now (root being scrubbed)
         self._lock = threading.RLock()
 
     # -- the main thread's part -----------------------------------------------------
@@ -136,7 +137,7 @@ class Scheduler:
             cap = s.host_max_builds or building + MAX_WAITING
             try:
                 while len(self._flights) < cap:
-                    build = self.store.next_queued(exclude=set(self._flights))
+                    build = self.store.next_queued(exclude=set(self._flights) | self._held)
                     if build is None:
                         break
                     self._launch(build)
@@ -184,6 +185,32 @@ class Scheduler:
                 flight.stop.request(StopReason.CANCEL, note)  # its thread ends it cancelled
                 return build
             return self.store.transition(build_id, State.CANCELLED, error=note)
+
+    @contextlib.contextmanager
+    def holding(self, build_id: int) -> Iterator[bool]:
+        """Keep the build from starting while its mock root is scrubbed by someone else
+        (the orphan scrub); False, and nothing held, if it is in flight already."""
+        with self._lock:
+            if build_id in self._flights:
+                held = False
+            else:
+                held = True
+                self._held.add(build_id)
+        try:
+            yield held
+        finally:
+            if held:
+                with self._lock:
+                    self._held.discard(build_id)
+
+    def cancel_if_queued(self, build_id: int, note: str) -> bool:
+        """Cancel the build only if it has not started (superseding); True if it was."""
+        with self._lock:
+            build = self.store.get(build_id)
+            if build.state != State.QUEUED or build_id in self._flights:
+                return False
+            self.store.transition(build_id, State.CANCELLED, error=note)
+            return True
 
     def retry(self, build_id: int) -> Build:
         with self._lock:

@@ -350,7 +350,7 @@ class Store:
         with self._lock:
             rows = self._db.execute(
                 f"SELECT {', '.join(_COLUMNS)} FROM builds WHERE publish_state IN (?, ?)"
-                " ORDER BY id",
+                " AND cleaned_at IS NULL ORDER BY id",
                 (Publish.PENDING, Publish.PUBLISH_FAILED),
             ).fetchall()
         return [_build(r) for r in rows]
@@ -412,14 +412,52 @@ class Store:
             ).fetchall()
         return [_build(r) for r in rows]
 
-    def cleaned(self, build: Build) -> None:
-        """Its files are gone: the row stays as a history record. Only the run that was
-        planned (a retry since changes finished_at, and is left alone)."""
+    def mark_cleaned(self, build: Build) -> bool:
+        """Make the row a history record before its files are deleted: True only if it is
+        still the run that was planned (ended, same finished_at). A retry since is left
+        alone; one after is refused (scheduler.retry). A publish still owed is given up."""
+        marks = ", ".join("?" for _ in states.FINAL)
         with self.tx() as db:
-            db.execute(
-                "UPDATE builds SET cleaned_at = ? WHERE id = ? AND finished_at IS ?",
-                (time.time(), build.id, build.finished_at),
+            cur = db.execute(
+                "UPDATE builds SET cleaned_at = ?,"
+                " publish_state = CASE WHEN publish_state IN (?, ?) THEN ? ELSE publish_state END,"
+                " publish_error = CASE WHEN publish_state IN (?, ?) THEN ? ELSE publish_error END"
+                f" WHERE id = ? AND finished_at IS ? AND cleaned_at IS NULL AND state IN ({marks})",
+                (
+                    time.time(),
+                    Publish.PENDING,
+                    Publish.PUBLISH_FAILED,
+                    Publish.NOT_PUBLISHED,
+                    Publish.PENDING,
+                    Publish.PUBLISH_FAILED,
+                    "its files were cleaned up before it could be published",
+                    build.id,
+                    build.finished_at,
+                    *states.FINAL,
+                ),
             )
+            return cur.rowcount == 1
+
+    def succeeded_among(self, build_ids: list[int]) -> list[int]:
+        """Which of these builds are succeeded now."""
+        return self._ids_among(build_ids, "state = 'succeeded'")
+
+    def cleaned_among(self, build_ids: list[int]) -> list[int]:
+        """Which of these builds are history records (their files should be gone)."""
+        return self._ids_among(build_ids, "cleaned_at IS NOT NULL")
+
+    def _ids_among(self, build_ids: list[int], condition: str) -> list[int]:
+        found: list[int] = []
+        for start in range(0, len(build_ids), 500):
+            chunk = build_ids[start : start + 500]
+            marks = ", ".join("?" for _ in chunk)
+            found += [
+                int(r[0])
+                for r in self.rows(
+                    f"SELECT id FROM builds WHERE {condition} AND id IN ({marks})", tuple(chunk)
+                )
+            ]
+        return found
 
     def forget(self, before: float) -> int:
         """Delete the history records of builds cleaned up and ended before ``before``."""

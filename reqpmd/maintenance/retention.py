@@ -8,7 +8,9 @@ serves (Copr's policy), so a repository never loses the last build of a package.
 
 The order makes a crash harmless: packages leave the repository metadata first (through
 the repository code: a batched run that retires their directories, deleted a grace
-period later), then the build's files go, then the row is marked cleaned. A kill -9
+period later), then the row is marked cleaned (only if the build was not retried since
+the plan), then its files go; a run cut off before that last step is finished by the
+next. A kill -9
 anywhere leaves no metadata naming a deleted file, and the next run finishes the job.
 """
 
@@ -87,7 +89,7 @@ class Retention:
     def plan(self) -> Plan:
         days = self.settings().cleanup_builds_after_days
         plan = Plan(cutoff=self.wall() - days * DAY)
-        served = self._newest_served()
+        served, unreadable = self._newest_served()
         for build in self.store.to_clean(plan.cutoff):
             if build.publish_state == Publish.PENDING:
                 plan.keep.append((build.id, "its publish is still pending"))
@@ -96,26 +98,48 @@ class Retention:
                 plan.keep.append(
                     (build.id, f"the newest build of {package} that repository {chroot} serves")
                 )
+            elif build.published_at is not None and build.chroot in unreadable:
+                why = f"repository {build.chroot} cannot be read now, so its newest is unknown"
+                plan.keep.append((build.id, why))
             else:
                 plan.delete.append(Doomed(build, _size(self.store.files(build.id).root)))
         return plan
 
-    def _newest_served(self) -> dict[int, tuple[str, str]]:
-        """This host's builds that are the newest served build of their source package in
-        their repository: {build id: (chroot, package)}."""
-        newest: dict[tuple[str, str], int] = {}
+    def _newest_served(self) -> tuple[dict[int, tuple[str, str]], set[str]]:
+        """This host's builds that are the newest succeeded build of their source package
+        that their repository serves ({build id: (chroot, package)}), and the repositories
+        whose metadata cannot be read (none of their builds may go until it can)."""
+        served: dict[tuple[str, str], set[int]] = defaultdict(set)
+        unreadable: set[str] = set()
         for repo in self.publisher.repositories():
             try:
                 pkgs = repo.packages()
             except MetadataError:
-                continue  # its sync regenerates it; nothing of it is deleted meanwhile
+                unreadable.add(repo.chroot)
+                continue
             for pkg in pkgs:
                 owner = build_of(pkg.href)
-                if owner is None or owner[0] != self.publisher.host:
-                    continue
-                key = (repo.chroot, package_name(pkg.sourcerpm) or pkg.name)
-                newest[key] = max(newest.get(key, 0), owner[1])
-        return {build_id: key for key, build_id in newest.items()}
+                if owner is not None and owner[0] == self.publisher.host:
+                    served[(repo.chroot, package_name(pkg.sourcerpm) or pkg.name)].add(owner[1])
+        # a build still listed but retried and failed since is not the one to keep
+        succeeded = set(self.store.succeeded_among(sorted(set().union(*served.values()))))
+        newest: dict[int, tuple[str, str]] = {}
+        for key, ids in served.items():
+            good = ids & succeeded
+            if good:
+                newest[max(good)] = key
+        return newest, unreadable
+
+    def _finish_interrupted(self) -> None:
+        """Files of builds already made history records: a run cut off between marking a
+        build and deleting its files (a crash) is finished here."""
+        root = self.store.layout.builds
+        try:
+            ids = [int(p.name) for p in root.iterdir() if p.name.isdigit()]
+        except OSError:
+            return
+        for build_id in self.store.cleaned_among(ids):
+            shutil.rmtree(self.store.files(build_id).root, ignore_errors=True)
 
     def _out_of_repository(self, chroot: str, builds: list[Build]) -> bool:
         """Take the builds' packages out of the repository's metadata (one batched run that
@@ -147,10 +171,13 @@ class Retention:
                 ]
                 group = [d for d in group if d.build.published_at is None]
             for doomed in group:
+                if not self.store.mark_cleaned(doomed.build):
+                    plan.keep.append((doomed.build.id, "it was retried since the plan was made"))
+                    continue
                 shutil.rmtree(self.store.files(doomed.build.id).root, ignore_errors=True)
-                self.store.cleaned(doomed.build)
                 cleaned.append(doomed.build.id)
                 freed += doomed.size
+        self._finish_interrupted()
         forgotten = self.store.forget(self.wall() - RECORD_DAYS * DAY)
         return {
             "cleaned": cleaned,

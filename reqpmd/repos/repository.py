@@ -23,6 +23,7 @@ from reqpmd.repos.createrepo import RunResult, Tool
 from reqpmd.repos.layout import RepoLayout, build_of, public_dir
 from reqpmd.repos.lock import LockTimeout, RepoLocks
 from reqpmd.repos.metadata import MetadataError, Package, packages, verify
+from reqpmd.repos.retired import Retired
 
 RepoError = (MetadataError, LockTimeout, OSError)
 LEFTOVER_AGE = 3600.0  # seconds before an incoming dir is taken for a crash's leftover
@@ -119,6 +120,9 @@ class Repository:
         with self.locks.held(self.layout):
             lay = self.layout
             _clear_leftovers(lay)
+            retired = Retired(lay)  # what left the metadata, once its grace is over
+            if retired.prune():
+                retired.save()
             reason = "a full run was asked for" if full else None
             if reason is None:
                 try:
