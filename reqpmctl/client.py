@@ -268,6 +268,11 @@ class Client:
         with self._patience(PROJECT_TIMEOUT):
             return dict(self.call("projects.build", args))
 
+    def add_project(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The daemon fetches the repository before it answers (to refuse what cannot build)."""
+        with self._patience(PROJECT_TIMEOUT):
+            return dict(self.call("projects.add", args))
+
     def edit_project(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
         """Change a project; a new URL waits for a fetch in progress on the old clone."""
         with self._patience(PROJECT_TIMEOUT):

@@ -93,7 +93,8 @@ def projects_add(
         args["chroots"] = list(chroots)
     if priority is not None:
         args["priority"] = priority
-    p = c.call("projects.add", args)
+    with c.client() as client:
+        p = client.add_project(args)
     c.emit(
         p,
         f"project {output.safe(p['name'])} added: {output.safe(p['url'])}, branch "

@@ -4,6 +4,7 @@ clock: syncs, builds per commit, superseding, failures with backoff, clone clean
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -259,3 +260,104 @@ def test_credentials_never_appear_in_errors(tmp_path: Path) -> None:
     for branch in ("-x", "a..b", "x\ny"):
         with pytest.raises(ValueError):
             gitmod.check_branch(branch)
+
+
+def _ops(w: World) -> Any:
+    from reqpmd.control.projects import ProjectOps
+
+    return ProjectOps(w.projects, w.syncer, lambda: w.settings)
+
+
+def test_add_refuses_what_can_never_build_and_changes_nothing(tmp_path: Path) -> None:
+    from reqpmd.errors import AlreadyExists, InvalidArgument
+
+    up = Upstream(tmp_path / "git")
+    up.commit({"a.spec": spec("a", source=False), "b.spec": spec("b", source=False)})
+    w = World(tmp_path)
+    ops = _ops(w)
+    bad = [
+        ({"url": up.url}, "2 spec files at the top level (a.spec, b.spec)"),
+        ({"url": up.url, "branch": "nope"}, "no branch 'nope'"),
+        ({"url": up.url, "spec": "pkg/c.spec"}, "pkg/c.spec does not exist at commit"),
+    ]
+    for args, why in bad:
+        with pytest.raises(InvalidArgument, match=re.escape(why)):
+            ops.add({"name": "p", **args}, "root")
+        assert w.projects.all() == [] and not w.syncer.clone_of("p").exists()
+    # unreachable: added, and its first sync says why it failed
+    shown = ops.add({"name": "far", "url": "file:///nonexistent/repo.git"}, "root")
+    assert shown["last_sync_ok"] is False and "first sync failed" in shown["last_sync_result"]
+    ok = ops.add({"name": "p", "url": up.url, "spec": "b.spec"}, "root")
+    assert ok["name"] == "p"
+    with pytest.raises(AlreadyExists):
+        ops.add({"name": "p", "url": up.url, "spec": "a.spec"}, "root")
+    assert w.projects.get("p").spec == "b.spec"
+    with pytest.raises(InvalidArgument, match="no branch"):
+        ops.edit({"name": "p", "branch": "nope"})
+    assert w.projects.get("p").branch is None  # unchanged
+
+
+def test_builds_someone_asked_for_neither_supersede_nor_are_superseded(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    w = World(tmp_path)
+    w.add("greet", upstream.url)
+    first = upstream.commit({"greet.spec": spec(release="2")})
+    w.syncer.sync("greet")  # a sync build of `first`
+    head = upstream.commit({"greet.spec": spec(release="3")})
+    old = gitmod.Git().run(["rev-list", "--max-parents=0", "HEAD"], cwd=upstream.bare).strip()
+    asked = w.syncer.build_now("greet", old, None, "alice (uid 1000)")["builds"]
+    w.syncer.sync("greet")  # a sync build of `head` supersedes the sync build of `first`
+    by_commit = {b.commit_id: b for b in w.builds("greet")}
+    assert by_commit[first].state == State.CANCELLED
+    assert by_commit[head].state == State.QUEUED
+    (mine,) = [w.store.get(i) for i in asked]
+    assert mine.state == State.QUEUED and mine.commit_id == old
+    assert mine.submitted_name == "project greet, asked by alice (uid 1000)"
+
+
+def test_superseding_never_stops_a_build_that_started(tmp_path: Path, upstream: Upstream) -> None:
+    w = World(tmp_path)
+    w.add("greet", upstream.url)
+    w.syncer.sync("greet")
+    (started,) = w.builds("greet")
+    w.store.transition(started.id, State.WAITING)  # the scheduler took it meanwhile
+    assert not w.scheduler.cancel_if_queued(started.id, "superseded")
+    upstream.commit({"greet.spec": spec(release="2")})
+    w.syncer.sync("greet")
+    assert w.store.get(started.id).state == State.WAITING
+
+
+def test_a_remote_that_renames_its_default_branch_is_followed(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    from tests.gitrepos import git
+
+    w = World(tmp_path)
+    w.add("greet", upstream.url)
+    assert w.syncer.sync("greet")["ok"]
+    git("checkout", "-q", "-b", "trunk", cwd=upstream.work)
+    pushed = upstream.commit({"greet.spec": spec(release="9")})
+    git("push", "-q", "origin", "trunk", cwd=upstream.work)
+    git("symbolic-ref", "HEAD", "refs/heads/trunk", cwd=upstream.bare)
+    git("branch", "-D", upstream.branch, cwd=upstream.bare)
+    result = w.syncer.sync("greet")
+    assert result["ok"] and result["commit"] == pushed
+
+
+def test_a_project_removed_during_its_sync_leaves_nothing_queued(
+    tmp_path: Path, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = World(tmp_path)
+    w.add("greet", upstream.url)
+    real = w.syncer._queue
+
+    def queue_then_remove(*args: Any, **kwargs: Any) -> list[int]:
+        ids = real(*args, **kwargs)
+        w.projects.remove("greet")
+        return ids
+
+    monkeypatch.setattr(w.syncer, "_queue", queue_then_remove)
+    result = w.syncer.sync("greet")
+    assert not result["ok"] and "removed" in result["error"]
+    assert all(b.state == State.CANCELLED for b in w.builds("greet"))

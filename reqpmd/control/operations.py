@@ -148,7 +148,7 @@ class Operations:
             "projects.list": Op(lambda req: projects.list(req.args)),
             "projects.show": Op(lambda req: projects.show(req.args)),
             "projects.sync": Op(lambda req: projects.sync(req.args)),
-            "projects.build": Op(lambda req: projects.build(req.args)),
+            "projects.build": Op(lambda req: projects.build(req.args, req.peer.who)),
             # each makes the daemon fetch a URL of the caller's choosing: admins
             "projects.add": Op(lambda req: projects.add(req.args, req.peer.who), admin=True),
             "projects.edit": Op(lambda req: projects.edit(req.args), admin=True),

@@ -11,7 +11,7 @@ from typing import Any
 from reqpmd.checks import int_in_range
 from reqpmd.config.schema import Settings
 from reqpmd.control.submission import check_chroot
-from reqpmd.errors import InvalidArgument
+from reqpmd.errors import AlreadyExists, InvalidArgument
 from reqpmd.projects import git
 from reqpmd.projects.export import ExportError
 from reqpmd.projects.git import GitError
@@ -81,8 +81,14 @@ class ProjectOps:
         return out
 
     def add(self, args: dict[str, Any], who: str) -> dict[str, Any]:
+        """Fetch first: a branch, a spec path that does not exist, or two specs and no
+        --spec are refused, and nothing is added. A fetch that fails (the host may be down
+        for now) is added anyway, with its first sync failed and why."""
         name = check_name(args.get("name"))
         fields = self._checked(args, self.settings())
+        if any(p.name == name for p in self.projects.all()):
+            raise AlreadyExists(f"a project named {name} exists already")
+        fetch_error = self._probe(name, fields["url"], fields["branch"], fields["spec"])
         self.projects.add(
             Project(
                 name=name,
@@ -92,19 +98,27 @@ class ProjectOps:
                 **fields,
             )
         )
-        self.syncer.request_sync(name)  # the first sync: its result shows in projects show
+        if fetch_error is not None:
+            self.projects.synced(name, ok=False, result=f"first sync failed: {fetch_error}")
+        self.syncer.request_sync(name)  # the first build; its result shows in projects show
         return self.show({"name": name})
+
+    def _probe(self, name: str, url: str, branch: str | None, spec: str | None) -> str | None:
+        try:
+            return self.syncer.probe(name, url, branch, spec)
+        except (GitError, ExportError) as exc:
+            raise InvalidArgument(f"project {name}: {exc}; nothing was changed") from None
 
     def edit(self, args: dict[str, Any]) -> dict[str, Any]:
         name = check_name(args.get("name"))
-        self.projects.get(name)  # not found: exit 4, before anything is checked
+        before = self.projects.get(name)  # not found: exit 4, before anything is checked
         fields = self._checked({k: v for k, v in args.items() if k in EDITABLE}, None)
         if not fields:
             raise InvalidArgument(f"nothing to change; editable: {', '.join(EDITABLE)}")
-        before = self.projects.get(name)
+        if {"url", "branch", "spec"} & set(fields):  # what decides where the spec comes from
+            after = {k: fields.get(k, getattr(before, k)) for k in ("url", "branch", "spec")}
+            self._probe(name, after["url"], after["branch"], after["spec"])
         self.projects.edit(name, **fields)
-        if "url" in fields and fields["url"] != before.url:
-            self.syncer.forget_clone(name)  # another repository: clone it afresh
         self.syncer.request_sync(name)
         return self.show({"name": name})
 
@@ -157,7 +171,7 @@ class ProjectOps:
         done = request.done.wait(SYNC_WAIT)
         return {"name": name, "requested": True, "done": done, **request.result}
 
-    def build(self, args: dict[str, Any]) -> dict[str, Any]:
+    def build(self, args: dict[str, Any], who: str) -> dict[str, Any]:
         name = check_name(args.get("name"))
         project = self.projects.get(name)
         commit = args.get("commit")
@@ -170,6 +184,6 @@ class ProjectOps:
         if chroot is not None:
             chroot = check_chroot(chroot)
         try:
-            return {"name": project.name, **self.syncer.build_now(name, commit, chroot)}
+            return {"name": project.name, **self.syncer.build_now(name, commit, chroot, who)}
         except (GitError, ExportError) as exc:
             raise InvalidArgument(f"project {name}: {exc}") from None

@@ -9,9 +9,11 @@ what honours them; it is also what every build host already has.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -71,6 +73,11 @@ def check_url(url: object) -> str:
         raise ValueError("a git URL may not start with '-' (git would take it for an option)")
     if url.lower().startswith(("ext::", "fd::")) or "::" in url.split("/", 1)[0]:
         raise ValueError(f"transport helpers (ext::, fd::, ...) are not allowed; use {allowed}")
+    host = url.split("://", 1)[1].rsplit("@", 1)[-1] if "://" in url else ""
+    if host.startswith("-"):
+        raise ValueError(
+            "a git URL's host may not start with '-' (ssh would take it for an option)"
+        )
     if url.startswith(_URL_SCHEMES) or _SCP_LIKE.fullmatch(url) or url.startswith("/"):
         return url
     raise ValueError(f"{shown_url(url)} is not a git URL this daemon fetches ({allowed})")
@@ -149,25 +156,30 @@ class Git:
             argv += ["-c", option]
         argv += list(args)
         try:
-            done = subprocess.run(
+            # a session of its own: on a timeout, ssh and credential helpers go with git
+            proc = subprocess.Popen(
                 argv,
                 cwd=cwd,
                 env=self._env(),
                 stdin=subprocess.DEVNULL,
                 stdout=stdout,
                 stderr=subprocess.PIPE,
-                timeout=timeout,
-                check=False,
+                start_new_session=True,
             )
-        except subprocess.TimeoutExpired:
-            raise GitError(f"git {args[0]} took longer than {timeout:.0f} s") from None
         except FileNotFoundError:
             raise GitError(f"{self.command}: not found (install git)") from None
-        err = scrub(done.stderr.decode("utf-8", "replace").strip(), url)
-        if done.returncode != 0:
+        try:
+            out, err_bytes = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise GitError(f"git {args[0]} took longer than {timeout:.0f} s") from None
+        err = scrub(err_bytes.decode("utf-8", "replace").strip(), url)
+        if proc.returncode != 0:
             why = _reason(err) or "no output"
-            raise GitError(f"git {args[0]} failed ({done.returncode}): {why}")
-        return done.stdout.decode("utf-8", "replace") if done.stdout is not None else ""
+            raise GitError(f"git {args[0]} failed ({proc.returncode}): {why}")
+        return out.decode("utf-8", "replace") if out is not None else ""
 
     # -- clones ------------------------------------------------------------------------
 
@@ -192,8 +204,20 @@ class Git:
         )
         (clone / ".reqpm-complete").touch()
 
-    def head_branch(self, clone: Path) -> str:
-        """The remote's default branch, as it was when the mirror was made."""
+    def head_branch(self, clone: Path, url: str = "") -> str:
+        """The remote's default branch as it is now (``ls-remote --symref``: a remote that
+        renamed its default branch is followed); the mirror's HEAD if that cannot say."""
+        with contextlib.suppress(GitError):
+            out = self.run(
+                ["ls-remote", "--symref", "origin", "HEAD"],
+                cwd=clone,
+                timeout=FETCH_TIMEOUT,
+                url=url,
+            )
+            for line in out.splitlines():
+                ref, _, name = line.partition("\t")
+                if ref.startswith("ref: refs/heads/") and name == "HEAD":
+                    return ref.removeprefix("ref: refs/heads/")
         ref = self.run(["symbolic-ref", "--quiet", "HEAD"], cwd=clone).strip()
         return ref.removeprefix("refs/heads/")
 

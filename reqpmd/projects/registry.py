@@ -126,10 +126,12 @@ class Projects:
     # -- its builds ---------------------------------------------------------------------
 
     def queued_builds(self, name: str, chroot: str) -> list[tuple[int, str | None]]:
-        """(id, commit) of the project's builds in ``chroot`` that have not started."""
+        """(id, commit) of the builds the project's syncs queued in ``chroot`` that have not
+        started."""
         rows = self.store.rows(
-            "SELECT id, commit_id FROM builds WHERE project = ? AND chroot = ? AND state = ?",
-            (name, chroot, State.QUEUED),
+            "SELECT id, commit_id FROM builds WHERE project = ? AND chroot = ? AND state = ?"
+            " AND submitted_name = ?",  # a sync's own builds, not those someone asked for
+            (name, chroot, State.QUEUED, f"project {name}"),
         )
         return [(int(i), c) for i, c in rows]
 

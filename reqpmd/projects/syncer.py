@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -30,6 +31,7 @@ from reqpmd.builds.layout import input_name
 from reqpmd.builds.scheduler import Scheduler
 from reqpmd.builds.store import Store
 from reqpmd.config.schema import Settings
+from reqpmd.errors import NotFound
 from reqpmd.projects.export import ExportError, SpecPath, choose_spec, export, missing_sources
 from reqpmd.projects.git import Git, GitError, shown_url
 from reqpmd.projects.registry import Project, Projects
@@ -41,6 +43,12 @@ MAX_IDLE = 30.0  # seconds between passes when nothing wakes the thread
 START_SPREAD = 600.0  # seconds over which projects due at start are spread
 CLEANUP_EVERY = 3600.0  # seconds between clone cleanups
 RETRY_FIRST, RETRY_CAP = 30.0, 3600.0  # backoff of a failing fetch, seconds
+_TIMINGS = re.compile(r"\d+(\.\d+)? ?(ms|milliseconds|seconds|s)\b")
+
+
+def _by_sync(name: str) -> str:
+    """How a project's sync builds name their submitter (the asker's builds add to it)."""
+    return f"project {name}"
 
 
 @dataclass
@@ -113,9 +121,12 @@ class ProjectSyncer(Worker):
         with self._lock:
             return {n: st.error for n, st in self._states.items() if st.error is not None}
 
-    def build_now(self, name: str, commit: str | None, chroot: str | None) -> dict[str, Any]:
+    def build_now(
+        self, name: str, commit: str | None, chroot: str | None, who: str
+    ) -> dict[str, Any]:
         """``projects build``: fetch, then queue builds of ``commit`` (default: the branch
-        head), changed or not. Runs in the caller's thread under the clone's lock."""
+        head), changed or not. Runs in the caller's thread under the clone's lock. These
+        builds are the asker's: no sync supersedes them, and they supersede nothing."""
         project = self.projects.get(name)
         with self._clone(name):
             clone = self._fetch(project)
@@ -123,9 +134,29 @@ class ProjectSyncer(Worker):
             if not self.git.has_commit(clone, target):
                 raise GitError(f"commit {target} is not in {shown_url(project.url)}")
             chroots = (chroot,) if chroot else project.chroots
-            ids = self._queue(project, clone, target, chroots, reason="asked for")
+            ids = self._queue(project, clone, target, chroots, asked_by=who)
         self.projects.used(name)
         return {"commit": target, "builds": ids}
+
+    def probe(self, name: str, url: str, branch: str | None, spec: str | None) -> str | None:
+        """Check a project before it is added or changed: fetch it into its clone, then
+        refuse (ExportError, GitError for the branch) what can never build: a branch that
+        does not exist, a spec path that does not exist, two specs and no --spec. A fetch
+        that fails is not refused (the host may be down for now): its error is returned."""
+        with self._clone(name):
+            clone = self.clone_of(name)
+            shutil.rmtree(clone, ignore_errors=True)  # another URL, perhaps: start afresh
+            try:
+                self.git.mirror(url, clone)
+            except GitError as exc:
+                return str(exc)
+            try:
+                head = self.git.resolve(clone, branch or self.git.head_branch(clone, url))
+                choose_spec(self.git, clone, head, spec)
+            except (GitError, ExportError):
+                shutil.rmtree(clone, ignore_errors=True)
+                raise
+        return None
 
     # -- the syncer's thread --------------------------------------------------------------
 
@@ -185,25 +216,29 @@ class ProjectSyncer(Worker):
         """Fetch the project; queue builds of the branch head if it moved."""
         try:
             project = self.projects.get(name)
-        except Exception as exc:
+        except NotFound as exc:
             return {"ok": False, "error": str(exc)}
         st = self._state(project)
         with self._lock:
             st.base = self.clock()
+        ids: list[int] = []
         try:
             with self._clone(name):
                 clone = self._fetch(project)
                 head = self.git.resolve(clone, self._branch(project, clone))
                 if head == project.last_commit:
                     result = f"unchanged at {head[:12]}"
-                    ids: list[int] = []
                 else:
-                    ids = self._queue(project, clone, head, project.chroots, reason="new commit")
+                    ids = self._queue(project, clone, head, project.chroots)
                     result = f"{head[:12]}: queued build(s) {', '.join(map(str, ids))}"
+            self.projects.synced(name, ok=True, result=result, commit=head)
+        except NotFound:  # removed while it synced: what it queued goes too
+            for build_id in ids:
+                self.scheduler.cancel_if_queued(build_id, f"project {name} was removed")
+            return {"ok": False, "error": f"project {name} was removed during its sync"}
         except (GitError, ExportError, OSError) as exc:
             self._failed(project, st, str(exc))
             return {"ok": False, "error": str(exc)}
-        self.projects.synced(name, ok=True, result=result, commit=head)
         self._recovered(project, st)
         return {"ok": True, "commit": head, "builds": ids, "result": result}
 
@@ -213,7 +248,7 @@ class ProjectSyncer(Worker):
         return clone
 
     def _branch(self, project: Project, clone: Path) -> str:
-        return project.branch or self.git.head_branch(clone)
+        return project.branch or self.git.head_branch(clone, project.url)
 
     def _queue(
         self,
@@ -221,12 +256,17 @@ class ProjectSyncer(Worker):
         clone: Path,
         commit: str,
         chroots: tuple[str, ...],
-        reason: str,
+        asked_by: str | None = None,
     ) -> list[int]:
-        """One build of ``commit`` per chroot, from the spec's directory at that commit;
-        older queued builds of the project in that chroot are superseded."""
+        """One build of ``commit`` per chroot, from the spec's directory at that commit.
+        A sync's builds supersede the sync builds of the project in that chroot that have
+        not started; builds someone asked for (``asked_by``) supersede and are superseded
+        by nothing."""
         spec = choose_spec(self.git, clone, commit, project.spec)
         tree = export(self.git, clone, commit, spec, self.store.layout.incoming)
+        user = _by_sync(project.name)
+        if asked_by is not None:
+            user += f", asked by {asked_by}"
         try:
             missing = missing_sources(tree / spec.name)
             refused = (
@@ -237,12 +277,14 @@ class ProjectSyncer(Worker):
             )
             ids = []
             for chroot in chroots:
-                self._supersede(project, chroot, commit)
-                build_id = self._submit(project, tree, spec, chroot, commit, refused)
+                if asked_by is None:
+                    self._supersede(project, chroot, commit)
+                build_id = self._submit(project, tree, spec, chroot, commit, refused, user)
                 ids.append(build_id)
+                why = "new commit" if asked_by is None else f"asked by {asked_by}"
                 build_event(
                     build_id,
-                    f"queued for project {project.name} ({reason}): commit {commit[:12]}"
+                    f"queued for project {project.name} ({why}): commit {commit[:12]}"
                     + (f"; failed before mock: {refused}" if refused else ""),
                 )
         finally:
@@ -251,11 +293,10 @@ class ProjectSyncer(Worker):
         return ids
 
     def _supersede(self, project: Project, chroot: str, commit: str) -> None:
+        note = f"superseded by commit {commit[:12]} of project {project.name}"
         for build_id, older in self.projects.queued_builds(project.name, chroot):
             if older != commit:
-                note = f"superseded by commit {commit[:12]} of project {project.name}"
-                with contextlib.suppress(Exception):  # it may have started meanwhile
-                    self.scheduler.cancel(build_id, note)
+                self.scheduler.cancel_if_queued(build_id, note)
 
     def _submit(
         self,
@@ -265,6 +306,7 @@ class ProjectSyncer(Worker):
         chroot: str,
         commit: str,
         refused: str | None,
+        user: str,
     ) -> int:
         files: dict[str, int] = {}
         try:
@@ -286,7 +328,7 @@ class ProjectSyncer(Worker):
             inputs=staged,
             priority=project.priority,
             uid=os.getuid(),
-            user=f"project {project.name}",
+            user=user,
             input_bytes=size,
             project=project.name,
             commit_id=commit,
@@ -297,7 +339,8 @@ class ProjectSyncer(Worker):
 
     def _failed(self, project: Project, st: _State, error: str) -> None:
         with self._lock:
-            changed = error != st.error
+            # the same failure reads the same: curl's messages carry elapsed times
+            changed = _TIMINGS.sub("#", error) != _TIMINGS.sub("#", st.error or "")
             st.error = error
             st.retry_at = self.clock() + st.backoff.failed()
         self.projects.synced(project.name, ok=False, result=error)
