@@ -39,7 +39,7 @@ def _plan_text(plan: dict[str, Any]) -> str:
     lines = [
         f"builds that ended before {output.ago(builds['cutoff'])} "
         f"(cleanup_builds_after_days={plan['cleanup_builds_after_days']}): "
-        f"{len(builds['delete'])} to delete, {size(builds['bytes'])}",
+        f"{len(builds['delete'])} to delete: {builds['files']} files, {size(builds['bytes'])}",
     ]
     if builds["delete"]:
         lines.append(
@@ -78,7 +78,6 @@ def _report_text(report: dict[str, Any]) -> str:
     ]
     lines += [f"kept: build {k['id']}: {output.safe(k['why'])}" for k in report["kept"]]
     lines += [
-        f"left alone: {output.safe(r['path'])}: {output.safe(r['why'])}"
-        for r in roots["skipped"]
+        f"left alone: {output.safe(r['path'])}: {output.safe(r['why'])}" for r in roots["skipped"]
     ]
     return "\n".join(lines)

@@ -174,6 +174,7 @@ def test_a_dry_run_changes_nothing(tmp_path: Path, built: dict[str, Path]) -> No
     )  # type: ignore[arg-type]
     plan = job.plan()
     assert len(plan["builds"]["delete"]) == 2 and plan["builds"]["bytes"] > 0
+    assert plan["builds"]["files"] >= 4  # each: its spec and its log at least
     assert w.tree() == before
 
 

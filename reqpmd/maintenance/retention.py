@@ -45,6 +45,7 @@ DAY = 86400.0
 class Doomed:
     build: Build
     size: int  # bytes of its files in state_dir
+    files: int  # how many
 
 
 @dataclass
@@ -64,12 +65,14 @@ class Plan:
                     "state": str(d.build.state),
                     "finished_at": d.build.finished_at,
                     "bytes": d.size,
+                    "files": d.files,
                     "published": d.build.published_at is not None,
                 }
                 for d in self.delete
             ],
             "keep": [{"id": i, "why": why} for i, why in self.keep],
             "bytes": sum(d.size for d in self.delete),
+            "files": sum(d.files for d in self.delete),
         }
 
 
@@ -102,7 +105,7 @@ class Retention:
                 why = f"repository {build.chroot} cannot be read now, so its newest is unknown"
                 plan.keep.append((build.id, why))
             else:
-                plan.delete.append(Doomed(build, _size(self.store.files(build.id).root)))
+                plan.delete.append(Doomed(build, *_size(self.store.files(build.id).root)))
         return plan
 
     def _newest_served(self) -> tuple[dict[int, tuple[str, str]], set[str]]:
@@ -187,12 +190,14 @@ class Retention:
         }
 
 
-def _size(root: Path) -> int:
-    total = 0
+def _size(root: Path) -> tuple[int, int]:
+    """(bytes, files) under ``root``."""
+    total = count = 0
     for top, _, files in os.walk(root):
         for name in files:
             try:
                 total += os.lstat(os.path.join(top, name)).st_size
             except OSError:
                 continue
-    return total
+            count += 1
+    return total, count

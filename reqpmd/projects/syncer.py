@@ -31,7 +31,7 @@ from reqpmd.builds.layout import input_name
 from reqpmd.builds.scheduler import Scheduler
 from reqpmd.builds.store import Store
 from reqpmd.config.schema import Settings
-from reqpmd.errors import NotFound
+from reqpmd.errors import InvalidArgument, NotFound
 from reqpmd.projects.export import ExportError, SpecPath, choose_spec, export, missing_sources
 from reqpmd.projects.git import Git, GitError, shown_url
 from reqpmd.projects.registry import Project, Projects
@@ -43,6 +43,8 @@ MAX_IDLE = 30.0  # seconds between passes when nothing wakes the thread
 START_SPREAD = 600.0  # seconds over which projects due at start are spread
 CLEANUP_EVERY = 3600.0  # seconds between clone cleanups
 RETRY_FIRST, RETRY_CAP = 30.0, 3600.0  # backoff of a failing fetch, seconds
+# a file of a project's spec directory, as large as a submitted one may be
+MAX_EXPORT_FILE = 2 * 1024**3
 _TIMINGS = re.compile(r"\d+(\.\d+)? ?(ms|milliseconds|seconds|s)\b")
 
 
@@ -236,7 +238,7 @@ class ProjectSyncer(Worker):
             for build_id in ids:
                 self.scheduler.cancel_if_queued(build_id, f"project {name} was removed")
             return {"ok": False, "error": f"project {name} was removed during its sync"}
-        except (GitError, ExportError, OSError) as exc:
+        except (GitError, ExportError, OSError, InvalidArgument) as exc:
             self._failed(project, st, str(exc))
             return {"ok": False, "error": str(exc)}
         self._recovered(project, st)
@@ -317,7 +319,7 @@ class ProjectSyncer(Worker):
                 name = spec.name if rel == spec.name else input_name(rel, is_source=True)
                 files[name] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             size = sum(os.fstat(fd).st_size for fd in files.values())
-            staged = self.store.stage(files)
+            staged = self.store.stage(files, max_file_bytes=MAX_EXPORT_FILE)
         finally:
             for fd in files.values():
                 os.close(fd)
