@@ -34,7 +34,9 @@ LAYERS: list[tuple[str, int]] = [
     ("reqpmd.maintenance", 4),  # retention and orphaned roots: store, repositories, slots
     ("reqpmd.cluster", 4),
     ("reqpmd.status", 5),
+    ("reqpmd.live", 5),  # reqpmctl top: one shared snapshot and its long poll
     ("reqpmd.control", 6),
+    ("reqpmd.metrics", 6),  # Prometheus: reads status and the builds' ends
     ("reqpmd.daemon", 7),
     ("reqpmd.concurrency", 7),  # the seed's face of reqpmd.slots
     ("reqpmctl", 8),

@@ -86,9 +86,11 @@ class Scheduler:
         gates: Gates | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_succeeded: Callable[[int], None] = lambda build_id: None,
+        on_end: Callable[[Build], None] = lambda build: None,
     ) -> None:
         self.store = store
         self.on_succeeded = on_succeeded  # the publisher's wake-up
+        self.on_end = on_end  # every end state a run records (metrics)
         self.limiter = limiter
         self.settings = settings
         self.runner = runner
@@ -385,9 +387,11 @@ class Scheduler:
             if state.final:  # for the history record, which outlives the files
                 files = self.store.files(build_id)
                 changes["package"] = source_package(files.result, files.submitted(build.source))
-            self.store.transition(build_id, state, **changes)
+            ended = self.store.transition(build_id, state, **changes)
             if flight is not None:
                 flight.ended = True
+        if state.final:
+            self.on_end(ended)
         return state, changes
 
     # -- start-up ---------------------------------------------------------------------

@@ -539,6 +539,7 @@ def _migrate(db: sqlite3.Connection) -> None:
             db.execute(f"ALTER TABLE builds ADD COLUMN {column} {kind}")
     db.execute("CREATE INDEX IF NOT EXISTS builds_publish ON builds(publish_state, chroot)")
     db.execute("CREATE INDEX IF NOT EXISTS builds_project ON builds(project, chroot, state)")
+    db.execute("CREATE INDEX IF NOT EXISTS builds_finished ON builds(finished_at)")
     db.execute(
         "CREATE INDEX IF NOT EXISTS builds_uncleaned ON builds(finished_at)"
         " WHERE cleaned_at IS NULL AND finished_at IS NOT NULL"

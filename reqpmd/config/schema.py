@@ -33,6 +33,11 @@ CHROOT_DOC = (
     "a mock config name: 1-128 characters from A-Z a-z 0-9 _ . + -, not starting with - or ."
 )
 _NAME_DOC = "1-64 characters from A-Z a-z 0-9 _ . -"
+# host:port (port 1-65535), or "off"; the host may be an IPv6 address in brackets
+LISTEN_RE = re.compile(
+    r"off|(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):"
+    r"(?P<port>[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+)
 
 
 @dataclass(frozen=True)
@@ -242,6 +247,13 @@ class Settings:
         "priority jumps every host's queue)",
         0,
         1000,
+    )
+    metrics_listen: str = _setting(
+        "off",
+        "serve Prometheus metrics at http://HOST:PORT/metrics, for example 127.0.0.1:9464",
+        pattern=LISTEN_RE,
+        pattern_doc="'off' or HOST:PORT with a port from 1 to 65535",
+        restart=True,
     )
     keep_failed_roots: bool = _setting(False, "keep a failed build's mock root for debugging")
     cancel_grace_seconds: int = _setting(

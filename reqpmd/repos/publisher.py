@@ -86,7 +86,9 @@ class Publisher(Worker):
         settings: Callable[[], Settings],
         tool: Tool = run_tool,
         clock: Callable[[], float] = time.monotonic,
+        on_failure: Callable[[str], None] = lambda chroot: None,
     ) -> None:
+        self.on_failure = on_failure  # a publish or sync of this chroot failed (metrics)
         s = settings()
         self.store = store
         self.settings = settings
@@ -322,6 +324,8 @@ class Publisher(Worker):
             log.warning("repository %s: left out an unreadable package: %s", chroot, skip)
 
     def _failed(self, chroot: str, error: str, source: str) -> None:
+        if source == "publish":
+            self.on_failure(chroot)
         with self._lock:
             h = self._health[chroot]
             changed = error != h.last_error
