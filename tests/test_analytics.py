@@ -110,3 +110,32 @@ def test_groups(tmp_path: Path) -> None:
     assert list(by_user) == ["alice"]
     with pytest.raises(ValueError, match="by must be one of"):
         window_stats(store, T0, T0 + HOUR, 4, by="colour")
+
+
+def test_hosts_aggregates_merge_into_the_cluster_figures(tmp_path: Path) -> None:
+    from reqpmd.builds.analytics import aggregates, merged, valid_aggregate
+
+    now = T0 + HOUR
+    stores = [Store(tmp_path / "a"), Store(tmp_path / "b")]
+    for i, store in enumerate(stores):
+        for j in range(1, 6):  # host a: runs of 100..500 s; host b: 1100..1500 s
+            start = T0 + 60 * j
+            run = 1000 * i + 100 * j
+            add(store, submitted=start - 7, waiting=start - 5, started=start, finished=start + run)
+    parts = [aggregates(s, now) for s in stores]
+    windows = [valid_aggregate(p, "1h") for p in parts]
+    assert all(w is not None for w in windows)
+    figures = merged([w for w in windows if w is not None], "1h", now, capacity=4)
+    assert figures["builds"] == 10 and figures["states"] == {"succeeded": 10}
+    d = figures["duration"]
+    assert d["count"] == 10 and d["mean"] == 800 and d["max"] == 1500
+    assert d["p50"] == 600 and d["p90"] == 1500  # bucket bounds: 500 s is in (300, 600]
+    assert figures["slot_wait"]["mean"] == 5 and figures["submit_to_start"]["mean"] == 7
+    # a host whose record was tampered with is left out, not believed
+    for bad in (
+        {"1h": {"states": {"x": -1}}},
+        {"1h": "nope"},
+        None,
+        {"1h": {**windows[0], "busy": float("inf")}},
+    ):
+        assert valid_aggregate(bad, "1h") is None

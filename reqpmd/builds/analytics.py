@@ -125,3 +125,150 @@ def _figures(
         if busiest is None
         else {"start": since + busiest * HOUR, "builds": per_hour[busiest]},
     }
+
+
+# -- across hosts: compact, mergeable aggregates published with each heartbeat ---------
+
+WINDOWS = {"1h": HOUR, "24h": 24 * HOUR, "7d": 7 * 24 * HOUR}
+# upper bounds (seconds) of the histogram buckets; the last one is open-ended
+BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
+_MEASURES = ("slot_wait", "submit_to_start", "duration")
+
+
+def _histogram(values: list[float]) -> dict[str, Any]:
+    counts = [0] * (len(BUCKETS) + 1)
+    for v in values:
+        counts[next((i for i, b in enumerate(BUCKETS) if v <= b), len(BUCKETS))] += 1
+    return {"counts": counts, "sum": sum(values), "max": max(values, default=0.0)}
+
+
+def aggregates(store: Store, now: float) -> dict[str, Any]:
+    """This host's figures for each standard window, in a form that adds up across hosts
+    (counts and histograms, never raw rows): what the heartbeat carries for --cluster."""
+    out: dict[str, Any] = {"at": now}
+    for name, span in WINDOWS.items():
+        since = now - span
+        rows = store.rows(
+            f"SELECT {_COLUMNS} FROM builds WHERE finished_at >= ? AND finished_at < ?",
+            (since, now),
+        )
+        states: Counter[str] = Counter()
+        measured: dict[str, list[float]] = {m: [] for m in _MEASURES}
+        hours = math.ceil(span / HOUR)
+        per_hour = [0] * hours
+        busy = 0.0
+        for state, _, _, _, _, submitted, waiting, started, finished in rows:
+            states[str(state)] += 1
+            per_hour[min(hours - 1, int((finished - since) // HOUR))] += 1
+            if started is None:
+                continue
+            if waiting is not None:
+                measured["slot_wait"].append(max(0.0, started - waiting))
+            measured["submit_to_start"].append(max(0.0, started - submitted))
+            measured["duration"].append(max(0.0, finished - started))
+            busy += max(0.0, min(finished, now) - max(started, since))
+        out[name] = {
+            "states": dict(states),
+            "per_hour": per_hour,
+            "busy": busy,
+            **{m: _histogram(v) for m, v in measured.items()},
+        }
+    return out
+
+
+def valid_aggregate(value: Any, window: str) -> dict[str, Any] | None:
+    """One window of another host's aggregates as read from Redis (untrusted): the
+    expected shape with finite, non-negative numbers, or None."""
+    if not isinstance(value, dict) or not isinstance(value.get(window), dict):
+        return None
+    w = value[window]
+    hours = math.ceil(WINDOWS[window] / HOUR)
+    ok = (
+        isinstance(w.get("states"), dict)
+        and all(isinstance(k, str) and _count(v) for k, v in w["states"].items())
+        and isinstance(w.get("per_hour"), list)
+        and len(w["per_hour"]) == hours
+        and all(_count(v) for v in w["per_hour"])
+        and _number(w.get("busy"))
+        and all(_valid_histogram(w.get(m)) for m in _MEASURES)
+    )
+    return w if ok else None
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**53
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 1e15
+
+
+def _valid_histogram(h: Any) -> bool:
+    return (
+        isinstance(h, dict)
+        and isinstance(h.get("counts"), list)
+        and len(h["counts"]) == len(BUCKETS) + 1
+        and all(_count(c) for c in h["counts"])
+        and _number(h.get("sum"))
+        and _number(h.get("max"))
+    )
+
+
+def merged(parts: list[dict[str, Any]], window: str, now: float, capacity: int) -> dict[str, Any]:
+    """Several hosts' aggregates of one window as the figures window_stats gives. Means,
+    counts and maxima are exact; percentiles are the upper bound of the bucket they fall
+    in (capped by the maximum)."""
+    span = WINDOWS[window]
+    hours = math.ceil(span / HOUR)
+    states: Counter[str] = Counter()
+    per_hour = [0] * hours
+    busy = 0.0
+    hists: dict[str, dict[str, Any]] = {
+        m: {"counts": [0] * (len(BUCKETS) + 1), "sum": 0.0, "max": 0.0} for m in _MEASURES
+    }
+    for part in parts:
+        states.update(part["states"])
+        per_hour = [a + b for a, b in zip(per_hour, part["per_hour"], strict=True)]
+        busy += part["busy"]
+        for m in _MEASURES:
+            h = hists[m]
+            h["counts"] = [a + b for a, b in zip(h["counts"], part[m]["counts"], strict=True)]
+            h["sum"] += part[m]["sum"]
+            h["max"] = max(h["max"], part[m]["max"])
+    builds = sum(states.values())
+    busiest = max(range(hours), key=lambda i: per_hour[i]) if builds else None
+    return {
+        "builds": builds,
+        "states": dict(sorted(states.items())),
+        **{m: _summary_of(hists[m]) for m in _MEASURES},
+        "per_hour": per_hour,
+        "throughput_per_hour": builds / (span / HOUR),
+        "utilisation": busy / (capacity * span) if capacity > 0 else None,
+        "busiest_hour": None
+        if busiest is None
+        else {"start": now - span + busiest * HOUR, "builds": per_hour[busiest]},
+        "approximate": ["p50", "p90", "p99"],
+    }
+
+
+def _summary_of(h: dict[str, Any]) -> dict[str, Any]:
+    count = sum(h["counts"])
+    if count == 0:
+        return summary([])
+
+    def at(p: float) -> float:
+        rank, seen = max(1, math.ceil(p / 100 * count)), 0
+        for i, c in enumerate(h["counts"]):
+            seen += c
+            if seen >= rank:
+                return float(min(BUCKETS[i], h["max"])) if i < len(BUCKETS) else float(h["max"])
+        return float(h["max"])
+
+    return {
+        "count": count,
+        "mean": h["sum"] / count,
+        "p50": at(50),
+        "p90": at(90),
+        "p99": at(99),
+        "max": h["max"],
+    }
