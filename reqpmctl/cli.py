@@ -35,6 +35,8 @@ from reqpmctl.client import Client, ClientError, ResultExists, default_socket
 from reqpmctl.context import Ctx, Group, pass_ctx
 from reqpmctl.projects import projects
 from reqpmctl.repos import repos
+from reqpmctl.stats import metrics, stats
+from reqpmctl.top import top
 from reqpmd import __version__
 from reqpmd.builds.states import State
 from reqpmd.config.parse import parse_assignment
@@ -596,6 +598,9 @@ def hosts(c: Ctx) -> None:
 main.add_command(repos)
 main.add_command(cleanup)
 main.add_command(projects)
+main.add_command(top)
+main.add_command(stats)
+main.add_command(metrics)
 
 if __name__ == "__main__":
     main(prog_name="reqpmctl")

@@ -25,7 +25,7 @@ from reqpmd.builds.gates import Gates, disk_shortage
 from reqpmd.builds.layout import StateLayout
 from reqpmd.builds.process import Runner, Stopper, popen_runner
 from reqpmd.builds.scheduler import Scheduler
-from reqpmd.builds.store import Store
+from reqpmd.builds.store import Build, Store
 from reqpmd.cluster import Cluster
 from reqpmd.config.parse import load
 from reqpmd.config.schema import DEFAULT_CONFIG, Settings, SettingsInvalid
@@ -34,10 +34,13 @@ from reqpmd.control.operations import Operations
 from reqpmd.control.projects import ProjectOps
 from reqpmd.control.repositories import RepositoryOps
 from reqpmd.control.server import ControlServer, bind_socket
+from reqpmd.control.stats import StatsOps
 from reqpmd.errors import RedisUnavailable
+from reqpmd.live import Farm, Live
 from reqpmd.maintenance.job import Maintenance
 from reqpmd.maintenance.orphans import Orphans
 from reqpmd.maintenance.retention import Retention
+from reqpmd.metrics import Metrics
 from reqpmd.projects.registry import Projects
 from reqpmd.projects.syncer import ProjectSyncer
 from reqpmd.repos.publisher import Publisher
@@ -116,7 +119,13 @@ class Daemon:
             except RedisUnavailable as exc:  # the grace then ends by itself, in one lease
                 log.warning("could not end the restart grace of the embedded Redis: %s", exc)
         self.cluster = Cluster(client, self.limiter, current, self.store, self.redis_server)
-        self.publisher = Publisher(self.store, current)
+        self.metrics = Metrics(
+            lambda: self.status.status(),
+            lambda: self.cluster.hosts(),
+            lambda: current().build_timeout_minutes * 60,
+            s.host_id,
+        )
+        self.publisher = Publisher(self.store, current, on_failure=self.metrics.publish_failed)
         self.scheduler = Scheduler(
             self.store,
             self.limiter,
@@ -124,6 +133,7 @@ class Daemon:
             self.runner,
             self.gates,
             on_succeeded=self.publisher.wake,
+            on_end=self._build_ended,
         )
         self.projects = Projects(self.store)
         self.syncer = ProjectSyncer(
@@ -151,6 +161,11 @@ class Daemon:
         self.settings.subscribe(lambda settings, change: self.syncer.wake())
         inherited = listen_fds()
         sock = inherited[0] if inherited else bind_socket(s.socket_path, s.socket_group)
+        # reqpmctl top's view: built here in the main loop, once a second while watched
+        self.live = Live(Farm(self.status, self.cluster, self.store).snapshot)
+        if s.metrics_listen != "off":
+            self.metrics.serve(s.metrics_listen)
+        self.status.metrics_problem = lambda: self.metrics.listen_error
         # Know the state of Redis before the first client (maybe the one whose connection
         # started us through socket activation) asks for it.
         self.cluster.check(force=True)
@@ -164,6 +179,8 @@ class Daemon:
             RepositoryOps(self.publisher),
             ProjectOps(self.projects, self.syncer, current),
             self.maintenance,
+            StatsOps(self.store, self.cluster, self.status, current, self.metrics.text),
+            self.live,
             self.wake,
         )
         self.server = ControlServer(sock, operations, lambda: current().admin_group)
@@ -222,6 +239,11 @@ class Daemon:
         self.scheduler.tick(self.cluster.ok)
         self.cluster.heartbeat(self.status.host_record)
         self.notifier.status(self.status.line())
+        self.live.refresh()
+
+    def _build_ended(self, build: Build) -> None:
+        self.metrics.build_ended(build)
+        self.status.build_ended()
 
     def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stop = True

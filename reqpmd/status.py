@@ -4,12 +4,14 @@ the JSON shapes of builds and slots. It reads the services; it changes nothing."
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from reqpmd import __version__
-from reqpmd.builds.gates import describe_closed
+from reqpmd.builds.analytics import aggregates
+from reqpmd.builds.gates import describe_closed, load_per_cpu
 from reqpmd.builds.scheduler import InFlight, Scheduler
 from reqpmd.builds.states import State
 from reqpmd.builds.store import Build, Store
@@ -24,6 +26,7 @@ from reqpmd.slots.limiter import BuildConcurrencyLimiter, grace_text
 from reqpmd.slots.scripts import LIMIT_MAX, LIMIT_MIN
 
 _INTERNAL = ("pid", "pid_started")  # where mock runs is the daemon's business
+AGGREGATES_EVERY = 60.0  # seconds between recomputations of this host's stats
 
 
 def build_json(b: Build, store: Store) -> dict[str, Any]:
@@ -91,6 +94,11 @@ class Status:
         maintenance: Maintenance,
     ) -> None:
         self._maintenance = maintenance
+        self._agg: tuple[float, dict[str, Any]] | None = None
+        self._agg_lock = threading.Lock()
+        self._agg_dirty = False
+        # set by the daemon: why /metrics is not served, if it is not
+        self.metrics_problem: Callable[[], str | None] = lambda: None
         self._settings = settings
         self._publisher = publisher
         self._syncer = syncer
@@ -121,6 +129,9 @@ class Status:
         failing = self._publisher.problem()
         if failing:
             parts.append(failing)
+        metrics = self.metrics_problem()
+        if metrics:
+            parts.append(metrics)
         projects = self._syncer.failing()
         if projects:
             name = min(projects)
@@ -171,6 +182,7 @@ class Status:
             "publish": self._publisher.summary(),
             "projects": self._syncer.summary(),
             "cleanup": self._cleanup(),
+            "metrics_problem": self.metrics_problem(),
         }
         if c.ok:
             try:
@@ -197,6 +209,28 @@ class Status:
             "shortage": self._maintenance.shortage,
         }
 
+    def aggregates(self) -> dict[str, Any]:
+        """This host's stats for the standard windows, recomputed once a minute, or 10 s
+        after a build ended: they travel with every heartbeat, for `reqpmctl stats
+        --cluster` on any host."""
+        now = time.monotonic()
+        with self._agg_lock:
+            cached = self._agg
+            age = None if cached is None else now - cached[0]
+            if (
+                cached is None
+                or age is None
+                or age >= AGGREGATES_EVERY
+                or (self._agg_dirty and age >= 10.0)
+            ):
+                cached = self._agg = (now, aggregates(self._store, time.time()))
+                self._agg_dirty = False
+            return cached[1]
+
+    def build_ended(self) -> None:
+        """A build ended: the next heartbeat carries fresh figures (10 s apart at most)."""
+        self._agg_dirty = True
+
     def host_record(self) -> dict[str, Any]:
         """What this host tells the others with its heartbeat (``reqpmctl hosts``)."""
         s, flight = self._settings(), self._scheduler.in_flight()
@@ -209,4 +243,6 @@ class Status:
             "max_concurrent_builds": s.max_concurrent_builds,
             "host_max_builds": s.host_max_builds,
             "gates": [g.__dict__ for g in self._scheduler.last_gates],
+            "load": load_per_cpu(),
+            "stats": self.aggregates(),
         }

@@ -26,6 +26,7 @@ from reqpmd.control.operations import Operations
 from reqpmd.control.projects import ProjectOps
 from reqpmd.control.repositories import RepositoryOps
 from reqpmd.control.server import Peer, Request
+from reqpmd.control.stats import StatsOps
 from reqpmd.errors import (
     BadRequest,
     DiskFull,
@@ -34,6 +35,7 @@ from reqpmd.errors import (
     PermissionDenied,
     QuotaExceeded,
 )
+from reqpmd.live import Farm, Live
 from reqpmd.maintenance.job import Maintenance
 from reqpmd.maintenance.orphans import Orphans
 from reqpmd.maintenance.retention import Retention
@@ -138,6 +140,8 @@ def make_env(tmp_path: Path, make_limiter: MakeLimiter) -> Iterator[Callable[...
             RepositoryOps(publisher),
             ProjectOps(projects, syncer, current),
             maintenance,
+            StatsOps(store, cluster, status, current, lambda: "# metrics\n"),
+            Live(Farm(status, cluster, store).snapshot),
             lambda: wakes.append(1),
         )
         return Env(ops, settings, store, limiter, cluster, scheduler, status, config, wakes)

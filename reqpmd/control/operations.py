@@ -30,6 +30,7 @@ from reqpmd.control.projects import ProjectOps
 from reqpmd.control.quota import Quota, Uploads
 from reqpmd.control.repositories import RepositoryOps
 from reqpmd.control.server import Request
+from reqpmd.control.stats import StatsOps
 from reqpmd.control.submission import MAX_FILE_BYTES, check_chroot, check_submission
 from reqpmd.errors import (
     BadRequest,
@@ -40,6 +41,7 @@ from reqpmd.errors import (
     PermissionDenied,
     disk_full,
 )
+from reqpmd.live import Live
 from reqpmd.maintenance.job import Maintenance
 from reqpmd.quoting import shown
 from reqpmd.slots.limiter import BuildConcurrencyLimiter
@@ -105,6 +107,8 @@ class Operations:
         repos: RepositoryOps,
         projects: ProjectOps,
         maintenance: Maintenance,
+        stats: StatsOps,
+        live: Live,
         wake: Callable[[], None],
     ) -> None:
         self.settings = settings
@@ -117,6 +121,7 @@ class Operations:
         self._uploads = Uploads()
         self._quota = Quota(store, settings.current)
         self._fetching = threading.BoundedSemaphore(FETCHES_AT_ONCE)
+        self.live = live  # the daemon's main loop keeps it fresh
         self.ops: dict[str, Op] = {
             "ping": Op(self.ping),
             "status": Op(self.status),
@@ -140,6 +145,10 @@ class Operations:
             "slots.clear": Op(self.slots_clear, admin=True),
             "slots.end_grace": Op(self.slots_end_grace, admin=True),
             "hosts": Op(self.hosts),
+            # reqpmctl top's long poll: one shared snapshot, however many watch
+            "top.watch": Op(lambda req: self.live.request(req.args)),
+            "stats": Op(lambda req: stats.stats(req.args)),
+            "metrics": Op(lambda req: stats.metrics(req.args)),
             "repos.list": Op(lambda req: repos.list(req.args)),
             "repos.show": Op(lambda req: repos.show(req.args)),
             "repos.dnf_config": Op(lambda req: repos.dnf_config(req.args)),
