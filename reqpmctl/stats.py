@@ -75,8 +75,8 @@ def render(result: dict[str, Any]) -> str:
         )
         busiest = f["busiest_hour"]
         if busiest:
-            when = time.strftime("%Y-%m-%d %H:00", time.localtime(busiest["start"]))
-            lines.append(f"busiest hour: {when}, {busiest['builds']} builds")
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(busiest["start"]))
+            lines.append(f"busiest hour: from {when}, {busiest['builds']} builds")
         lines += [f"per hour:  |{sparkline(f['per_hour'][-72:])}|", ""]
     start = time.strftime("%Y-%m-%d %H:%M", time.localtime(result["since"]))
     end = time.strftime("%Y-%m-%d %H:%M", time.localtime(result["until"]))

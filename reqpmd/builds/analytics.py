@@ -98,7 +98,8 @@ def _figures(
     states: Counter[str] = Counter()
     waits, to_start, durations = [], [], []
     busy = 0.0
-    hours = max(1, min(MAX_HOURS, math.ceil((until - since) / HOUR)))
+    # a window asked for as "1h" reaches the daemon a moment later: not a second hour
+    hours = max(1, min(MAX_HOURS, math.ceil((until - since) / HOUR - 0.01)))
     per_hour = [0] * hours
     for state, _, _, _, _, submitted, waiting, started, finished in rows:
         states[str(state)] += 1
