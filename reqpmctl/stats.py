@@ -56,7 +56,7 @@ def render(result: dict[str, Any]) -> str:
         if f["builds"] == 0:
             lines += [f"{title}: no build ended in this window", ""]
             continue
-        states = ", ".join(f"{n} {s}" for s, n in f["states"].items())
+        states = ", ".join(f"{n} {output.safe(s)}" for s, n in f["states"].items())
         util = f["utilisation"]
         lines.append(
             f"{title}: {f['builds']} ended ({states}); "
@@ -81,7 +81,7 @@ def render(result: dict[str, Any]) -> str:
     start = time.strftime("%Y-%m-%d %H:%M", time.localtime(result["since"]))
     end = time.strftime("%Y-%m-%d %H:%M", time.localtime(result["until"]))
     hosts = result.get("hosts")
-    scope = f"{len(hosts)} hosts ({', '.join(hosts)})" if hosts else "this host"
+    scope = f"{len(hosts)} hosts ({', '.join(map(output.safe, hosts))})" if hosts else "this host"
     header = f"builds that ended {start} .. {end}, {scope}; capacity {result['capacity']} slots"
     return "\n".join([header, "", *lines]).rstrip()
 

@@ -321,6 +321,8 @@ class Cluster:
 
 # The fields of a heartbeat that reqpmctl reads, and the check of each value. A record
 # without host_id or last_seen is no heartbeat; the others are checked when present.
+# what a heartbeat may weigh: its reply to `reqpmctl hosts` and `top` must stay small
+MAX_HEARTBEAT_BYTES = 16 * 1024
 _HEARTBEAT_FIELDS: dict[str, Callable[[Any], bool]] = {
     "host_id": lambda v: isinstance(v, str),
     "last_seen": lambda v: (
@@ -346,6 +348,8 @@ _HEARTBEAT_REQUIRED = ("host_id", "last_seen")
 
 def _heartbeat(value: Any) -> dict[str, Any]:
     """A heartbeat read from Redis, or ValueError saying what is wrong with it."""
+    if len(value) > MAX_HEARTBEAT_BYTES:  # ours are a few KB: one this big is not ours
+        raise ValueError(f"{len(value)} bytes, over {MAX_HEARTBEAT_BYTES}")
     h = loads(value)
     if not isinstance(h, dict):
         raise ValueError("not a JSON object")

@@ -179,7 +179,7 @@ class Daemon:
             RepositoryOps(self.publisher),
             ProjectOps(self.projects, self.syncer, current),
             self.maintenance,
-            StatsOps(self.store, self.cluster, self.status, current, self.metrics.text),
+            StatsOps(self.store, self.cluster, current, self.metrics.text),
             self.live,
             self.wake,
         )

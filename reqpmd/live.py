@@ -257,15 +257,14 @@ class Farm:
         return hosts, None
 
     def _recent(self) -> list[dict[str, Any]]:
-        """The last builds that ended, newest id first (a scan down the primary key that
-        stops after RECENT of them)."""
+        """The last builds that ended, latest end first (the finished_at index, read
+        backwards, stops after RECENT of them)."""
         finals = tuple(sorted(str(s) for s in FINAL))
         marks = ", ".join("?" for _ in finals)
         rows = self._store.rows(
             "SELECT id, state, chroot, project, source, submitted_name, started_at, "
-            # "+state": not the state index, which would sort every ended build by id
-            f"finished_at FROM builds WHERE +state IN ({marks}) AND finished_at IS NOT NULL "
-            "ORDER BY id DESC LIMIT ?",
+            f"finished_at FROM builds WHERE finished_at IS NOT NULL AND +state IN ({marks})"
+            " ORDER BY finished_at DESC LIMIT ?",
             (*finals, RECENT),
         )
         return [

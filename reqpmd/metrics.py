@@ -181,8 +181,12 @@ class _Gauges(Collector):
             hosts = self.hosts()
         except RedisUnavailable:
             hosts = []  # reqpm_redis_up says why
-        for h in hosts:
-            seen.add_metric([str(h["host_id"])], float(h["last_seen"]))
+        latest: dict[str, float] = {}
+        for h in hosts:  # one series per peer, whatever Redis holds
+            peer = str(h["host_id"])
+            latest[peer] = max(latest.get(peer, 0.0), float(h["last_seen"]))
+        for peer, when in sorted(latest.items()):
+            seen.add_metric([peer], when)
         yield seen
 
 

@@ -4,6 +4,7 @@ the JSON shapes of builds and slots. It reads the services; it changes nothing."
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -97,6 +98,7 @@ class Status:
         self._agg: tuple[float, dict[str, Any]] | None = None
         self._agg_lock = threading.Lock()
         self._agg_dirty = False
+        self._agg_running = False
         # set by the daemon: why /metrics is not served, if it is not
         self.metrics_problem: Callable[[], str | None] = lambda: None
         self._settings = settings
@@ -210,22 +212,33 @@ class Status:
         }
 
     def aggregates(self) -> dict[str, Any]:
-        """This host's stats for the standard windows, recomputed once a minute, or 10 s
-        after a build ended: they travel with every heartbeat, for `reqpmctl stats
-        --cluster` on any host."""
+        """This host's stats for the standard windows, as last computed: they travel with
+        every heartbeat (for `reqpmctl stats --cluster` on any host), so they are
+        recomputed in a thread of their own once a minute, or 10 s after a build ended,
+        and the main loop never waits for the query."""
         now = time.monotonic()
         with self._agg_lock:
             cached = self._agg
             age = None if cached is None else now - cached[0]
-            if (
-                cached is None
-                or age is None
-                or age >= AGGREGATES_EVERY
-                or (self._agg_dirty and age >= 10.0)
-            ):
-                cached = self._agg = (now, aggregates(self._store, time.time()))
+            due = age is None or age >= AGGREGATES_EVERY or (self._agg_dirty and age >= 10.0)
+            start = due and not self._agg_running
+            if start:
+                self._agg_running = True
                 self._agg_dirty = False
-            return cached[1]
+        if start:
+            threading.Thread(target=self._recompute, name="aggregates", daemon=True).start()
+        return cached[1] if cached is not None else {}
+
+    def _recompute(self) -> None:
+        try:
+            result = aggregates(self._store, time.time())
+            with self._agg_lock:
+                self._agg = (time.monotonic(), result)
+        except Exception:  # a figure that cannot be read now is tried again later
+            logging.getLogger(__name__).exception("this host's stats could not be computed")
+        finally:
+            with self._agg_lock:
+                self._agg_running = False
 
     def build_ended(self) -> None:
         """A build ended: the next heartbeat carries fresh figures (10 s apart at most)."""

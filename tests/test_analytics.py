@@ -4,6 +4,7 @@ windows, groups, utilisation and the hours."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -139,3 +140,45 @@ def test_hosts_aggregates_merge_into_the_cluster_figures(tmp_path: Path) -> None
         {"1h": {**windows[0], "busy": float("inf")}},
     ):
         assert valid_aggregate(bad, "1h") is None
+
+
+def test_hostile_figures_from_other_hosts_are_refused_or_shown_escaped() -> None:
+    from reqpmctl.stats import render
+    from reqpmd.builds.analytics import valid_aggregate
+    from reqpmd.cluster import MAX_HEARTBEAT_BYTES, _heartbeat
+
+    good = {"states": {}, "per_hour": [0], "busy": 0}
+    assert valid_aggregate({"1h": {**good, "states": {"succeeded\x1b[31m": 1}}}, "1h") is None
+    with pytest.raises(ValueError, match="over"):
+        _heartbeat(
+            b'{"host_id": "x", "last_seen": 1, "pad": "' + b"x" * MAX_HEARTBEAT_BYTES + b'"}'
+        )
+    empty = {"builds": 0}
+    text = render(
+        {
+            "since": T0,
+            "until": T0 + HOUR,
+            "capacity": 2,
+            "by": None,
+            "all": empty,
+            "hosts": ["evil\x1b]0;owned\x07", "host-a"],
+        }
+    )
+    assert "\x1b" not in text and "\x07" not in text
+
+
+def test_a_queued_build_cancelled_counts_as_an_end(tmp_path: Path) -> None:
+    from reqpmd.builds.scheduler import Scheduler
+
+    store = Store(tmp_path)
+    ended: list[Any] = []
+    scheduler = Scheduler(store, None, lambda: None, None, on_end=ended.append)  # type: ignore[arg-type]
+    inputs = store.stage({"x.spec": b"x"})
+    first = store.submit(chroot="c", kind="spec", source="x.spec", inputs=inputs, priority=0, uid=0)
+    inputs = store.stage({"x.spec": b"x"})
+    second = store.submit(
+        chroot="c", kind="spec", source="x.spec", inputs=inputs, priority=0, uid=0
+    )
+    scheduler.cancel(first, "no longer wanted")
+    assert scheduler.cancel_if_queued(second, "superseded")
+    assert [(b.id, b.state) for b in ended] == [(first, State.CANCELLED), (second, State.CANCELLED)]

@@ -140,7 +140,7 @@ def make_env(tmp_path: Path, make_limiter: MakeLimiter) -> Iterator[Callable[...
             RepositoryOps(publisher),
             ProjectOps(projects, syncer, current),
             maintenance,
-            StatsOps(store, cluster, status, current, lambda: "# metrics\n"),
+            StatsOps(store, cluster, current, lambda: "# metrics\n"),
             Live(Farm(status, cluster, store).snapshot),
             lambda: wakes.append(1),
         )

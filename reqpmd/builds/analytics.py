@@ -17,6 +17,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+from reqpmd.builds.states import FINAL
 from reqpmd.builds.store import Store
 
 BY = ("chroot", "project", "host", "user")
@@ -134,6 +135,7 @@ WINDOWS = {"1h": HOUR, "24h": 24 * HOUR, "7d": 7 * 24 * HOUR}
 # upper bounds (seconds) of the histogram buckets; the last one is open-ended
 BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
 _MEASURES = ("slot_wait", "submit_to_start", "duration")
+_END_STATES = frozenset(str(s) for s in FINAL)
 
 
 def _histogram(values: list[float]) -> dict[str, Any]:
@@ -186,7 +188,7 @@ def valid_aggregate(value: Any, window: str) -> dict[str, Any] | None:
     hours = math.ceil(WINDOWS[window] / HOUR)
     ok = (
         isinstance(w.get("states"), dict)
-        and all(isinstance(k, str) and _count(v) for k, v in w["states"].items())
+        and all(k in _END_STATES and _count(v) for k, v in w["states"].items())
         and isinstance(w.get("per_hour"), list)
         and len(w["per_hour"]) == hours
         and all(_count(v) for v in w["per_hour"])

@@ -186,7 +186,7 @@ class Scheduler:
             if build.state != State.QUEUED and flight is not None and not flight.ended:
                 flight.stop.request(StopReason.CANCEL, note)  # its thread ends it cancelled
                 return build
-            return self.store.transition(build_id, State.CANCELLED, error=note)
+            return self._ended(self.store.transition(build_id, State.CANCELLED, error=note))
 
     @contextlib.contextmanager
     def holding(self, build_id: int) -> Iterator[bool]:
@@ -211,8 +211,13 @@ class Scheduler:
             build = self.store.get(build_id)
             if build.state != State.QUEUED or build_id in self._flights:
                 return False
-            self.store.transition(build_id, State.CANCELLED, error=note)
+            self._ended(self.store.transition(build_id, State.CANCELLED, error=note))
             return True
+
+    def _ended(self, build: Build) -> Build:
+        """Every end a build reaches outside a flight is told too (metrics, stats)."""
+        self.on_end(build)
+        return build
 
     def retry(self, build_id: int) -> Build:
         with self._lock:

@@ -7,13 +7,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from reqpmd.builds.analytics import BY, WINDOWS, merged, valid_aggregate, window_stats
+from reqpmd.builds.analytics import (
+    BY,
+    WINDOWS,
+    aggregates,
+    merged,
+    valid_aggregate,
+    window_stats,
+)
 from reqpmd.builds.store import Store
 from reqpmd.cluster import Cluster
 from reqpmd.config.schema import Settings
 from reqpmd.errors import InvalidArgument, RedisUnavailable
 from reqpmd.quoting import shown
-from reqpmd.status import Status
 
 WINDOW_SLACK = 0.05  # --cluster: a --since within 5% of 1h, 24h or 7d names that window
 
@@ -23,13 +29,11 @@ class StatsOps:
         self,
         store: Store,
         cluster: Cluster,
-        status: Status,
         settings: Callable[[], Settings],
         metrics_text: Callable[[], str],
     ) -> None:
         self.store = store
         self.cluster = cluster
-        self.status = status
         self.settings = settings
         self.metrics_text = metrics_text
 
@@ -62,11 +66,14 @@ class StatsOps:
             raise InvalidArgument("--cluster works with --since 1h, 24h or 7d")
         if by not in (None, "host"):
             raise InvalidArgument("--cluster groups by host only (the others' rows stay theirs)")
-        parts = {host: valid_aggregate(self.status.aggregates(), window)}
+        parts = {host: valid_aggregate(aggregates(self.store, now), window)}  # fresh: ours
+        stale: list[str] = []
         try:
             for h in self.cluster.hosts():
-                if h["host_id"] != host and not h.get("stale"):
+                if h["host_id"] != host:  # a stale host's last figures are still its history
                     parts[str(h["host_id"])] = valid_aggregate(h.get("stats"), window)
+                    if h.get("stale"):
+                        stale.append(str(h["host_id"]))
         except RedisUnavailable:
             pass  # this host's own figures, and hosts says why the others are missing
         good = {name: p for name, p in parts.items() if p is not None}
@@ -77,6 +84,7 @@ class StatsOps:
             "by": by,
             "hosts": sorted(good),
             "hosts_without_figures": sorted(set(parts) - set(good)),
+            "stale_hosts": sorted(stale),  # figures as of their last heartbeat
             "all": merged(list(good.values()), window, now, capacity),
         }
         if by == "host":
