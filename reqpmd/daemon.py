@@ -163,7 +163,7 @@ class Daemon:
         sock = inherited[0] if inherited else bind_socket(s.socket_path, s.socket_group)
         # reqpmctl top's view: built here in the main loop, once a second while watched
         self.live = Live(Farm(self.status, self.cluster, self.store).snapshot)
-        if s.metrics_listen != "off":
+        if s.metrics_listen not in ("", "off"):
             self.metrics.serve(s.metrics_listen)
         self.status.metrics_problem = lambda: self.metrics.listen_error
         # Know the state of Redis before the first client (maybe the one whose connection

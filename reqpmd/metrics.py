@@ -13,15 +13,19 @@ carry ``host`` and describe that host alone.
 from __future__ import annotations
 
 import logging
+import socket
+import socketserver
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
     generate_latest,
-    start_http_server,
+    make_wsgi_app,
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -100,13 +104,15 @@ class Metrics:
             return
         host = match["host"].strip("[]")
         try:
-            start_http_server(int(match["port"]), addr=host, registry=self.registry)
+            server = _make_server(host, int(match["port"]), make_wsgi_app(self.registry))
         except OSError as exc:
             self.listen_error = f"cannot serve metrics on {listen}: {exc.strerror or exc}"
             log.error("%s; reqpmd runs on without its /metrics endpoint", self.listen_error)
             return
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
         self.listening = listen
-        log.info("serving Prometheus metrics at http://%s/metrics", listen)
+        bound = server.server_address
+        log.info("serving Prometheus metrics at http://%s/metrics (bound to %s)", listen, bound)
 
 
 class _Gauges(Collector):
@@ -192,3 +198,48 @@ class _Gauges(Collector):
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, value=value)
+
+
+# the endpoint has no authentication: bounded, so a scanner cannot pile up threads
+MAX_CONNECTIONS = 16
+CONNECTION_TIMEOUT = 10.0  # seconds a scraper may take to send its request
+
+
+class _Handler(WSGIRequestHandler):
+    timeout = CONNECTION_TIMEOUT
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # a scrape every few seconds is not news for the journal
+
+
+class _Server(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(self, address: tuple[str, int], family: int) -> None:
+        self.address_family = family
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # over the cap: closed at once
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def _make_server(host: str, port: int, app: Any) -> _Server:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server = _Server((host, port), family)
+    server.set_app(app)
+    return server

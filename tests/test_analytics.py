@@ -182,3 +182,16 @@ def test_a_queued_build_cancelled_counts_as_an_end(tmp_path: Path) -> None:
     scheduler.cancel(first, "no longer wanted")
     assert scheduler.cancel_if_queued(second, "superseded")
     assert [(b.id, b.state) for b in ended] == [(first, State.CANCELLED), (second, State.CANCELLED)]
+
+
+def test_builds_still_running_count_in_utilisation(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    with store.tx() as db:  # two builds holding both slots for the whole hour, not ended
+        for _ in range(2):
+            db.execute(
+                "INSERT INTO builds (state, chroot, kind, source, submitted_by, submitted_at,"
+                " waiting_at, started_at) VALUES ('building', 'c1', 'spec', 'x.spec', 0, ?, ?, ?)",
+                (T0 - 7200, T0 - 7200, T0 - 7200),
+            )
+    a = window_stats(store, T0, T0 + HOUR, capacity=2, by="chroot")
+    assert a["all"]["builds"] == 0 and a["all"]["utilisation"] == 1.0

@@ -149,3 +149,30 @@ def test_the_shipped_alert_rules_check_and_fire_as_documented() -> None:
         [promtool, "test", "rules", str(unit)], capture_output=True, text=True, cwd=unit.parent
     )
     assert test.returncode == 0, test.stdout + test.stderr
+
+
+def test_idle_connections_to_the_endpoint_are_capped() -> None:
+    import threading
+
+    from reqpmd.metrics import MAX_CONNECTIONS
+
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    m = Metrics(status, hosts, lambda: 0.0, "h1")
+    m.serve(f"127.0.0.1:{port}")
+    before = threading.active_count()
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_CONNECTIONS + 20)]
+    try:
+        # each idle one is answered by a thread, or closed at once past the cap
+        closed = 0
+        for s in idle[MAX_CONNECTIONS:]:
+            s.settimeout(5)
+            if s.recv(1) == b"":
+                closed += 1
+        assert closed == 20
+        assert threading.active_count() <= before + MAX_CONNECTIONS
+    finally:
+        for s in idle:
+            s.close()

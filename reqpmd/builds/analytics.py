@@ -4,8 +4,9 @@ For the builds that ended in a window: how many ended in each state; the time wa
 a slot (waiting -> building) and from submit to start; the build's duration; each as
 count, mean, p50, p90, p99 and max (nearest-rank percentiles: the smallest value with at
 least p% of the values at or below it, so every figure is one that was measured);
-throughput (builds ended per hour); slot utilisation (the busy slot-seconds of those
-builds inside the window over the capacity, max_concurrent_builds x the window); the
+throughput (builds ended per hour); slot utilisation (the busy slot-seconds inside the
+window, of those builds and of the builds still running, over the capacity,
+max_concurrent_builds x the window); the
 busiest hour; and the builds ended in each hour of the window. One indexed query
 (builds.finished_at) reads only the window's rows.
 """
@@ -70,15 +71,29 @@ def window_stats(
     groups: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
     for row in rows:
         groups[_key(row, by, host)].append(row)
+    # builds still running hold slots too: their time inside the window is busy time
+    running = store.rows(
+        "SELECT chroot, project, submitted_name, submitted_by, started_at FROM builds"
+        " WHERE state = 'building' AND started_at IS NOT NULL AND started_at < ?",
+        (until,),
+    )
+    busy: dict[str, float] = defaultdict(float)
+    for chroot, project, name, uid, started in running:
+        held = max(0.0, until - max(started, since))
+        busy[""] += held
+        busy[_key(("", chroot, project, name, uid), by, host)] += held
     out: dict[str, Any] = {
         "since": since,
         "until": until,
         "capacity": capacity,
         "by": by,
-        "all": _figures(rows, since, until, capacity),
+        "all": _figures(rows, since, until, capacity, busy[""]),
     }
     if by is not None:
-        out["groups"] = {k: _figures(v, since, until, capacity) for k, v in sorted(groups.items())}
+        out["groups"] = {
+            k: _figures(v, since, until, capacity, busy.get(k, 0.0))
+            for k, v in sorted(groups.items())
+        }
     return out
 
 
@@ -94,11 +109,15 @@ def _key(row: tuple[Any, ...], by: str | None, host: str) -> str:
 
 
 def _figures(
-    rows: Sequence[tuple[Any, ...]], since: float, until: float, capacity: int
+    rows: Sequence[tuple[Any, ...]],
+    since: float,
+    until: float,
+    capacity: int,
+    running_busy: float = 0.0,
 ) -> dict[str, Any]:
     states: Counter[str] = Counter()
     waits, to_start, durations = [], [], []
-    busy = 0.0
+    busy = running_busy
     # a window asked for as "1h" reaches the daemon a moment later: not a second hour
     hours = max(1, min(MAX_HOURS, math.ceil((until - since) / HOUR - 0.01)))
     per_hour = [0] * hours

@@ -249,8 +249,9 @@ class Settings:
         1000,
     )
     metrics_listen: str = _setting(
-        "off",
-        "serve Prometheus metrics at http://HOST:PORT/metrics, for example 127.0.0.1:9464",
+        "",
+        "serve Prometheus metrics at http://HOST:PORT/metrics, for example 127.0.0.1:9464 "
+        "(empty, the default, or 'off': no endpoint; reqpmctl metrics works either way)",
         pattern=LISTEN_RE,
         pattern_doc="'off' or HOST:PORT with a port from 1 to 65535",
         restart=True,
