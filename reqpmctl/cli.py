@@ -100,6 +100,9 @@ def status(c: Ctx) -> None:
         )
         for chroot, problem in sorted(pub["failing_repos"].items()):
             lines.append(f"repo:    {output.safe(chroot)} FAILING: {output.safe(problem['error'])}")
+    auto = st.get("auto_scale")
+    if auto:
+        lines.append(f"scale:   auto_scale cap {auto['cap']} ({output.safe(auto['why'])})")
     cl = st.get("cleanup")
     if cl and cl.get("last_at"):
         lines.append(
@@ -559,6 +562,13 @@ def builds_fetch(c: Ctx, build_id: int, dest: Path, rpms_only: bool, force: bool
 # -- hosts ---------------------------------------------------------------------------------------
 
 
+def _auto_cap(auto: Any) -> str:
+    """A host's auto-scaled cap and why it last moved, as its heartbeat says."""
+    if not isinstance(auto, dict):
+        return "-"
+    return output.safe(f"{auto.get('cap', '?')}: {auto.get('why', '')}")
+
+
 @main.command()
 @pass_ctx
 def hosts(c: Ctx) -> None:
@@ -566,7 +576,17 @@ def hosts(c: Ctx) -> None:
     rows = c.call("hosts")
     limits = {h.get("max_concurrent_builds") for h in rows if not h.get("stale")}
     table = output.table(
-        ["HOST", "LAST SEEN", "BUILDING", "WAITING", "QUEUED", "LIMIT", "HOST CAP", "GATES"],
+        [
+            "HOST",
+            "LAST SEEN",
+            "BUILDING",
+            "WAITING",
+            "QUEUED",
+            "LIMIT",
+            "HOST CAP",
+            "AUTO CAP",
+            "GATES",
+        ],
         [
             [
                 output.safe(h["host_id"]),
@@ -576,6 +596,7 @@ def hosts(c: Ctx) -> None:
                 h.get("queued", "?"),
                 h.get("max_concurrent_builds", "?"),
                 h.get("host_max_builds") or "-",
+                _auto_cap(h.get("auto_scale")),
                 ", ".join(
                     f"{output.safe(g.get('name', '?'))}:{'open' if g.get('open') else 'CLOSED'}"
                     for g in h.get("gates") or []

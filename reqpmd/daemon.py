@@ -21,6 +21,7 @@ from types import FrameType
 import redis
 
 from reqpmd import __version__
+from reqpmd.builds.autoscale import AutoScaler
 from reqpmd.builds.gates import Gates, disk_shortage
 from reqpmd.builds.layout import StateLayout
 from reqpmd.builds.process import Runner, Stopper, popen_runner
@@ -134,6 +135,8 @@ class Daemon:
             self.gates,
             on_succeeded=self.publisher.wake,
             on_end=self._build_ended,
+            autoscaler=AutoScaler(current),
+            ceiling=lambda: self.cluster.limit(),
         )
         self.projects = Projects(self.store)
         self.syncer = ProjectSyncer(

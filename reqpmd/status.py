@@ -185,6 +185,7 @@ class Status:
             "projects": self._syncer.summary(),
             "cleanup": self._cleanup(),
             "metrics_problem": self.metrics_problem(),
+            "auto_scale": self._auto_scale(),
         }
         if c.ok:
             try:
@@ -210,6 +211,13 @@ class Status:
             "last_roots_scrubbed": len(last["orphaned_roots"]["scrubbed"]) if last else None,
             "shortage": self._maintenance.shortage,
         }
+
+    def _auto_scale(self) -> dict[str, Any] | None:
+        """This host's auto-scaled cap and why it last moved, while auto_scale is on."""
+        scaler = self._scheduler.autoscaler
+        if not self._settings().auto_scale or scaler is None:
+            return None
+        return {"cap": scaler.current, "why": scaler.why}
 
     def aggregates(self) -> dict[str, Any]:
         """This host's stats for the standard windows, as last computed: they travel with
@@ -257,5 +265,6 @@ class Status:
             "host_max_builds": s.host_max_builds,
             "gates": [g.__dict__ for g in self._scheduler.last_gates],
             "load": load_per_cpu(),
+            "auto_scale": self._auto_scale(),
             "stats": self.aggregates(),
         }

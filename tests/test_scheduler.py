@@ -1052,3 +1052,34 @@ def test_a_build_being_recovered_cannot_be_cancelled_or_retried_meanwhile(rig: R
     wait_until(lambda: rig.scheduler.recovering == set(), what="recovery done")
     rig.scheduler.cancel(left)  # now it may be
     assert rig.get(left).state == State.CANCELLED
+
+
+def test_auto_scale_caps_this_host_and_withdraws_its_extra_waiters(rig: Rig) -> None:
+    from reqpmd.builds.autoscale import AutoScaler, Sample
+
+    rig.overrides.update({"auto_scale": True, "host_max_builds": 4})
+    load = [Sample(0.1, 64000, None, None)]
+    scaler = AutoScaler(rig.settings, source=lambda: load[0], clock=rig.clock)
+    scaler.current = 3
+    rig._scheduler = Scheduler(
+        rig.store,
+        cast(BuildConcurrencyLimiter, rig.limiter),
+        rig.settings,
+        rig.runner,
+        gates=rig.gates,
+        clock=rig.clock,
+        autoscaler=scaler,
+    )
+    rig.runner.codes["rebuild"] = None
+    rig.limiter.block = True  # slots are granted by the test: the others wait
+    ids = [rig.submit_srpm() for _ in range(4)]
+    rig.tick()
+    rig.limiter.call_for(ids[0]).granted.set()
+    rig.runner.started("rebuild", ids[0])
+    wait_until(lambda: rig.scheduler.in_flight() == InFlight(1, 2), what="1 building, 2 waiting")
+    assert rig.get(ids[3]).state == State.QUEUED  # the cap is 3
+    load[0] = Sample(5.0, 64000, None, None)  # the host is overloaded: the cap halves to 1
+    rig.tick()
+    wait_until(lambda: rig.scheduler.in_flight() == InFlight(1, 0), what="the waiters withdrawn")
+    assert [rig.get(i).state for i in ids[:3]] == [State.BUILDING, State.QUEUED, State.QUEUED]
+    assert "auto_scale lowered" in (rig.get(ids[2]).error or "")

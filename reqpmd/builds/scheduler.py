@@ -20,6 +20,7 @@ from typing import Any
 
 from reqpmd.backoff import Backoff
 from reqpmd.builds import gates as gates_mod
+from reqpmd.builds.autoscale import AutoScaler
 from reqpmd.builds.events import build_event
 from reqpmd.builds.gates import Gate, Gates
 from reqpmd.builds.lifecycle import (
@@ -87,7 +88,11 @@ class Scheduler:
         clock: Callable[[], float] = time.monotonic,
         on_succeeded: Callable[[int], None] = lambda build_id: None,
         on_end: Callable[[Build], None] = lambda build: None,
+        autoscaler: AutoScaler | None = None,
+        ceiling: Callable[[], int] = lambda: 1,
     ) -> None:
+        self.autoscaler = autoscaler  # used while auto_scale is on
+        self.ceiling = ceiling  # the cluster limit in force (auto_scale never goes above)
         self.store = store
         self.on_succeeded = on_succeeded  # the publisher's wake-up
         self.on_end = on_end  # every end state a run records (metrics)
@@ -137,6 +142,9 @@ class Scheduler:
             # With a host cap, never wait for more slots than this host may use; without
             # one, every queued build may wait (bounded: each waiter is a thread).
             cap = s.host_max_builds or building + MAX_WAITING
+            if s.auto_scale and self.autoscaler is not None:
+                cap = self.autoscaler.cap(s.host_max_builds or self.ceiling())
+                self._withdraw_above(cap)
             try:
                 while len(self._flights) < cap:
                     build = self.store.next_queued(exclude=set(self._flights) | self._held)
@@ -151,6 +159,15 @@ class Scheduler:
                 self.write_error = f"state_dir is full: {exc}"
                 return
             self.write_error = None
+
+    def _withdraw_above(self, cap: int) -> None:
+        """After the auto-scaled cap went down, this host's waiters above it leave the
+        cluster queue (newest first), so other hosts get those slots; running builds go on."""
+        waiting = [f for f in self._flights.values() if not f.building and not f.stop.requested]
+        excess = len(self._flights) - cap
+        for f in sorted(waiting, key=lambda f: f.build_id, reverse=True)[: max(0, excess)]:
+            build_event(f.build_id, f"leaving the slot queue: auto_scale cap is {cap}")
+            f.stop.request(StopReason.REQUEUE, "auto_scale lowered this host's cap")
 
     def _launch(self, build: Build) -> None:
         flight = Flight(build.id)

@@ -256,6 +256,27 @@ class Settings:
         pattern_doc="'off' or HOST:PORT with a port from 1 to 65535",
         restart=True,
     )
+    auto_scale: bool = _setting(
+        False,
+        "let this host's load decide how many builds it runs, from 1 up to host_max_builds "
+        "(or the cluster limit when that is 0), never above the cluster limit",
+    )
+    auto_scale_load_per_cpu: float = _setting(
+        0.8, "auto_scale adds a build only while the 1-minute load per CPU is under this", 0.05, 64
+    )
+    auto_scale_min_free_memory_mb: int = _setting(
+        2048, "auto_scale adds a build only while this much memory (MB) is available", 0, 10_000_000
+    )
+    auto_scale_max_pressure: float = _setting(
+        10.0,
+        "auto_scale adds a build only while CPU and memory pressure (/proc/pressure, avg10 %) "
+        "are under this",
+        0,
+        100,
+    )
+    auto_scale_interval_seconds: int = _setting(
+        60, "seconds of headroom before auto_scale adds one more build", 5, 3600
+    )
     keep_failed_roots: bool = _setting(False, "keep a failed build's mock root for debugging")
     cancel_grace_seconds: int = _setting(
         5, "seconds between SIGINT, SIGTERM and SIGKILL when stopping mock", 1, 120
