@@ -21,6 +21,7 @@ from typing import IO, Any, cast
 import pytest
 
 from reqpmd.builds import process
+from reqpmd.builds.autoscale import AutoScaler
 from reqpmd.builds.gates import Gates
 from reqpmd.builds.process import Stopper
 from reqpmd.builds.scheduler import MAX_WAITING, InFlight, Scheduler, slot_name
@@ -285,6 +286,7 @@ class Rig:
         self.disk_asked: list[Path] = []
         self.gates = Gates(disk_free=self._disk_free, load=lambda: 0.0)
         self._scheduler: Scheduler | None = None
+        self.autoscaler: AutoScaler | None = None  # set before the first use of scheduler
 
     def _disk_free(self, path: Path) -> int:
         """free_bytes under mock's root dir; state_dir has room (its gate has own tests)."""
@@ -316,6 +318,7 @@ class Rig:
                 self.runner,
                 gates=self.gates,
                 clock=self.clock,
+                autoscaler=self.autoscaler,
             )
         return self._scheduler
 
@@ -1055,21 +1058,12 @@ def test_a_build_being_recovered_cannot_be_cancelled_or_retried_meanwhile(rig: R
 
 
 def test_auto_scale_caps_this_host_and_withdraws_its_extra_waiters(rig: Rig) -> None:
-    from reqpmd.builds.autoscale import AutoScaler, Sample
+    from reqpmd.builds.autoscale import Sample
 
     rig.overrides.update({"auto_scale": True, "host_max_builds": 4})
     load = [Sample(0.1, 64000, None, None)]
-    scaler = AutoScaler(rig.settings, source=lambda: load[0], clock=rig.clock)
-    scaler.current = 3
-    rig._scheduler = Scheduler(
-        rig.store,
-        cast(BuildConcurrencyLimiter, rig.limiter),
-        rig.settings,
-        rig.runner,
-        gates=rig.gates,
-        clock=rig.clock,
-        autoscaler=scaler,
-    )
+    rig.autoscaler = AutoScaler(rig.settings, source=lambda: load[0], clock=rig.clock)
+    rig.autoscaler.current = 3
     rig.runner.codes["rebuild"] = None
     rig.limiter.block = True  # slots are granted by the test: the others wait
     ids = [rig.submit_srpm() for _ in range(4)]
