@@ -10,8 +10,6 @@ from reqpmctl import output
 from reqpmctl.context import Ctx, pass_ctx
 from reqpmctl.repos import size
 
-CLEANUP_TIMEOUT = 3600.0  # scrubs of orphaned roots may take minutes each
-
 
 @click.command()
 @click.option("--dry-run", "dry_run", is_flag=True, help="Show what would go; change nothing.")
@@ -29,8 +27,7 @@ def cleanup(c: Ctx, dry_run: bool, now: bool) -> None:
         c.emit(plan, _plan_text(plan))
         return
     with c.client() as client:
-        client.timeout = CLEANUP_TIMEOUT
-        report = client.call("cleanup.run")
+        report = client.cleanup_now()
     c.emit(report, _report_text(report))
 
 

@@ -20,6 +20,7 @@ from reqpmd.quoting import printable, shown
 
 DEFAULT_SOCKET = "/run/reqpm/reqpmd.sock"
 SUBMIT_TIMEOUT = 900.0
+CLEANUP_TIMEOUT = 3600.0  # a cleanup scrubs orphaned mock roots: minutes each
 SYNC_TIMEOUT = 960.0  # a little over the daemon's own wait (control.repositories.SYNC_WAIT)
 # The daemon hashes a page of result files before it answers: big packages, slow disk.
 FETCH_TIMEOUT = 600.0
@@ -241,6 +242,11 @@ class Client:
         finally:
             if self._sock is not None:
                 self._sock.settimeout(self.timeout)
+
+    def cleanup_now(self) -> dict[str, Any]:
+        """Run the cleanup; the daemon answers when it is done."""
+        with self._patience(CLEANUP_TIMEOUT):
+            return dict(self.call("cleanup.run"))
 
     def sync_repos(self, chroot: str | None, wait: bool, full: bool = False) -> dict[str, Any]:
         """Ask for a repository sync; with ``wait``, the answer comes when it is done."""

@@ -26,6 +26,7 @@ from reqpmd.cluster import Cluster
 from reqpmd.config.schema import BY_NAME, shown_setting, unknown_key_error
 from reqpmd.config.transaction import SettingsService
 from reqpmd.control import protocol
+from reqpmd.control.args import bool_arg
 from reqpmd.control.projects import ProjectOps
 from reqpmd.control.quota import Quota, Uploads
 from reqpmd.control.repositories import RepositoryOps
@@ -75,13 +76,6 @@ class Op:
 
 def _int_arg(args: dict[str, Any], key: str, lo: int, hi: int, default: int | None = None) -> int:
     return int_in_range(key, args.get(key, default), lo, hi)
-
-
-def _bool_arg(args: dict[str, Any], key: str) -> bool:
-    value = args.get(key, False)
-    if not isinstance(value, bool):
-        raise InvalidArgument(f"{key} must be true or false, not {shown(value)}")
-    return value
 
 
 def _cursor_arg(args: dict[str, Any]) -> str | None:
@@ -237,12 +231,7 @@ class Operations:
         build = self.store.get(build_id)
         result_dir = self.store.files(build.id).result
         page, following = results.page_after(results.list_names(result_dir), after, RESULTS_PAGE)
-        # hashing reads whole files: as few at once as fetches hold descriptors
-        if not self._fetching.acquire(timeout=FETCH_WAIT):
-            raise Busy(
-                f"{FETCHES_AT_ONCE} listings and fetches are being answered and yours "
-                f"waited {FETCH_WAIT:.0f}s; try again in a moment"
-            )
+        self._take_fetch_turn()  # hashing reads whole files: as few at once as fetches
         try:
             files = results.list_results(result_dir, page)
         finally:
@@ -254,12 +243,21 @@ class Operations:
             "next": following,
         }
 
+    def _take_fetch_turn(self) -> None:
+        """One of FETCHES_AT_ONCE turns to read result files, or Busy after FETCH_WAIT;
+        the caller releases it."""
+        if not self._fetching.acquire(timeout=FETCH_WAIT):
+            raise Busy(
+                f"{FETCHES_AT_ONCE} listings and fetches are being answered and yours "
+                f"waited {FETCH_WAIT:.0f}s; try again in a moment"
+            )
+
     def build_fetch(self, req: Request) -> protocol.WithFds:
         """Descriptors of a finished build's result files, FETCH_PAGE per reply, in the
         order of the reply's ``files``. Descriptors, not paths: the client needs no
         access to state_dir, and reads exactly the file that was described."""
         build_id = _int_arg(req.args, "id", 1, MAX_ID)
-        rpms_only = _bool_arg(req.args, "rpms_only")
+        rpms_only = bool_arg(req.args, "rpms_only")
         after = _cursor_arg(req.args)
         build = self.store.get(build_id)
         if not build.state.final:
@@ -274,11 +272,7 @@ class Operations:
             if not rpms_only or results.kind_of(n) in results.RPM_KINDS
         ]
         page, following = results.page_after(names, after, FETCH_PAGE)
-        if not self._fetching.acquire(timeout=FETCH_WAIT):
-            raise Busy(
-                f"{FETCHES_AT_ONCE} fetches are being answered and yours waited "
-                f"{FETCH_WAIT:.0f}s; try again in a moment"
-            )
+        self._take_fetch_turn()
         try:
             opened = results.open_described(result_dir, page)
         except BaseException:
@@ -326,9 +320,7 @@ class Operations:
                 f"priority {priority} is above max_user_priority={bound}: only admins "
                 f"(root or group {self.settings.current().admin_group}) may submit above it"
             )
-        publish = args.get("publish", True)
-        if not isinstance(publish, bool):
-            raise InvalidArgument(f"publish must be true or false, not {shown(publish)}")
+        publish = bool_arg(args, "publish", default=True)
         sub = check_submission(args.get("files"), req.fds)
         self._check_room(sub.size)
         with self._uploads.storing(req.peer), self._quota.reserve(req.peer, sub.size):

@@ -10,6 +10,7 @@ from typing import Any
 
 from reqpmd.checks import int_in_range
 from reqpmd.config.schema import Settings
+from reqpmd.control.args import bool_arg
 from reqpmd.control.submission import check_chroot
 from reqpmd.errors import AlreadyExists, InvalidArgument
 from reqpmd.projects import git
@@ -75,9 +76,7 @@ class ProjectOps:
                 "priority", args.get("priority", 0), -MAX_PRIORITY, MAX_PRIORITY
             )
         if "enabled" in args:
-            if not isinstance(args["enabled"], bool):
-                raise InvalidArgument("enabled must be true or false")
-            out["enabled"] = args["enabled"]
+            out["enabled"] = bool_arg(args, "enabled")
         return out
 
     def add(self, args: dict[str, Any], who: str) -> dict[str, Any]:
@@ -162,9 +161,7 @@ class ProjectOps:
     def sync(self, args: dict[str, Any]) -> dict[str, Any]:
         name = check_name(args.get("name"))
         self.projects.get(name)
-        wait = args.get("wait", False)
-        if not isinstance(wait, bool):
-            raise InvalidArgument("wait must be true or false")
+        wait = bool_arg(args, "wait")
         request = self.syncer.request_sync(name)
         if not wait:
             return {"name": name, "requested": True, "done": False}

@@ -10,8 +10,9 @@ import urllib.parse
 from typing import Any
 
 from reqpmd.checks import int_in_range
+from reqpmd.control.args import bool_arg
 from reqpmd.control.submission import check_chroot
-from reqpmd.errors import InvalidArgument, NotFound
+from reqpmd.errors import NotFound
 from reqpmd.repos.metadata import MetadataError, Package
 from reqpmd.repos.publisher import Publisher
 from reqpmd.repos.repository import Repository, package_json
@@ -80,9 +81,7 @@ class RepositoryOps:
         chroot = args.get("chroot")
         if chroot is not None:
             chroot = self._repo(args).chroot
-        wait, full = args.get("wait", False), args.get("full", False)
-        if not isinstance(wait, bool) or not isinstance(full, bool):
-            raise InvalidArgument("wait and full must be true or false")
+        wait, full = bool_arg(args, "wait"), bool_arg(args, "full")
         request = self.publisher.request_sync(chroot, full)
         if not wait:
             return {"requested": chroot or "all", "done": False, "results": {}}

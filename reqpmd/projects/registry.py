@@ -36,6 +36,12 @@ CREATE TABLE IF NOT EXISTS projects (
 """
 
 
+def sync_submitter(name: str) -> str:
+    """How a project's sync builds name their submitter; builds someone asked for add
+    ", asked by WHO", and so are never taken for a sync's own (superseding)."""
+    return f"project {name}"
+
+
 @dataclass(frozen=True)
 class Project:
     name: str
@@ -131,7 +137,7 @@ class Projects:
         rows = self.store.rows(
             "SELECT id, commit_id FROM builds WHERE project = ? AND chroot = ? AND state = ?"
             " AND submitted_name = ?",  # a sync's own builds, not those someone asked for
-            (name, chroot, State.QUEUED, f"project {name}"),
+            (name, chroot, State.QUEUED, sync_submitter(name)),
         )
         return [(int(i), c) for i, c in rows]
 

@@ -34,7 +34,7 @@ from reqpmd.config.schema import Settings
 from reqpmd.errors import InvalidArgument, NotFound
 from reqpmd.projects.export import ExportError, SpecPath, choose_spec, export, missing_sources
 from reqpmd.projects.git import Git, GitError, shown_url
-from reqpmd.projects.registry import Project, Projects
+from reqpmd.projects.registry import Project, Projects, sync_submitter
 from reqpmd.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -46,11 +46,6 @@ RETRY_FIRST, RETRY_CAP = 30.0, 3600.0  # backoff of a failing fetch, seconds
 # a file of a project's spec directory, as large as a submitted one may be
 MAX_EXPORT_FILE = 2 * 1024**3
 _TIMINGS = re.compile(r"\d+(\.\d+)? ?(ms|milliseconds|seconds|s)\b")
-
-
-def _by_sync(name: str) -> str:
-    """How a project's sync builds name their submitter (the asker's builds add to it)."""
-    return f"project {name}"
 
 
 @dataclass
@@ -266,7 +261,7 @@ class ProjectSyncer(Worker):
         by nothing."""
         spec = choose_spec(self.git, clone, commit, project.spec)
         tree = export(self.git, clone, commit, spec, self.store.layout.incoming)
-        user = _by_sync(project.name)
+        user = sync_submitter(project.name)
         if asked_by is not None:
             user += f", asked by {asked_by}"
         try:
