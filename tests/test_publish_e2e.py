@@ -135,6 +135,19 @@ def test_succeeded_builds_are_in_a_repository_dnf_reads(
     assert ctl(d, "repos", "show", "no-such-chroot").returncode == protocol.EXIT_NOT_FOUND
     nobody = ctl(d, "repos", "sync", as_user=NOBODY)
     assert nobody.returncode == protocol.EXIT_PERMISSION, nobody.stderr
+    # a member of the socket group who cannot read state_dir fetches a build's packages
+    dest = d.root / "fetched-by-nobody"
+    dest.mkdir()
+    os.chmod(dest, 0o777)
+    fetched = ctl(
+        d, "builds", "fetch", str(ids["greet"]), "--dest", str(dest), "--rpms-only", as_user=NOBODY
+    )
+    assert fetched.returncode == 0, fetched.stderr
+    assert sorted(p.name for p in dest.iterdir()) == [
+        "greet-2.1-3.noarch.rpm",
+        "greet-2.1-3.src.rpm",
+    ]
+    assert all(p.stat().st_uid == NOBODY[0] for p in dest.iterdir())
 
 
 class ForeignRun:
