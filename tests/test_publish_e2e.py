@@ -229,7 +229,7 @@ def test_a_publish_failure_never_fails_the_build_and_is_retried_after_a_crash(
     status = d.call("status")
     assert "Read-only" in status["publish"]["failing_repos"][CHROOT]["error"]
     assert f"repository {CHROOT} failing" in status["summary"]
-    assert "repository fedora-42-x86_64: cannot put its packages" in d.log()
+    wait_for(lambda: "repository fedora-42-x86_64: cannot put its packages" in d.log())
 
     d.kill9()  # a crash while the publish is owed: the next start owes it still
     subprocess.run(["mount", "-o", "remount,rw", str(read_only_dir)], check=True)
