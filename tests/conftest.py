@@ -16,6 +16,7 @@ from reqpmd.concurrency import BuildConcurrencyLimiter
 from reqpmd.slots.server import RedisServer
 from tests.daemon_harness import Reqpmd
 from tests.sandbox import Sandbox, SandboxRefused
+from tests.workers import Worker
 
 MakeLimiter = Callable[..., BuildConcurrencyLimiter]
 
@@ -34,6 +35,24 @@ def make_limiter() -> Iterator[MakeLimiter]:
     yield make
     for lim in made:
         lim.close()
+
+
+MakeWorker = Callable[..., Worker]
+
+
+@pytest.fixture
+def workers(redis_server: RedisServer) -> Iterator[MakeWorker]:
+    """Limiter clients in processes of their own (tests/slot_worker.py)."""
+    started: list[Worker] = []
+
+    def make(**kwargs: object) -> Worker:
+        w = Worker(redis_server.socket_path, **kwargs)  # type: ignore[arg-type]
+        started.append(w)
+        return w
+
+    yield make
+    for w in started:
+        w.close()
 
 
 MakeDaemon = Callable[..., Reqpmd]

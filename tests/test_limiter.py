@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
 
 import pytest
 import redis
@@ -18,25 +17,8 @@ from reqpmd.concurrency import (
 )
 from reqpmd.errors import InvalidArgument, WaitCancelled
 from reqpmd.slots.server import RedisServer
-from tests.conftest import MakeLimiter, fresh_start
-from tests.workers import Worker, wait_until
-
-MakeWorker = Callable[..., Worker]
-
-
-@pytest.fixture
-def workers(redis_server: RedisServer) -> Iterator[MakeWorker]:
-    started: list[Worker] = []
-
-    def make(**kwargs: object) -> Worker:
-        w = Worker(redis_server.socket_path, **kwargs)  # type: ignore[arg-type]
-        started.append(w)
-        return w
-
-    yield make
-    for w in started:
-        w.close()
-
+from tests.conftest import MakeLimiter, MakeWorker, fresh_start
+from tests.workers import wait_until
 
 # -- basics ------------------------------------------------------------------------
 

@@ -46,7 +46,7 @@ from reqpmd.errors import (
     WaitCancelled,
     disk_full,
 )
-from reqpmd.slots.limiter import BuildConcurrencyLimiter, Slot
+from reqpmd.slots.limiter import BuildConcurrencyLimiter, Slot, check_group
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,23 @@ MAX_WAITING = 32  # builds of this host queued for a cluster slot at once
 def slot_name(build_id: int, host_id: str) -> str:
     """Build ids come from each host's own database, so the host makes the name unique."""
     return f"build_{build_id}@{host_id}"
+
+
+USER_GROUP_PREFIX = "~"  # project names cannot start with it
+
+
+def share_group(build: Build) -> str:
+    """The group whose share of the cluster's slots a build uses: its project, else one
+    group per submitting user, so one user's burst of scratch builds cannot hold back
+    another user's (Copr is fair per owner for the same reason). One shared default
+    group would make everyone's ad-hoc builds queue behind the biggest burst."""
+    if build.project:
+        return build.project
+    user = build.submitted_name.split(" ", 1)[0]  # "alice (uid 1000)"
+    try:
+        return check_group(f"{USER_GROUP_PREFIX}{user}"[:64] if user else "")
+    except InvalidArgument:
+        return f"{USER_GROUP_PREFIX}uid{build.submitted_by}"
 
 
 @dataclass
@@ -296,6 +313,7 @@ class Scheduler:
                 timeout=s.slot_wait_timeout or None,
                 priority=build.priority,
                 labels={"build_id": build.id, "host_id": s.host_id},
+                group=share_group(build),
                 on_lost=lambda lost: flight.stop.request(
                     StopReason.REQUEUE, "lost its build slot; will run again"
                 ),

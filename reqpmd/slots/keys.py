@@ -31,6 +31,11 @@ class SlotKeys:
     waiter_info: str  # HASH slot name -> JSON record of the waiter
     meta: str  # HASH: token and seq counters, run_id of the server, grace_until
     grants: str  # pub/sub channel announcing each grant (a channel, not a key)
+    # the fair share between groups (projects): see scripts.py
+    group_queue: str  # ZSET, all scores 0: "<group> <order> <name>" of each waiter
+    ready: str  # ZSET group -> start tag (virtual time) of groups with waiters, under cap
+    parked: str  # ZSET group -> start tag of groups with waiters that are at their cap
+    shares: str  # HASH group -> "<max_concurrent> <weight>" where not the default
 
     def as_list(self) -> list[str]:
         return [
@@ -41,6 +46,10 @@ class SlotKeys:
             self.waiter_info,
             self.meta,
             self.grants,
+            self.group_queue,
+            self.ready,
+            self.parked,
+            self.shares,
         ]
 
 
@@ -58,6 +67,10 @@ def slot_keys(namespace: str) -> SlotKeys:
         waiter_info=_key(namespace, "slots:waiter_info"),
         meta=_key(namespace, "slots:meta"),
         grants=_key(namespace, "slots:grants"),
+        group_queue=_key(namespace, "slots:group_queue"),
+        ready=_key(namespace, "slots:ready"),
+        parked=_key(namespace, "slots:parked"),
+        shares=_key(namespace, "slots:shares"),
     )
 
 

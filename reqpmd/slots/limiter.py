@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import threading
 import time
@@ -49,20 +50,34 @@ from reqpmd.slots.scripts import (
     ACQUIRE,
     CLEAR,
     COUNTS,
+    DEFAULT_GROUP,
     END_GRACE,
+    GROUP_CHARS,
+    GROUP_MAX,
     LIMIT_MAX,
     LIMIT_MIN,
     MAX_PRIORITY,
     RELEASE,
     RENEW,
     SET_LIMIT,
+    SET_SHARE,
     SNAPSHOT,
+    WEIGHT_MAX,
     Reply,
 )
 from reqpmd.slots.untrusted import WarnOnce, loads
 from reqpmd.slots.waiter import Attempt, Waiter
 
-__all__ = ["BuildConcurrencyLimiter", "Counts", "Slot", "SlotInfo", "WaiterInfo"]
+__all__ = [
+    "DEFAULT_GROUP",
+    "BuildConcurrencyLimiter",
+    "Counts",
+    "Share",
+    "Slot",
+    "SlotInfo",
+    "WaiterInfo",
+    "check_group",
+]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +92,25 @@ def grace_text(seconds: float) -> str:
         f"grants are paused until {until} ({seconds:.0f}s more) for the restart grace: the "
         "Redis server is new or restarted, so slots held before may still re-register"
     )
+
+
+_GROUP_RE = re.compile(f"[{GROUP_CHARS}]{{1,{GROUP_MAX}}}")
+
+
+def check_group(group: str) -> str:
+    if not isinstance(group, str) or not _GROUP_RE.fullmatch(group):
+        raise InvalidArgument(
+            f"group {group!r} is invalid: 1-{GROUP_MAX} characters from {GROUP_CHARS}"
+        )
+    return group
+
+
+@dataclass(frozen=True)
+class Share:
+    """A group's share of the cluster's slots, the same for every host of the namespace."""
+
+    max_concurrent: int | None = None  # None: no cap of its own
+    weight: int = 1
 
 
 DEFAULT_GRACE_HINT = (
@@ -97,11 +131,13 @@ class SlotInfo:
     lease_expires_at: float
     owner: str
     labels: dict[str, Any] = field(default_factory=dict)
+    group: str = DEFAULT_GROUP
 
 
 @dataclass(frozen=True)
 class WaiterInfo:
-    """One queued acquirer, in queue order (position 1 is served next)."""
+    """One queued acquirer, in queue order. ``position`` is its place in its group's
+    queue (1: its group's next); which group is served next is the fair share's choice."""
 
     name: str
     host: str
@@ -111,6 +147,7 @@ class WaiterInfo:
     enqueued_at: float
     lease_expires_at: float
     labels: dict[str, Any] = field(default_factory=dict)
+    group: str = DEFAULT_GROUP
 
 
 @dataclass
@@ -158,6 +195,7 @@ class _Record:
     pid: int = 0
     priority: int = 0
     labels: dict[str, Any] = field(default_factory=dict)
+    group: str = DEFAULT_GROUP
 
 
 class _Malformed(ValueError):
@@ -195,6 +233,7 @@ def _caller_info(raw: str) -> tuple[dict[str, Any], str | None]:
         "pid": lambda v: is_int(v) and 0 <= v < 2**63,
         "priority": lambda v: is_int(v) and abs(v) <= MAX_PRIORITY,
         "labels": lambda v: isinstance(v, dict),
+        "group": lambda v: isinstance(v, str) and _GROUP_RE.fullmatch(v) is not None,
     }
     odd = [key for key, ok in checks.items() if key in info and not ok(info[key])]
     fields = {key: info[key] for key in checks if key in info and key not in odd}
@@ -253,6 +292,7 @@ class BuildConcurrencyLimiter:
         self._counts = redis_client.register_script(COUNTS)
         self._end_grace = redis_client.register_script(END_GRACE)
         self._set_limit = redis_client.register_script(SET_LIMIT)
+        self._set_share = redis_client.register_script(SET_SHARE)
         self._held: dict[str, Slot] = {}
         self._lock = threading.Lock()
         self._heartbeat: Heartbeat[Slot] = Heartbeat(self.held, self._renew_due, clock)
@@ -278,9 +318,15 @@ class BuildConcurrencyLimiter:
             raise RedisUnavailable(f"unexpected reply from Redis: {shown(reply)}")
         return reply
 
-    def _info_json(self, labels: dict[str, Any] | None, priority: int) -> str:
+    def _info_json(self, labels: dict[str, Any] | None, priority: int, group: str) -> str:
         return json.dumps(
-            {"host": self.host, "pid": os.getpid(), "priority": priority, "labels": labels or {}},
+            {
+                "group": group,
+                "host": self.host,
+                "pid": os.getpid(),
+                "priority": priority,
+                "labels": labels or {},
+            },
             separators=(",", ":"),
         )
 
@@ -365,12 +411,14 @@ class BuildConcurrencyLimiter:
         priority: int = 0,
         labels: dict[str, Any] | None = None,
         on_lost: Callable[[Slot], None] | None = None,
+        group: str = DEFAULT_GROUP,
     ) -> Slot | None:
-        """Take a slot now if one is free and nobody of equal or higher priority waits."""
+        """Take a slot now if one is free and the fair share would grant it to this
+        caller (no group is owed it first, nobody of the group waits ahead)."""
         self._check_name(name)
         self._check_priority(priority)
         owner = uuid.uuid4().hex
-        info = self._info_json(labels, priority)
+        info = self._info_json(labels, priority, check_group(group))
         sent_at = self._clock()
         attempt = self._attempt(name, owner, priority, info, try_only=True)
         if attempt.token is None:
@@ -385,8 +433,10 @@ class BuildConcurrencyLimiter:
         labels: dict[str, Any] | None = None,
         on_lost: Callable[[Slot], None] | None = None,
         cancel: threading.Event | None = None,
+        group: str = DEFAULT_GROUP,
     ) -> Slot:
-        """Queue for a slot and block until granted; ``timeout=None`` waits forever.
+        """Queue for a slot in ``group`` and block until granted; ``timeout=None`` waits
+        forever. Slots are shared between groups by their shares (``set_share``).
 
         Raises SlotTimeout when the timeout passes (the caller is withdrawn from the
         queue first) and RedisUnavailable when Redis stayed unreachable that long.
@@ -397,7 +447,7 @@ class BuildConcurrencyLimiter:
         if timeout is not None and timeout < 0:
             raise InvalidArgument(f"timeout {timeout!r} is out of range: >= 0 or None")
         owner = uuid.uuid4().hex
-        info = self._info_json(labels, priority)
+        info = self._info_json(labels, priority, check_group(group))
         deadline = None if timeout is None else self._clock() + timeout
         waiter = Waiter(
             self._steps, name, owner, priority, info, deadline, cancel, clock=self._clock
@@ -413,9 +463,10 @@ class BuildConcurrencyLimiter:
         priority: int = 0,
         labels: dict[str, Any] | None = None,
         on_lost: Callable[[Slot], None] | None = None,
+        group: str = DEFAULT_GROUP,
     ) -> Iterator[Slot]:
         """Hold a slot for the ``with`` block; it is released however the block ends."""
-        slot = self.wait_for_slot(name, timeout, priority, labels, on_lost)
+        slot = self.wait_for_slot(name, timeout, priority, labels, on_lost, group=group)
         try:
             yield slot
         finally:
@@ -608,22 +659,27 @@ class BuildConcurrencyLimiter:
                 r.expiry_ms / 1000,
                 r.owner,
                 r.labels,
+                r.group,
             )
             for r in self._records("holder", holders)
         ]
-        queue = [
-            WaiterInfo(
-                r.name,
-                r.host,
-                r.pid,
-                r.priority,
-                position,
-                r.at_ms / 1000,
-                r.expiry_ms / 1000,
-                r.labels,
+        places: dict[str, int] = {}
+        queue = []
+        for r in self._records("waiter", waiters):
+            places[r.group] = places.get(r.group, 0) + 1
+            queue.append(
+                WaiterInfo(
+                    r.name,
+                    r.host,
+                    r.pid,
+                    r.priority,
+                    places[r.group],
+                    r.at_ms / 1000,
+                    r.expiry_ms / 1000,
+                    r.labels,
+                    r.group,
+                )
             )
-            for position, r in enumerate(self._records("waiter", waiters), 1)
-        ]
         return slots, queue
 
     def _records(self, kind: str, flat: list[Any]) -> Iterator[_Record]:
@@ -769,6 +825,60 @@ class BuildConcurrencyLimiter:
 
     def get_cluster_limit(self) -> int | None:
         return self.counts().cluster_limit
+
+    # -- shares between groups ----------------------------------------------------------
+
+    def set_share(self, group: str, share: Share) -> Share:
+        """Give ``group`` a cap (None: none) and a weight, for every caller of the
+        namespace; returns the previous share. It applies to the next grant: a raised cap
+        is served at once, a lowered one evicts nobody."""
+        check_group(group)
+        if share.max_concurrent is not None:
+            int_in_range("max_concurrent", share.max_concurrent, LIMIT_MIN, LIMIT_MAX)
+        int_in_range("weight", share.weight, 1, WEIGHT_MAX)
+        reply = self._run(
+            self._set_share, group, share.max_concurrent or 0, share.weight, self.current_limit()
+        )
+        with _reply_of("SET_SHARE"):
+            cap, weight = _int(reply[1]), _int(reply[2])
+        return Share(cap or None, weight)
+
+    def shares(self) -> dict[str, Share]:
+        """Every group whose share is not the default. A value the scripts did not write
+        is left out here (and dropped by the next grant that meets it), said once."""
+        try:
+            raw = self._redis.hgetall(self._keys.shares)
+        except REDIS_ERRORS as exc:
+            raise unavailable(exc) from exc
+        found: dict[str, Share] = {}
+        for key, value in raw.items():
+            group, spec = text(key), text(value)
+            share = _parse_share(spec)
+            if _GROUP_RE.fullmatch(group) and share is not None:
+                found[group] = share
+            else:
+                self._bad.warn(
+                    ("share", group, spec),
+                    "namespace %s: ignoring the share %s of group %s in Redis: not "
+                    "'<max_concurrent> <weight>' in range",
+                    self.namespace,
+                    shown(spec),
+                    shown(group),
+                )
+        return found
+
+
+_SHARE_RE = re.compile(r"([0-9]{1,3}) ([0-9]{1,3})")
+
+
+def _parse_share(spec: str) -> Share | None:
+    match = _SHARE_RE.fullmatch(spec)
+    if match is None:
+        return None
+    c, w = int(match[1]), int(match[2])
+    if c > LIMIT_MAX or not 1 <= w <= WEIGHT_MAX:
+        return None
+    return Share(c or None, w)
 
 
 class _Steps:

@@ -9,6 +9,10 @@ Every script takes the same KEYS, in the order of ``keys.SlotKeys.as_list()``:
     KEYS[5] waiter_info    HASH  name -> record
     KEYS[6] meta           HASH  token, seq, run_id, grace_until, limit, repaired
     KEYS[7] grants         pub/sub channel (passed here so no name is built in Lua)
+    KEYS[8] group_queue    ZSET  "<group> <order> <name>" -> 0: each group's queue, by lex
+    KEYS[9] ready          ZSET  group -> start tag: groups with waiters, under their cap
+    KEYS[10] parked        ZSET  group -> start tag: groups with waiters, at their cap
+    KEYS[11] shares        HASH  group -> "<max_concurrent> <weight>" (absent: no cap, 1)
 
 and ARGV[1] = restart grace in ms. Every script replies with a list whose first element is
 a ``Reply`` code; the Lua side reads the codes by name (``R.GRANTED``) from a table
@@ -18,6 +22,29 @@ A record is "owner token t lease_ms json": the owner
 (a random id per acquisition), the fencing token (0 while waiting), the time it was
 granted or queued (ms), its lease length and the caller's JSON. Numbers are formatted
 with %d because Lua's own tostring would round tokens above 1e14.
+
+Fair share. Every waiter belongs to a group (a project; reqpmd puts builds without one in
+a group per submitting user), named in its record's JSON. A group may have a cap (at most
+that many holders at once) and a weight. Free slots go to groups by start-time fair
+queueing (SFQ): each group with waiters carries a start tag in virtual time; a grant goes
+to the group with the lowest tag, whose tag then grows by SCALE / weight, and the virtual
+time becomes the tag served. A group that starts waiting (or drops below its cap again)
+starts at the virtual time, that is ahead of every group served since, so it is granted
+at once unless other newcomers tie with it. Between two grants to a group of weight w
+that keeps waiting, a group of weight w' is granted at most floor(w'/w) + 1 times.
+Within a group, priority then arrival order (the order key: -priority * 2^42 + arrival
+seq, offset to be non-negative and zero-padded, so lex order is queue order).
+
+A group at its cap leaves ``ready`` for ``parked`` when it reaches the front, so it never
+blocks the groups behind it; it returns when one of its holders goes (release, reaping,
+clear) or its cap is raised. A grant costs O(log waiters + log groups): the front group is
+ZRANGE 0 0 of ``ready``, its head waiter one ZRANGEBYLEX. ``group_queue`` is an index:
+an entry whose waiter is gone or moved is dropped when met, and a waiter refreshing its
+lease puts itself back, so data left by other writers heals itself.
+
+Why SFQ and not deficit round robin: DRR serves groups in a fixed rotation, so a project
+that starts waiting queues behind a whole round of the others' quanta; SFQ serves it next.
+Both cost O(1)/O(log) per grant; SFQ also takes weight changes without rebuilding rounds.
 
 Time is the Redis server's (TIME), so leases mean the same on every host. Before any
 change a script reaps expired holders and waiters, and notices a server restart (a new
@@ -61,6 +88,7 @@ class Reply(IntEnum):
     # an invalid cluster limit found or nil, the last repair or nil
     SNAPSHOT = 12
     COUNTS = 13
+    SHARE_SET = 14  # SET_SHARE: + the previous cap (0: none) and weight
 
 
 # Highest priority magnitude the waiters' score packing allows: 1000 * 2^42 < 2^53.
@@ -76,13 +104,28 @@ LIMIT_MIN, LIMIT_MAX = int(_LIMIT_RULE.lo), int(_LIMIT_RULE.hi)
 # The longest bad value (a name, a limit) a script quotes back in a note.
 QUOTE_MAX = 64
 
+# The group of a waiter that names none (and of records other writers left): it gets the
+# default share, like any group without one.
+DEFAULT_GROUP = "default"
+# Group names: what project names allow, plus '@' and '~' for reqpmd's own groups.
+GROUP_CHARS = "A-Za-z0-9._@~-"
+GROUP_MAX = 64
+WEIGHT_MAX = 100
+# Virtual time one grant costs a group of weight 1 (weight w: SCALE // w). Tags stay
+# integers; 2^53 / SCALE = 9e9 grants at weight 1 before they lose exactness.
+SCALE = 1_000_000
+
 _PRELUDE = (
     "local R = {"
     + _CODES
     + "}\n"
     + f"local LIMIT_MIN, LIMIT_MAX, QUOTE_MAX = {LIMIT_MIN:d}, {LIMIT_MAX:d}, {QUOTE_MAX:d}\n"
+    + f"local DEFAULT_GROUP, GROUP_MAX = '{DEFAULT_GROUP}', {GROUP_MAX:d}\n"
+    + f"local WEIGHT_MAX, SCALE, MAX_PRIORITY = {WEIGHT_MAX:d}, {SCALE:d}, {MAX_PRIORITY:d}\n"
+    + f"local GROUP_PATTERN = '^[{GROUP_CHARS}]+$'\n"
     + """
 local H, HI, W, WL, WI, META, CHAN = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local GQ, READY, PARKED, SHARES = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local grace_ms = tonumber(ARGV[1])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -123,6 +166,18 @@ local function parse(rec)
   return owner, token, at, lease_ms, info
 end
 
+-- The group a record's JSON names, or DEFAULT_GROUP when it names none that is valid.
+local function group_of(info)
+  local ok, v = pcall(cjson.decode, info or '')
+  if ok and type(v) == 'table' then
+    local g = v['group']
+    if type(g) == 'string' and #g <= GROUP_MAX and string.match(g, GROUP_PATTERN) then
+      return g
+    end
+  end
+  return DEFAULT_GROUP
+end
+
 -- Delete in slices: unpack() of a long list overflows Lua's stack.
 local function remove_all(cmd, key, names)
   for i = 1, #names, 1000 do
@@ -134,14 +189,15 @@ end
 -- drop it. Holders may be missing then, so no grant for one grace, as after a restart.
 local lost_holders = false
 local kinds = {{H, 'zset'}, {HI, 'hash'}, {W, 'zset'}, {WL, 'zset'}, {WI, 'hash'},
-               {META, 'hash'}}
+               {META, 'hash'}, {GQ, 'zset'}, {READY, 'zset'}, {PARKED, 'zset'},
+               {SHARES, 'hash'}}
 local dropped = {}
 for _, k in ipairs(kinds) do
   local kind = redis.call('TYPE', k[1])['ok']
   if kind ~= 'none' and kind ~= k[2] then
     redis.call('DEL', k[1])
     table.insert(dropped, string.format('%s (a %s, not a %s)', k[1], kind, k[2]))
-    if k[1] ~= W and k[1] ~= WL and k[1] ~= WI then lost_holders = true end
+    if k[1] == H or k[1] == HI or k[1] == META then lost_holders = true end
   end
 end
 
@@ -201,16 +257,98 @@ local function limit(callers)
   return (cluster_limit()) or callers
 end
 
+-- The share of a group: its cap (0: none) and weight. One that does not parse is
+-- dropped (the default share applies) and reported.
+local function share(g)
+  local v = redis.call('HGET', SHARES, g)
+  if not v then return 0, 1 end
+  local cap, weight = string.match(v, '^(%d+) (%d+)$')
+  cap, weight = uint(cap), uint(weight)
+  if cap and weight and cap <= LIMIT_MAX and weight >= 1 and weight <= WEIGHT_MAX then
+    return cap, weight
+  end
+  redis.call('HDEL', SHARES, g)
+  repaired('dropped the share of ' .. quote(g) .. ', ' .. quote(v) .. ': not "<cap> <weight>"')
+  return 0, 1
+end
+
+-- A start tag as these scripts write it (an integer exact in a double), or nil.
+local function tag_of(score)
+  local n = tonumber(score)
+  if n and n >= 0 and n <= 9007199254740991 then return math.floor(n) end
+  return nil
+end
+
+-- The virtual time: the start tag of the last grant. One that does not parse restarts
+-- from the lowest tag waiting (or 0): at worst one round is served out of order.
+local vtime_now
+local function vtime()
+  if vtime_now then return vtime_now end
+  local v = redis.call('HGET', META, 'vtime')
+  vtime_now = uint(v)
+  if not vtime_now then
+    vtime_now = tag_of(redis.call('ZRANGE', READY, 0, 0, 'WITHSCORES')[2]) or 0
+    redis.call('HSET', META, 'vtime', string.format('%d', vtime_now))
+    if v then repaired('reset the virtual time ' .. quote(v)) end
+  end
+  return vtime_now
+end
+
+-- A waiter's entry in its group's queue: the order key, offset to be non-negative and
+-- zero-padded, sorts by lex as the score sorts.
+local ORDER_OFFSET = MAX_PRIORITY * 4398046511104
+local function entry(g, score, name)
+  return g .. ' ' .. string.format('%016.0f', tonumber(score) + ORDER_OFFSET) .. ' ' .. name
+end
+
+local function remove_waiter(name)
+  local rec, score = redis.call('HGET', WI, name), redis.call('ZSCORE', W, name)
+  if rec and score then
+    redis.call('ZREM', GQ, entry(group_of(select(5, parse(rec))), score, name))
+  end
+  redis.call('ZREM', W, name)
+  redis.call('ZREM', WL, name)
+  redis.call('HDEL', WI, name)
+end
+
+-- Holders per group, counted from the records at each call (holders are few), so no
+-- counter can drift: the caps count real holders only.
+local held_by = {}
+local function count_holder(g, n)
+  held_by[g] = (held_by[g] or 0) + n
+end
+
+-- A group with waiters that is (or was) at its cap comes back to ``ready`` once under it.
+local function unpark(g)
+  local tag = redis.call('ZSCORE', PARKED, g)
+  if not tag then return end
+  local cap = share(g)
+  if cap == 0 or (held_by[g] or 0) < cap then
+    redis.call('ZREM', PARKED, g)
+    local start = math.max(vtime(), tag_of(tag) or 0)
+    redis.call('ZADD', READY, string.format('%d', start), g)
+  end
+end
+
+-- A group that has a waiter now takes part in the sharing, at the virtual time.
+local function join(g)
+  if not (redis.call('ZSCORE', READY, g) or redis.call('ZSCORE', PARKED, g)) then
+    redis.call('ZADD', READY, string.format('%d', vtime()), g)
+  end
+end
+
+local freed = {}  -- groups that lost a holder in this call: they may leave ``parked``
 local dead = redis.call('ZRANGEBYSCORE', H, '-inf', now)
 if #dead > 0 then
+  for _, name in ipairs(dead) do
+    local rec = redis.call('HGET', HI, name)
+    if rec then freed[group_of(select(5, parse(rec)))] = true end
+  end
   remove_all('ZREM', H, dead)
   remove_all('HDEL', HI, dead)
 end
-local gone = redis.call('ZRANGEBYSCORE', WL, '-inf', now)
-if #gone > 0 then
-  remove_all('ZREM', WL, gone)
-  remove_all('ZREM', W, gone)
-  remove_all('HDEL', WI, gone)
+for _, name in ipairs(redis.call('ZRANGEBYSCORE', WL, '-inf', now)) do
+  remove_waiter(name)
 end
 
 -- A holder without a record that parses is dead (else it pins a slot for good), a
@@ -221,11 +359,14 @@ do
   local bad = {}
   for i = 1, #flat, 2 do
     local name, expiry = flat[i], tonumber(flat[i + 1])
-    local owner, _, _, lease_ms = parse(redis.call('HGET', HI, name))
+    local owner, _, _, lease_ms, info = parse(redis.call('HGET', HI, name))
     if not owner then
       table.insert(bad, name)
-    elseif expiry > now + lease_ms then
-      redis.call('ZADD', H, string.format('%d', now + lease_ms), name)
+    else
+      count_holder(group_of(info), 1)
+      if expiry > now + lease_ms then
+        redis.call('ZADD', H, string.format('%d', now + lease_ms), name)
+      end
     end
   end
   if #bad > 0 then
@@ -245,11 +386,7 @@ do
   end
 end
 
-local function remove_waiter(name)
-  redis.call('ZREM', W, name)
-  redis.call('ZREM', WL, name)
-  redis.call('HDEL', WI, name)
-end
+for g in pairs(freed) do unpark(g) end
 
 -- The record of the live waiter ``name``, or nil. A record that does not parse, or
 -- has no lease (nothing would ever reap it), is removed; a lease longer than its record
@@ -270,25 +407,57 @@ local function waiter(name)
   return rec
 end
 
--- Grant free slots to the head of the queue and tell each new holder at once.
+-- The head waiter of group g: name, owner, lease_ms, info; nil when it has none. Entries
+-- of waiters gone, moved or of another group are dropped on the way.
+local function head_of(g)
+  while true do
+    local e = redis.call('ZRANGEBYLEX', GQ, '[' .. g .. ' ', '(' .. g .. '!', 'LIMIT', 0, 1)[1]
+    if not e then return nil end
+    local name = string.match(e, '^%S+ %d+ (%S+)$')
+    if name then
+      local rec, score = redis.call('HGET', WI, name), redis.call('ZSCORE', W, name)
+      local owner, _, _, lease_ms, info = parse(rec)
+      if owner and score and entry(group_of(info), score, name) == e then
+        return name, owner, lease_ms, info
+      end
+    end
+    redis.call('ZREM', GQ, e)
+  end
+end
+
+-- Grant free slots by fair share (see the header) and tell each new holder at once.
 local function promote(max)
   if now < grace_until() then return end
   local count = redis.call('ZCARD', H)
   while count < max do
-    local head = redis.call('ZRANGE', W, 0, 0)[1]
-    if not head then break end
-    local owner, _, _, lease_ms, info = parse(redis.call('HGET', WI, head))
-    remove_waiter(head)
-    if not owner then
-      repaired('removed waiter ' .. quote(head) .. ': its record is missing or does not parse')
-    elseif redis.call('ZSCORE', H, head) then
-      repaired('removed waiter ' .. quote(head) .. ': the name is held')
+    local front = redis.call('ZRANGE', READY, 0, 0, 'WITHSCORES')
+    local g = front[1]
+    if not g then break end
+    local tag = tag_of(front[2]) or vtime()
+    local cap, weight = share(g)
+    local name, owner, lease_ms, info
+    if cap == 0 or (held_by[g] or 0) < cap then name, owner, lease_ms, info = head_of(g) end
+    if name then
+      remove_waiter(name)
+      if redis.call('ZSCORE', H, name) then
+        repaired('removed waiter ' .. quote(name) .. ': the name is held')
+      else
+        local token = redis.call('HINCRBY', META, 'token', 1)
+        redis.call('ZADD', H, string.format('%d', now + lease_ms), name)
+        redis.call('HSET', HI, name, record(owner, token, now, lease_ms, info))
+        redis.call('PUBLISH', CHAN, string.format('%s %s %d', name, owner, token))
+        count = count + 1
+        count_holder(g, 1)
+        vtime_now = tag
+        redis.call('HSET', META, 'vtime', string.format('%d', tag))
+        -- stays in ``ready`` even if it has no waiter left: dropped when next at the front
+        redis.call('ZADD', READY, string.format('%d', tag + math.floor(SCALE / weight)), g)
+      end
     else
-      local token = redis.call('HINCRBY', META, 'token', 1)
-      redis.call('ZADD', H, string.format('%d', now + lease_ms), head)
-      redis.call('HSET', HI, head, record(owner, token, now, lease_ms, info))
-      redis.call('PUBLISH', CHAN, string.format('%s %s %d', head, owner, token))
-      count = count + 1
+      redis.call('ZREM', READY, g)
+      if cap > 0 and (held_by[g] or 0) >= cap then
+        redis.call('ZADD', PARKED, string.format('%d', tag), g)
+      end
     end
   end
 end
@@ -316,7 +485,8 @@ end
 ACQUIRE = (
     _PRELUDE
     + """
--- ARGV: 2 name, 3 owner, 4 priority, 5 max, 6 lease_ms, 7 info json, 8 try_only (0|1)
+-- ARGV: 2 name, 3 owner, 4 priority, 5 max, 6 lease_ms, 7 info json (its "group" says
+-- which group it waits in), 8 try_only (0|1)
 -- Enqueue the caller (or refresh its waiter lease), grant what the limit allows.
 -- Returns {GRANTED, token} | {WAITING, position, active, wake_ms, grace_left_ms}
 --       | {BUSY, active, wake_ms} | {IN_USE}
@@ -326,6 +496,14 @@ local max, lease_ms, info, try_only = limit(tonumber(ARGV[5])), tonumber(ARGV[6]
 local function enqueue()
   local seq = redis.call('HINCRBY', META, 'seq', 1)
   redis.call('ZADD', W, string.format('%d', -priority * 4398046511104 + seq), name)
+end
+
+-- In its group's queue, and its group in the sharing: idempotent, so a refresh also
+-- repairs what another writer removed.
+local function enlist(rec)
+  local g = group_of(select(5, parse(rec)))
+  redis.call('ZADD', GQ, 0, entry(g, redis.call('ZSCORE', W, name), name))
+  join(g)
 end
 
 local held = redis.call('HGET', HI, name)  -- the prelude left only records that parse
@@ -344,10 +522,13 @@ if queued then
     enqueue()  -- it lost its place in the queue (a foreign write): queue again
     repaired('queued waiter ' .. quote(name) .. ' again: it was missing from the queue')
   end
+  enlist(queued)
 else
   enqueue()
   redis.call('ZADD', WL, string.format('%d', now + lease_ms), name)
-  redis.call('HSET', WI, name, record(owner, 0, now, lease_ms, info))
+  local rec = record(owner, 0, now, lease_ms, info)
+  redis.call('HSET', WI, name, rec)
+  enlist(rec)
 end
 promote(max)
 held = redis.call('HGET', HI, name)
@@ -376,6 +557,9 @@ local held = redis.call('HGET', HI, name)
 if held and (owner == '' or parse(held) == owner) then
   redis.call('ZREM', H, name)
   redis.call('HDEL', HI, name)
+  local g = group_of(select(5, parse(held)))
+  count_holder(g, -1)
+  unpark(g)
   result = R.FREED
 else
   local queued = waiter(name)
@@ -410,6 +594,7 @@ if now < grace_until() and redis.call('ZCARD', H) < max then
   remove_waiter(name)
   redis.call('ZADD', H, string.format('%d', now + lease_ms), name)
   redis.call('HSET', HI, name, record(owner, token, acquired_at, lease_ms, info))
+  count_holder(group_of(info), 1)
   if (uint(redis.call('HGET', META, 'token')) or 0) < token then
     redis.call('HSET', META, 'token', string.format('%d', token))
   end
@@ -427,6 +612,8 @@ CLEAR = (
 -- Returns {CLEARED, number of slots freed}
 local n = redis.call('ZCARD', H)
 redis.call('DEL', H, HI)
+held_by = {}
+for _, g in ipairs(redis.call('ZRANGE', PARKED, 0, -1)) do unpark(g) end
 promote(limit(tonumber(ARGV[2])))
 return {R.CLEARED, n}
 """
@@ -503,5 +690,25 @@ COUNTS = (
 local bad_limit, repair = notes()
 return {R.COUNTS, now, grace_until(), redis.call('ZCARD', H), redis.call('ZCARD', W), limit(-1),
         bad_limit, repair}
+"""
+)
+
+SET_SHARE = (
+    _PRELUDE
+    + """
+-- ARGV: 2 group, 3 cap (0: none, else LIMIT_MIN..LIMIT_MAX), 4 weight (1..WEIGHT_MAX),
+--       5 max
+-- Set a group's share for every caller of the namespace; it applies to the next grant,
+-- and a lowered cap evicts nobody. Returns {SHARE_SET, previous cap, previous weight}
+local g, cap, weight = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local old_cap, old_weight = share(g)
+if cap == 0 and weight == 1 then
+  redis.call('HDEL', SHARES, g)
+else
+  redis.call('HSET', SHARES, g, string.format('%d %d', cap, weight))
+end
+unpark(g)
+promote(limit(tonumber(ARGV[5])))
+return {R.SHARE_SET, old_cap, old_weight}
 """
 )
