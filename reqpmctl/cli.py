@@ -114,6 +114,8 @@ def status(c: Ctx) -> None:
         lines.append(f"disk:    {output.safe(cl['shortage'])}")
     for g in st["gates"]:
         lines.append(f"gate:    {g['name']}: {'open' if g['open'] else 'CLOSED'} ({g['detail']})")
+    if st.get("groups"):
+        lines += ["", _groups_table(st["groups"])]
     if st["active_builds"]:
         lines += ["", _slots_table(st["active_builds"])]
     if st["waiting"]:
@@ -121,12 +123,30 @@ def status(c: Ctx) -> None:
     c.emit(st, "\n".join(lines))
 
 
+def _groups_table(groups: list[dict[str, Any]]) -> str:
+    """The share of each project (or ~user, for builds without one) of the cluster."""
+    return output.table(
+        ["PROJECT", "HOLDING", "CAP", "WEIGHT", "WAITING"],
+        [
+            [
+                output.safe(g["group"]),
+                g["holders"],
+                "-" if g["max_concurrent"] is None else g["max_concurrent"],
+                g["weight"],
+                g["waiting"],
+            ]
+            for g in groups
+        ],
+    )
+
+
 def _slots_table(holders: list[dict[str, Any]]) -> str:
     return output.table(
-        ["SLOT", "HOST", "BUILD", "AGE", "LEASE LEFT", "TOKEN"],
+        ["SLOT", "PROJECT", "HOST", "BUILD", "AGE", "LEASE LEFT", "TOKEN"],
         [
             [
                 output.safe(h["name"]),
+                output.safe(h.get("group")),
                 output.safe(h["host"]),
                 output.safe(h.get("build")),
                 output.duration(h["age"]),
@@ -140,11 +160,12 @@ def _slots_table(holders: list[dict[str, Any]]) -> str:
 
 def _waiting_table(waiting: list[dict[str, Any]]) -> str:
     return output.table(
-        ["#", "WAITING", "HOST", "BUILD", "PRIORITY", "SINCE"],
+        ["#", "WAITING", "PROJECT", "HOST", "BUILD", "PRIORITY", "SINCE"],
         [
             [
                 w["position"],
                 output.safe(w["name"]),
+                output.safe(w.get("group")),
                 output.safe(w["host"]),
                 output.safe(w.get("build")),
                 w["priority"],
@@ -261,6 +282,8 @@ def slots() -> None:
 def slots_list(c: Ctx) -> None:
     listing = c.call("slots.list")
     parts = [f"{len(listing['holders'])}/{listing['max_concurrent']} slots busy"]
+    if listing.get("groups"):
+        parts.append(_groups_table(listing["groups"]))
     if listing["holders"]:
         parts.append(_slots_table(listing["holders"]))
     if listing["waiting"]:

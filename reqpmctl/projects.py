@@ -120,6 +120,19 @@ def projects_add(
 )
 @_priority
 @click.option("--enable/--disable", "enabled", default=None, help="Sync periodically, or not.")
+@click.option(
+    "--max-concurrent",
+    type=int,
+    metavar="N",
+    help="At most N of the cluster's slots at once for this project, on every host "
+    "(0: no cap of its own).",
+)
+@click.option(
+    "--weight",
+    type=int,
+    metavar="W",
+    help="Its share of free slots against other waiting projects (1-100, default 1).",
+)
 @pass_ctx
 def projects_edit(
     c: Ctx,
@@ -132,8 +145,12 @@ def projects_edit(
     chroots: tuple[str, ...],
     priority: int | None,
     enabled: bool | None,
+    max_concurrent: int | None,
+    weight: int | None,
 ) -> None:
-    """Change a project (admins); it is synced at once with its new settings."""
+    """Change a project (admins); it is synced at once with its new settings. Its
+    --max-concurrent and --weight apply to the next grant on every host, and sync
+    nothing."""
     if branch is not None and default_branch:
         raise click.UsageError("give --branch B or --default-branch, not both")
     if spec is not None and default_spec:
@@ -151,18 +168,21 @@ def projects_edit(
         changes["priority"] = priority
     if enabled is not None:
         changes["enabled"] = enabled
+    syncs = bool(changes)
+    if max_concurrent is not None:
+        changes["max_concurrent"] = max_concurrent
+    if weight is not None:
+        changes["weight"] = weight
     if not changes:
         raise click.UsageError(
             "nothing to change: give --git, --branch/--default-branch, --spec/--default-spec, "
-            "--chroot, --priority or --enable/--disable"
+            "--chroot, --priority, --enable/--disable, --max-concurrent or --weight"
         )
     with c.client() as client:
         p = client.edit_project(name, changes)
         auto_sync = _auto_sync(c, client, p)
-    c.emit(
-        p,
-        f"project {output.safe(p['name'])} changed; a sync is under way\n\n" + _show(p, auto_sync),
-    )
+    done = "changed; a sync is under way" if syncs else "changed"
+    c.emit(p, f"project {output.safe(p['name'])} {done}\n\n" + _show(p, auto_sync))
 
 
 @projects.command("remove")
@@ -186,11 +206,23 @@ def projects_list(c: Ctx) -> None:
     rows = c.call("projects.list")
     human = (
         output.table(
-            ["NAME", "ENABLED", "BRANCH", "CHROOTS", "LAST SYNC", "RESULT", "COMMIT"],
+            [
+                "NAME",
+                "ENABLED",
+                "CAP",
+                "WEIGHT",
+                "BRANCH",
+                "CHROOTS",
+                "LAST SYNC",
+                "RESULT",
+                "COMMIT",
+            ],
             [
                 [
                     output.safe(p["name"]),
                     "yes" if p["enabled"] else "no",
+                    "?" if not p.get("share_known") else (p["max_concurrent"] or "-"),
+                    p["weight"] if p.get("share_known") else "?",
                     output.safe(p["branch"]) if p["branch"] else "(default)",
                     output.safe(",".join(p["chroots"])),
                     output.ago(p["last_sync_at"]),
@@ -235,6 +267,14 @@ def _builds_table(builds: dict[str, dict[str, int]]) -> str:
     return output.table(["CHROOT", "STATE", "LAST BUILD"], rows)
 
 
+def _share(p: dict[str, Any]) -> str:
+    """Its cap and weight of the cluster's slots, the same on every host."""
+    if not p.get("share_known"):
+        return "unknown (Redis unreachable)"
+    cap = p["max_concurrent"]
+    return f"{'no cap' if cap is None else f'at most {cap} slot(s)'}, weight {p['weight']}"
+
+
 def _show(p: dict[str, Any], auto_sync: Any = None) -> str:
     lines = [
         f"project:     {output.safe(p['name'])} ({'enabled' if p['enabled'] else 'disabled'})",
@@ -243,6 +283,7 @@ def _show(p: dict[str, Any], auto_sync: Any = None) -> str:
         f"spec:        {output.safe(p['spec']) if p['spec'] else DEFAULT_SPEC}",
         f"chroots:     {output.safe(', '.join(p['chroots']))}",
         f"priority:    {p['priority']}",
+        f"share:       {_share(p)}",
         f"created:     {output.ago(p['created_at'])} by {output.safe(p['created_by'])}",
     ]
     if p["last_sync_at"] is None:

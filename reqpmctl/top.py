@@ -102,6 +102,11 @@ SORTS: dict[str, list[SortKey]] = {
         SortKey("waited", _since("enqueued_at"), descending=True),
         SortKey("host", _at("host")),
     ],
+    "projects": [
+        SortKey("holding", _at("holders"), descending=True),
+        SortKey("waiting", _at("waiting"), descending=True),
+        SortKey("project", _at("group")),
+    ],
     "hosts": [
         SortKey("host", _at("host_id")),
         SortKey("heartbeat", _since("last_seen")),
@@ -116,7 +121,7 @@ SORTS: dict[str, list[SortKey]] = {
     ],
 }
 # a lower-case key picks the table's next sort column, its capital reverses the order
-SORT_KEYS = {"s": "slots", "w": "waiting", "h": "hosts", "f": "recent"}
+SORT_KEYS = {"s": "slots", "w": "waiting", "j": "projects", "h": "hosts", "f": "recent"}
 
 
 @dataclass
@@ -192,7 +197,7 @@ def slot_columns(wide: bool) -> list[Column]:
         ("SLOT", lambda r, now: _cell(r.get("name")), True),
         ("HOST", lambda r, now: _cell(r.get("host")), True),
         ("BUILD", lambda r, now: _cell(r.get("build")), False),
-        ("PROJECT", lambda r, now: _cell(r.get("project")), True),
+        ("PROJECT", lambda r, now: _group(r), True),
         ("CHROOT", lambda r, now: _cell(r.get("chroot")), True),
         ("AGE", lambda r, now: _ago(r.get("acquired_at"), now), False),
         ("LEASE LEFT", lambda r, now: _left(r.get("lease_expires_at"), now), False),
@@ -209,12 +214,28 @@ def waiting_columns(wide: bool) -> list[Column]:
         ("HOST", lambda r, now: _cell(r.get("host")), True),
         ("PRIO", lambda r, now: _cell(r.get("priority")), False),
         ("WAITED", lambda r, now: _ago(r.get("enqueued_at"), now), False),
-        ("PROJECT", lambda r, now: _cell(r.get("project")), True),
+        ("PROJECT", lambda r, now: _group(r), True),
         ("CHROOT", lambda r, now: _cell(r.get("chroot")), True),
     ]
     if wide:
         columns.insert(3, ("BUILD", lambda r, now: _cell(r.get("build")), False))
     return columns
+
+
+def _group(r: Row) -> str:
+    """A build's project, or for a build of another host or without one, the group whose
+    share it uses (its project, or ~user)."""
+    return _cell(r.get("project") or r.get("group"))
+
+
+def project_columns(wide: bool) -> list[Column]:
+    return [
+        ("PROJECT", lambda r, now: _cell(r.get("group")), True),
+        ("HOLDING", lambda r, now: _cell(r.get("holders")), False),
+        ("CAP", lambda r, now: _cell(r.get("max_concurrent") or "-"), False),
+        ("WEIGHT", lambda r, now: _cell(r.get("weight")), False),
+        ("WAITING", lambda r, now: _cell(r.get("waiting")), False),
+    ]
 
 
 def host_columns(wide: bool) -> list[Column]:
@@ -257,9 +278,11 @@ def recent_columns(wide: bool) -> list[Column]:
 COLUMNS: dict[str, Callable[[bool], list[Column]]] = {
     "slots": slot_columns,
     "waiting": waiting_columns,
+    "projects": project_columns,
     "hosts": host_columns,
     "recent": recent_columns,
 }
+TABLES = ("slots", "waiting", "projects", "hosts", "recent")  # top to bottom
 WIDE = 110  # columns from which the tables show more columns
 
 
@@ -277,7 +300,9 @@ def titles(snap: Row) -> dict[str, str]:
     stale = sum(1 for h in hosts if h.get("stale"))
     return {
         "slots": f"SLOTS  {_n(snap.get('active_count'))}/{_n(snap.get('limit'))} busy cluster-wide",
-        "waiting": f"WAITING FOR A SLOT  {_n(snap.get('waiting_total'))} in queue order",
+        "waiting": f"WAITING FOR A SLOT  {_n(snap.get('waiting_total'))} (#: place in its "
+        "project's queue)",
+        "projects": "PROJECTS  slots shared by weight, up to each cap",
         "hosts": f"HOSTS  {len(hosts)}" + (f", {stale} stale" if stale else ""),
         "recent": "LAST FINISHED HERE",
     }
@@ -342,7 +367,7 @@ def plain(snap: Row, now: float) -> str:
     lines = [header(snap, now), throughput(snap)]
     lines += [f"! {p}" for p in problems(snap, None)]
     names = titles(snap)
-    for table in ("slots", "waiting", "hosts", "recent"):
+    for table in TABLES:
         rows = view.sorted(table, _rows(snap, table))
         lines += ["", names[table] + ("" if rows else ": none")]
         if rows:
@@ -431,12 +456,13 @@ def screen(
     ]
     trouble_lines = problems(snap, trouble)
     footer = Text(
-        "q quit  p pause  s/w/h/f sort slots/waiting/hosts/finished (S/W/H/F reverse)".ljust(width),
+        "q quit  p pause  s/w/j/h/f sort slots/waiting/projects/hosts/finished (capital: "
+        "reverse)".ljust(width),
         style=bar,
         no_wrap=True,
         overflow="ellipsis",
     )
-    tables = ["slots", "waiting", "hosts", "recent"]
+    tables = list(TABLES)
     rows = {t: view.sorted(t, _rows(snap, t)) for t in tables}
     # fixed lines: header, throughput, footer; a title per table, a header row per
     # table with rows; at most two problem lines while the rest fits
@@ -446,10 +472,15 @@ def screen(
     room = max(0, height - fixed - len(shown_trouble))
     budgets = _budgets([len(rows[t]) for t in tables], room)
     names = titles(snap)
+    folded = 0
     for table, budget in zip(tables, budgets, strict=True):
         title = Text(no_wrap=True, overflow="ellipsis")
         title.append(names[table], style="bold cyan")
-        if rows[table]:
+        if rows[table] and budget == 0:  # not one row fits: the title says so, no header
+            title.append(f": {len(rows[table])} row(s), no room to show", style="dim")
+            parts.append(title)
+            folded += 1
+        elif rows[table]:
             title.append(f"  {view.label(table)}", style="dim")
             parts.append(title)
             columns = COLUMNS[table](wide)
@@ -460,7 +491,7 @@ def screen(
             title.append(": none", style="dim")
             parts.append(title)
     # the footer sits on the last line whatever the tables took
-    used = fixed + len(shown_trouble) + sum(budgets)
+    used = fixed - folded + len(shown_trouble) + sum(budgets)
     parts += [Text("")] * max(0, height - used)
     parts.append(footer)
     return Group(*parts)

@@ -2,11 +2,12 @@
 BuildConcurrencyLimiter``. The code lives in ``reqpmd.slots``."""
 
 from reqpmd.errors import RedisUnavailable, SlotLost, SlotNameInUse, SlotTimeout, WaitCancelled
-from reqpmd.slots.limiter import BuildConcurrencyLimiter, Slot, SlotInfo, WaiterInfo
+from reqpmd.slots.limiter import BuildConcurrencyLimiter, Share, Slot, SlotInfo, WaiterInfo
 
 __all__ = [
     "BuildConcurrencyLimiter",
     "RedisUnavailable",
+    "Share",
     "Slot",
     "SlotInfo",
     "SlotLost",

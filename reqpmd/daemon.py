@@ -180,7 +180,7 @@ class Daemon:
             self.limiter,
             self.cluster,
             RepositoryOps(self.publisher),
-            ProjectOps(self.projects, self.syncer, current),
+            ProjectOps(self.projects, self.syncer, current, self.limiter),
             self.maintenance,
             StatsOps(self.store, self.cluster, current, self.metrics.text),
             self.live,

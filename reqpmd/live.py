@@ -189,6 +189,8 @@ class Farm:
             "slots": [self._slot(h, here) for h in st["active_builds"][:MAX_ROWS]],
             "waiting_total": len(st["waiting"]),
             "waiting": [self._waiter(w, here) for w in st["waiting"][:MAX_ROWS]],
+            # each project's (or ~user's) holders, cap, weight and waiters, busiest first
+            "projects": st["groups"][:MAX_ROWS],
             "hosts": hosts,
             "hosts_error": hosts_error,
             "recent": self._recent(),
@@ -211,6 +213,7 @@ class Farm:
     def _slot(self, h: dict[str, Any], here: str) -> dict[str, Any]:
         return {
             "name": h["name"],
+            "group": h.get("group"),
             "host": h["host"],
             "build": h.get("build"),
             "acquired_at": h["acquired_at"],
@@ -222,6 +225,7 @@ class Farm:
         return {
             "position": w["position"],
             "name": w["name"],
+            "group": w.get("group"),
             "host": w["host"],
             "build": w.get("build"),
             "priority": w["priority"],

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +24,7 @@ from reqpmd.maintenance.job import Maintenance
 from reqpmd.projects.syncer import ProjectSyncer
 from reqpmd.quoting import printable
 from reqpmd.repos.publisher import Publisher
-from reqpmd.slots.limiter import BuildConcurrencyLimiter, grace_text
+from reqpmd.slots.limiter import BuildConcurrencyLimiter, Share, SlotInfo, WaiterInfo, grace_text
 from reqpmd.slots.scripts import LIMIT_MAX, LIMIT_MIN
 
 _INTERNAL = ("pid", "pid_started")  # where mock runs is the daemon's business
@@ -39,15 +40,38 @@ def build_json(b: Build, store: Store) -> dict[str, Any]:
     return out
 
 
+def group_rows(
+    holders: list[SlotInfo], waiters: list[WaiterInfo], shares: dict[str, Share]
+) -> list[dict[str, Any]]:
+    """Each group (project, or ~user) that holds, waits or has a share of its own: its
+    holders, waiters, cap (None: none) and weight. Busiest first."""
+    held = Counter(s.group for s in holders)
+    waiting = Counter(w.group for w in waiters)
+    rows = [
+        {
+            "group": g,
+            "holders": held[g],
+            "waiting": waiting[g],
+            "max_concurrent": shares.get(g, Share()).max_concurrent,
+            "weight": shares.get(g, Share()).weight,
+        }
+        for g in set(held) | set(waiting) | set(shares)
+    ]
+    return sorted(rows, key=lambda r: (-r["holders"], -r["waiting"], r["group"]))
+
+
 def slot_listing(lim: BuildConcurrencyLimiter, max_concurrent: int) -> dict[str, Any]:
-    """Holders and waiters as the control socket shows them (ages in seconds)."""
+    """Holders, waiters and groups as the control socket shows them (ages in seconds)."""
     holders, waiters = lim.snapshot()
+    shares = lim.shares()
     now = time.time()
     return {
         "max_concurrent": max_concurrent,
+        "groups": group_rows(holders, waiters, shares),
         "holders": [
             {
                 "name": s.name,
+                "group": s.group,
                 "host": s.host,
                 "pid": s.pid,
                 "token": s.token,
@@ -62,6 +86,7 @@ def slot_listing(lim: BuildConcurrencyLimiter, max_concurrent: int) -> dict[str,
         "waiting": [
             {
                 "name": w.name,
+                "group": w.group,
                 "host": w.host,
                 "priority": w.priority,
                 "position": w.position,
@@ -166,6 +191,7 @@ class Status:
             "active_count": None,
             "active_builds": [],
             "waiting": [],
+            "groups": [],
             "queued": queued,
             "building_here": flight.building,
             "waiting_here": flight.waiting,
@@ -192,6 +218,7 @@ class Status:
                 listing = slot_listing(self._limiter, c.limit())
                 result["active_builds"] = listing["holders"]
                 result["waiting"] = listing["waiting"]
+                result["groups"] = listing["groups"]
                 result["active_count"] = len(listing["holders"])
             except RedisUnavailable as exc:
                 result["redis"] = {

@@ -138,7 +138,7 @@ def make_env(tmp_path: Path, make_limiter: MakeLimiter) -> Iterator[Callable[...
             limiter,
             cluster,
             RepositoryOps(publisher),
-            ProjectOps(projects, syncer, current),
+            ProjectOps(projects, syncer, current, limiter),
             maintenance,
             StatsOps(store, cluster, current, lambda: "# metrics\n"),
             Live(Farm(status, cluster, store).snapshot),

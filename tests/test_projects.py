@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from reqpmd.builds.scheduler import Scheduler
 from reqpmd.builds.states import State
@@ -262,19 +263,23 @@ def test_credentials_never_appear_in_errors(tmp_path: Path) -> None:
             gitmod.check_branch(branch)
 
 
-def _ops(w: World) -> Any:
+def _ops(w: World, client: redis.Redis) -> Any:
     from reqpmd.control.projects import ProjectOps
+    from reqpmd.slots.limiter import BuildConcurrencyLimiter
 
-    return ProjectOps(w.projects, w.syncer, lambda: w.settings)
+    limiter = BuildConcurrencyLimiter(client, auto_renew=False)
+    return ProjectOps(w.projects, w.syncer, lambda: w.settings, limiter)
 
 
-def test_add_refuses_what_can_never_build_and_changes_nothing(tmp_path: Path) -> None:
+def test_add_refuses_what_can_never_build_and_changes_nothing(
+    tmp_path: Path, rclient: redis.Redis
+) -> None:
     from reqpmd.errors import AlreadyExists, InvalidArgument
 
     up = Upstream(tmp_path / "git")
     up.commit({"a.spec": spec("a", source=False), "b.spec": spec("b", source=False)})
     w = World(tmp_path)
-    ops = _ops(w)
+    ops = _ops(w, rclient)
     bad = [
         ({"url": up.url}, "2 spec files at the top level (a.spec, b.spec)"),
         ({"url": up.url, "branch": "nope"}, "no branch 'nope'"),
@@ -295,6 +300,39 @@ def test_add_refuses_what_can_never_build_and_changes_nothing(tmp_path: Path) ->
     with pytest.raises(InvalidArgument, match="no branch"):
         ops.edit({"name": "p", "branch": "nope"})
     assert w.projects.get("p").branch is None  # unchanged
+
+
+def test_a_projects_share_is_edited_checked_and_shown(
+    tmp_path: Path, upstream: Upstream, rclient: redis.Redis
+) -> None:
+    from reqpmd.errors import InvalidArgument
+    from reqpmd.slots.limiter import Share
+
+    w = World(tmp_path)
+    ops = _ops(w, rclient)
+    ops.add({"name": "greet", "url": upstream.url}, "root")
+    shown = ops.show({"name": "greet"})
+    assert (shown["max_concurrent"], shown["weight"], shown["share_known"]) == (None, 1, True)
+    bad = [
+        ({"max_concurrent": 21}, "max_concurrent 21 is out of range: an integer from 0 to 20"),
+        ({"max_concurrent": -1}, "max_concurrent -1 is out of range"),
+        ({"max_concurrent": "2"}, "max_concurrent '2' is out of range"),
+        ({"weight": 0}, "weight 0 is out of range: an integer from 1 to 100"),
+        ({"weight": 101}, "weight 101 is out of range"),
+        ({"weight": 2, "branch": "-x"}, "branch"),  # one bad field: nothing changes
+    ]
+    for args, why in bad:
+        with pytest.raises(InvalidArgument, match=re.escape(why)):
+            ops.edit({"name": "greet", **args})
+        assert ops.limiter.shares() == {}
+    shown = ops.edit({"name": "greet", "max_concurrent": 2, "weight": 3})
+    assert (shown["max_concurrent"], shown["weight"]) == (2, 3)
+    shown = ops.edit({"name": "greet", "weight": 1})  # the cap stays
+    assert ops.limiter.shares() == {"greet": Share(2, 1)}
+    shown = ops.edit({"name": "greet", "max_concurrent": 0})  # no cap: the default share
+    assert (shown["max_concurrent"], shown["weight"]) == (None, 1)
+    assert ops.limiter.shares() == {}
+    assert [p["weight"] for p in ops.list({})] == [1]
 
 
 def test_builds_someone_asked_for_neither_supersede_nor_are_superseded(

@@ -112,9 +112,10 @@ def test_a_project_is_built_at_each_new_commit_and_its_builds_say_which(
     assert f"{CHROOT}  failed     {third}" in text
     assert "next sync:   in 5h59m" in text  # sync_interval_hours: 6 by default
     listing = ctl(d, "projects", "list").stdout.splitlines()
-    header = ["NAME", "ENABLED", "BRANCH", "CHROOTS", "LAST SYNC", "RESULT", "COMMIT"]
-    assert listing[0].split() == " ".join(header).split()
-    assert listing[1].split()[:4] == ["greet", "yes", "(default)", CHROOT]
+    header = ["NAME", "ENABLED", "CAP", "WEIGHT", "BRANCH", "CHROOTS", "LAST SYNC", "RESULT"]
+    assert listing[0].split() == " ".join([*header, "COMMIT"]).split()
+    assert listing[1].split()[:6] == ["greet", "yes", "-", "1", "(default)", CHROOT]
+    assert "share:       no cap, weight 1" in text
     assert listing[1].endswith(broken[:12])
 
     # a build now, of a commit of choice, even though nothing changed

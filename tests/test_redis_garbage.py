@@ -41,6 +41,10 @@ SLOT_KEYS = {
     "waiter_leases": K.waiter_leases,
     "waiter_info": K.waiter_info,
     "meta": K.meta,
+    "group_queue": K.group_queue,
+    "ready": K.ready,
+    "parked": K.parked,
+    "shares": K.shares,
 }
 OWNER_RE = re.compile(r"[0-9a-f]{32}")  # the owners the limiter makes (uuid4().hex)
 
@@ -527,7 +531,8 @@ def test_an_invalid_cluster_limit_in_redis_is_ignored_and_shown(
 LIMIT = 2
 ALL_KEYS = [*SLOT_KEYS.values(), hosts_key("reqpm")]
 NAMES = [f"c{i}-{k}" for i in range(2) for k in range(3)] + [f"build_{i}@h1" for i in range(8)]
-META_FIELDS = ["limit", "token", "seq", "run_id", "grace_until", "repaired"]
+META_FIELDS = ["limit", "token", "seq", "run_id", "grace_until", "repaired", "vtime"]
+GROUPS = ["default", "~root", "p", "p 1", "default 00000000000000001 c0-1"]
 
 blobs = st.binary(max_size=40)
 # well-formed records carrying odd values: never a limiter owner (32 hex digits)
@@ -539,7 +544,7 @@ records = st.builds(
     st.integers(0, 10**17),
     st.one_of(st.just("{}"), st.text(max_size=20)),
 )
-fields = st.one_of(st.sampled_from(NAMES + META_FIELDS).map(str.encode), blobs)
+fields = st.one_of(st.sampled_from(NAMES + META_FIELDS + GROUPS).map(str.encode), blobs)
 values = st.one_of(blobs, records, st.integers(-(10**20), 10**20).map(lambda n: str(n).encode()))
 scores = st.one_of(
     st.floats(allow_nan=False),

@@ -169,6 +169,7 @@ class WaitCall:
     labels: dict[str, Any] | None
     on_lost: Callable[[Any], None] | None
     cancel: threading.Event | None
+    group: str = "default"
     granted: threading.Event = field(default_factory=threading.Event)
     slot: FakeSlot | None = None
     outcome: str = ""  # "granted", "cancelled", or the exception raised
@@ -211,8 +212,9 @@ class FakeLimiter:
         labels: dict[str, Any] | None = None,
         on_lost: Callable[[Any], None] | None = None,
         cancel: threading.Event | None = None,
+        group: str = "default",
     ) -> FakeSlot:
-        call = WaitCall(name, timeout, priority, labels, on_lost, cancel)
+        call = WaitCall(name, timeout, priority, labels, on_lost, cancel, group)
         with self._lock:
             self.calls.append(call)
             error = self.errors.pop(0) if self.errors else None
@@ -322,7 +324,9 @@ class Rig:
             )
         return self._scheduler
 
-    def submit_srpm(self, priority: int = 0) -> int:
+    def submit_srpm(
+        self, priority: int = 0, user: str = "alice (uid 1000)", project: str | None = None
+    ) -> int:
         return self.store.submit(
             chroot=CHROOT,
             kind="srpm",
@@ -330,7 +334,8 @@ class Rig:
             inputs=self.store.stage({SRPM: b"an srpm"}),
             priority=priority,
             uid=1000,
-            user="alice",
+            user=user,
+            project=project,
         )
 
     def submit_spec(self) -> int:
@@ -907,6 +912,19 @@ def test_launch_order_is_priority_then_submission(rig: Rig) -> None:
         rig.run_one(expected, State.SUCCEEDED)
     assert rig.limiter.names() == [slot_name(i, HOST) for i in (high, mid_a, mid_b, low)]
     assert [c.priority for c in rig.limiter.calls] == [10, 5, 5, 0]
+
+
+def test_a_build_waits_in_its_projects_group_else_its_submitters(rig: Rig) -> None:
+    rig.overrides["host_max_builds"] = 1
+    builds = [
+        rig.submit_srpm(project="greet"),
+        rig.submit_srpm(),
+        rig.submit_srpm(user="project greet, asked by bob (uid 1001)", project="greet"),
+        rig.submit_srpm(user="x\ty (uid 7)"),  # a name no group may have: the uid's group
+    ]
+    for build_id in builds:
+        rig.run_one(build_id, State.SUCCEEDED)
+    assert [c.group for c in rig.limiter.calls] == ["greet", "~alice", "greet", "~uid1000"]
 
 
 # -- 12, 13: shutdown and recovery -----------------------------------------------------

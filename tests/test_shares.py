@@ -226,6 +226,29 @@ def test_a_share_another_writer_broke_is_dropped_and_reported(
     assert "dropped the share of" in (lim.counts().repaired or "")
 
 
+def test_junk_in_the_share_index_is_dropped_and_grants_go_on(
+    rclient: redis.Redis, make_limiter: MakeLimiter
+) -> None:
+    lim = make_limiter(rclient, max_concurrent=1)
+    lim.declare_no_survivors()
+    k = lim._keys
+    assert queue_in(lim, "holder", "p")
+    queue_in(lim, "w1", "p")
+    junk = ["p 0000000000000000 ghost", "garbage", "q 0000000000000000 w1", "p 1 w1"]
+    rclient.zadd(k.group_queue, dict.fromkeys(junk, 0))
+    rclient.zadd(k.ready, {"q": -5, "p": float("inf"), "zz": 1e300})
+    rclient.zadd(k.parked, {"nobody": 3})
+    rclient.hset(k.meta, "vtime", "garbage")
+    lim.force_release("holder")
+    assert [s.name for s in lim.get_slots()] == ["w1"]
+    queue_in(lim, "w2", "r")
+    lim.force_release("w1")
+    assert [s.name for s in lim.get_slots()] == ["w2"]
+    assert "reset the virtual time" in (lim.counts().repaired or "")
+    left = {e.decode() for e in rclient.zrange(k.group_queue, 0, -1)}
+    assert not left & {"p 0000000000000000 ghost", "q 0000000000000000 w1"}
+
+
 # -- a model: random steps never leave a slot free while a group under its cap waits ----
 
 _queue = st.tuples(st.just("queue"), st.sampled_from("abc"), st.integers(0, 2))

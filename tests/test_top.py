@@ -337,6 +337,10 @@ def test_top_shows_a_build_while_it_runs_redraws_on_resize_and_quits_with_q(
         what="redrawn at 130x35",
     )
     assert "SOURCE" in next(line for line in wide if line.startswith("SLOT "))
+    # its group's share: a build without a project waits and holds as its submitter's
+    assert any(line.startswith("PROJECTS") for line in wide)
+    assert "~root" in next(line for line in wide if line.startswith(f"{name} ")), wide
+    assert any(line.split()[:2] == ["~root", "1"] for line in wide), wide
 
     # the build ends: its slot leaves the screen, the build shows as finished
     wait_until(

@@ -1,6 +1,10 @@
 """The ``projects.*`` operations. Adding, editing and removing a project is for admins
 (it makes the daemon fetch a URL of their choosing); any member may look, sync now, or
-build now."""
+build now.
+
+A project's share of the cluster's slots (``max_concurrent``, ``weight``) lives in Redis
+with the cluster limit, not in this host's database, so every host enforces the same one;
+it belongs to the name, as a project's builds are grouped by name on every host."""
 
 from __future__ import annotations
 
@@ -12,17 +16,19 @@ from reqpmd.checks import int_in_range
 from reqpmd.config.schema import Settings
 from reqpmd.control.args import bool_arg
 from reqpmd.control.submission import check_chroot
-from reqpmd.errors import AlreadyExists, InvalidArgument
+from reqpmd.errors import AlreadyExists, InvalidArgument, RedisUnavailable
 from reqpmd.projects import git
 from reqpmd.projects.export import ExportError
 from reqpmd.projects.git import GitError
 from reqpmd.projects.registry import EDITABLE, NAME_DOC, NAME_RE, Project, Projects
 from reqpmd.projects.syncer import ProjectSyncer
 from reqpmd.quoting import shown
-from reqpmd.slots.scripts import MAX_PRIORITY
+from reqpmd.slots.limiter import BuildConcurrencyLimiter, Share
+from reqpmd.slots.scripts import LIMIT_MAX, MAX_PRIORITY, WEIGHT_MAX
 
 SYNC_WAIT = 600.0  # seconds ``projects sync --wait`` waits for the fetch
 MAX_CHROOTS = 32
+SHARE_FIELDS = ("max_concurrent", "weight")
 
 
 def check_name(name: Any) -> str:
@@ -33,11 +39,33 @@ def check_name(name: Any) -> str:
 
 class ProjectOps:
     def __init__(
-        self, projects: Projects, syncer: ProjectSyncer, settings: Callable[[], Settings]
+        self,
+        projects: Projects,
+        syncer: ProjectSyncer,
+        settings: Callable[[], Settings],
+        limiter: BuildConcurrencyLimiter,
     ) -> None:
         self.projects = projects
         self.syncer = syncer
         self.settings = settings
+        self.limiter = limiter
+
+    def _share(self, name: str, args: dict[str, Any]) -> Share | None:
+        """The share ``args`` asks for (None: they name none), checked; what they leave
+        out stays as it is."""
+        if not any(f in args for f in SHARE_FIELDS):
+            return None
+        old = self.limiter.shares().get(name, Share())
+        cap = old.max_concurrent
+        if "max_concurrent" in args:
+            try:
+                cap = int_in_range("max_concurrent", args["max_concurrent"], 0, LIMIT_MAX) or None
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"{exc} (0: no cap of its own)") from None
+        weight = old.weight
+        if "weight" in args:
+            weight = int_in_range("weight", args["weight"], 1, WEIGHT_MAX)
+        return Share(cap, weight)
 
     def _checked(self, args: dict[str, Any], defaults: Settings | None) -> dict[str, Any]:
         """The editable fields present in ``args``, validated; with ``defaults``, every
@@ -112,13 +140,18 @@ class ProjectOps:
         name = check_name(args.get("name"))
         before = self.projects.get(name)  # not found: exit 4, before anything is checked
         fields = self._checked({k: v for k, v in args.items() if k in EDITABLE}, None)
-        if not fields:
-            raise InvalidArgument(f"nothing to change; editable: {', '.join(EDITABLE)}")
+        share = self._share(name, args)
+        if not fields and share is None:
+            editable = ", ".join((*EDITABLE, *SHARE_FIELDS))
+            raise InvalidArgument(f"nothing to change; editable: {editable}")
         if {"url", "branch", "spec"} & set(fields):  # what decides where the spec comes from
             after = {k: fields.get(k, getattr(before, k)) for k in ("url", "branch", "spec")}
             self._probe(name, after["url"], after["branch"], after["spec"])
-        self.projects.edit(name, **fields)
-        self.syncer.request_sync(name)
+        if share is not None:  # first: Redis is the part that may be unreachable
+            self.limiter.set_share(name, share)
+        if fields:
+            self.projects.edit(name, **fields)
+            self.syncer.request_sync(name)
         return self.show({"name": name})
 
     def remove(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -128,16 +161,25 @@ class ProjectOps:
         return {"removed": name}
 
     def list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
-        return [self._json(p) for p in self.projects.all()]
+        shares = self._shares()
+        return [self._json(p, shares) for p in self.projects.all()]
 
     def show(self, args: dict[str, Any]) -> dict[str, Any]:
         project = self.projects.get(check_name(args.get("name")))
-        out = self._json(project)
+        out = self._json(project, self._shares())
         out["builds"] = self.projects.last_builds(project.name)
         return out
 
-    def _json(self, p: Project) -> dict[str, Any]:
+    def _shares(self) -> dict[str, Share] | None:
+        """Every share in Redis; None when Redis cannot be read (then shown as unknown)."""
+        try:
+            return self.limiter.shares()
+        except RedisUnavailable:
+            return None
+
+    def _json(self, p: Project, shares: dict[str, Share] | None) -> dict[str, Any]:
         health = self.syncer.health(p.name)
+        share = None if shares is None else shares.get(p.name, Share())
         return {
             "name": p.name,
             "url": git.shown_url(p.url),
@@ -145,6 +187,10 @@ class ProjectOps:
             "spec": p.spec,
             "chroots": list(p.chroots),
             "priority": p.priority,
+            # None (with share_known false): Redis could not be read
+            "max_concurrent": share.max_concurrent if share else None,
+            "weight": share.weight if share else None,
+            "share_known": share is not None,
             "enabled": p.enabled,
             "created_at": p.created_at,
             "created_by": p.created_by,
