@@ -5,9 +5,9 @@ fail: they start from zero at each start (a reset Prometheus handles) and never 
 down while the daemon runs. Gauges are read at each scrape from the services.
 
 Which gauges are cluster-wide and which per host: ``reqpm_slots_busy``,
-``reqpm_slots_limit`` and ``reqpm_slot_waiters`` describe the one cluster (every host
-exports the same value, without a host label: aggregate them with max()); the others
-carry ``host`` and describe that host alone.
+``reqpm_slots_limit``, ``reqpm_slot_waiters`` and the ``reqpm_project_*`` gauges describe
+the one cluster (every host exports the same value, without a host label: aggregate them
+with max()); the others carry ``host`` and describe that host alone.
 """
 
 from __future__ import annotations
@@ -143,6 +143,7 @@ class _Gauges(Collector):
             yield _gauge(
                 "reqpm_slot_waiters", "Builds waiting for a slot in the cluster", len(st["waiting"])
             )
+            yield from _project_gauges(st.get("groups") or [])
             ages = [a["age"] for a in st["active_builds"]]
             yield _gauge(
                 "reqpm_slot_oldest_age_seconds",
@@ -194,6 +195,30 @@ class _Gauges(Collector):
         for peer, when in sorted(latest.items()):
             seen.add_metric([peer], when)
         yield seen
+
+
+def _project_gauges(groups: list[dict[str, Any]]) -> Iterator[GaugeMetricFamily]:
+    """Cluster-wide, per project (or ~user): one series per group that holds, waits or has
+    a share of its own, so the number of series follows the farm's projects."""
+    held = GaugeMetricFamily(
+        "reqpm_project_slots_busy", "Slots held in the cluster by a project", labels=["project"]
+    )
+    waiting = GaugeMetricFamily(
+        "reqpm_project_slot_waiters",
+        "Builds of a project waiting for a slot in the cluster",
+        labels=["project"],
+    )
+    cap = GaugeMetricFamily(
+        "reqpm_project_max_concurrent",
+        "A project's cap of slots (only projects with one)",
+        labels=["project"],
+    )
+    for g in groups:
+        held.add_metric([g["group"]], g["holders"])
+        waiting.add_metric([g["group"]], g["waiting"])
+        if g["max_concurrent"] is not None:
+            cap.add_metric([g["group"]], g["max_concurrent"])
+    yield from (held, waiting, cap)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

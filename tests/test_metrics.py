@@ -34,6 +34,10 @@ def status() -> dict[str, Any]:
         "building_here": 1,
         "gates": [{"name": "disk", "open": True}, {"name": "load", "open": False}],
         "publish": {"pending": 1, "failed": 2},
+        "groups": [
+            {"group": "greet", "holders": 1, "waiting": 2, "max_concurrent": 1, "weight": 1},
+            {"group": "~alice", "holders": 1, "waiting": 1, "max_concurrent": None, "weight": 1},
+        ],
     }
 
 
@@ -70,6 +74,10 @@ def test_the_families_and_their_values(tmp_path: Path) -> None:
     assert value[("reqpm_slots_limit", ())] == 4
     assert value[("reqpm_slot_waiters", ())] == 3
     assert value[("reqpm_slot_oldest_age_seconds", ())] == 90
+    assert value[("reqpm_project_slots_busy", (("project", "greet"),))] == 1
+    assert value[("reqpm_project_slot_waiters", (("project", "~alice"),))] == 1
+    assert value[("reqpm_project_max_concurrent", (("project", "greet"),))] == 1
+    assert ("reqpm_project_max_concurrent", (("project", "~alice"),)) not in value
     assert value[("reqpm_queue_length", (("host", "h1"),))] == 5
     assert value[("reqpm_redis_up", (("host", "h1"),))] == 1
     assert value[("reqpm_gate_open", (("gate", "load"), ("host", "h1")))] == 0
