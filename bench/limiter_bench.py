@@ -19,12 +19,10 @@ import multiprocessing
 import os
 import platform
 import random
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +39,7 @@ if str(ROOT) not in sys.path:
 
 import redis  # noqa: E402
 
+from bench.scratch import scratch_redis  # noqa: E402
 from reqpmd.concurrency import BuildConcurrencyLimiter  # noqa: E402
 from reqpmd.slots import keys  # noqa: E402
 from reqpmd.slots.connection import connect  # noqa: E402
@@ -784,29 +783,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
-    tmp = Path(tempfile.mkdtemp(prefix="rqb", dir="/tmp"))
-    server = RedisServer(tmp / "redis", persist=False)
     workers = Workers()
-    try:
-        run(args, server, workers)
-        return 0
-    except KeyboardInterrupt:
-        log("interrupted: stopping workers and redis-server")
-        return 130
-    except (redis.ConnectionError, RuntimeError) as exc:
-        if server.process is not None and not server.alive():
-            # e.g. Ctrl-C reached redis-server (same process group) before us
-            log(f"redis-server exited with {server.process.returncode}; stopping: {exc}")
-            return 1
-        raise
-    finally:
-        with contextlib.suppress(BaseException):
-            workers.stop_all()
-        with contextlib.suppress(BaseException):
-            server.stop(timeout=5)
-        with contextlib.suppress(BaseException):
-            server.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with scratch_redis("rqb") as server:
+        try:
+            run(args, server, workers)
+            return 0
+        except KeyboardInterrupt:
+            log("interrupted: stopping workers and redis-server")
+            return 130
+        except (redis.ConnectionError, RuntimeError) as exc:
+            if server.process is not None and not server.alive():
+                # e.g. Ctrl-C reached redis-server (same process group) before us
+                log(f"redis-server exited with {server.process.returncode}; stopping: {exc}")
+                return 1
+            raise
+        finally:
+            with contextlib.suppress(BaseException):
+                workers.stop_all()
 
 
 if __name__ == "__main__":

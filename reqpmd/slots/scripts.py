@@ -167,7 +167,11 @@ local function parse(rec)
 end
 
 -- The group a record's JSON names, or DEFAULT_GROUP when it names none that is valid.
+-- The limiter writes it first ('{"group":"p",...'): read that without decoding the JSON
+-- (every call reads every holder's group), and decode only what another writer wrote.
 local function group_of(info)
+  local fast = string.match(info or '', '^{"group":"([^"]*)"')
+  if fast and #fast <= GROUP_MAX and string.match(fast, GROUP_PATTERN) then return fast end
   local ok, v = pcall(cjson.decode, info or '')
   if ok and type(v) == 'table' then
     local g = v['group']
