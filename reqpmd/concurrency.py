@@ -2,12 +2,20 @@
 BuildConcurrencyLimiter``. The code lives in ``reqpmd.slots``."""
 
 from reqpmd.errors import RedisUnavailable, SlotLost, SlotNameInUse, SlotTimeout, WaitCancelled
-from reqpmd.slots.limiter import BuildConcurrencyLimiter, Share, Slot, SlotInfo, WaiterInfo
+from reqpmd.slots.limiter import (
+    BuildConcurrencyLimiter,
+    Share,
+    ShareChange,
+    Slot,
+    SlotInfo,
+    WaiterInfo,
+)
 
 __all__ = [
     "BuildConcurrencyLimiter",
     "RedisUnavailable",
     "Share",
+    "ShareChange",
     "Slot",
     "SlotInfo",
     "SlotLost",

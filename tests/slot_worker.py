@@ -114,7 +114,7 @@ def main() -> None:
             if cmd == "acquire":
                 priority = int(rest[1]) if len(rest) > 1 else 0
                 timeout = float(rest[2]) if len(rest) > 2 and rest[2] != "-" else None
-                group = rest[3] if len(rest) > 3 else "default"
+                group = rest[3] if len(rest) > 3 else "@default"
                 threading.Thread(
                     target=acquire, args=(rest[0], priority, timeout, group), daemon=True
                 ).start()

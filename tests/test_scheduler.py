@@ -169,7 +169,7 @@ class WaitCall:
     labels: dict[str, Any] | None
     on_lost: Callable[[Any], None] | None
     cancel: threading.Event | None
-    group: str = "default"
+    group: str = "@default"
     granted: threading.Event = field(default_factory=threading.Event)
     slot: FakeSlot | None = None
     outcome: str = ""  # "granted", "cancelled", or the exception raised
@@ -212,7 +212,7 @@ class FakeLimiter:
         labels: dict[str, Any] | None = None,
         on_lost: Callable[[Any], None] | None = None,
         cancel: threading.Event | None = None,
-        group: str = "default",
+        group: str = "@default",
     ) -> FakeSlot:
         call = WaitCall(name, timeout, priority, labels, on_lost, cancel, group)
         with self._lock:

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reqpmd.concurrency import BuildConcurrencyLimiter
-from reqpmd.errors import InvalidArgument
-from reqpmd.slots.limiter import Share
+from reqpmd.errors import InvalidArgument, SlotLost
+from reqpmd.slots.limiter import Share, ShareChange
 from reqpmd.slots.server import RedisServer
 from tests.conftest import MakeLimiter, MakeWorker
 from tests.workers import Worker, wait_until
@@ -27,14 +27,19 @@ def queue_in(lim: BuildConcurrencyLimiter, name: str, group: str, priority: int 
     return lim._attempt(name, uuid.uuid4().hex, priority, info, try_only=False).token is not None
 
 
+def fresh(lim: BuildConcurrencyLimiter) -> BuildConcurrencyLimiter:
+    """A limiter on the test's own new Redis, whose restart grace has nothing to wait for."""
+    lim.declare_no_survivors()
+    return lim
+
+
 def cluster_of_three(
     admin: BuildConcurrencyLimiter, capped: tuple[str, ...] = ()
 ) -> BuildConcurrencyLimiter:
     """A fresh namespace with a cluster limit of 3, the ``capped`` groups at 1 each."""
-    admin.declare_no_survivors()
-    admin.set_cluster_limit(3)
+    fresh(admin).set_cluster_limit(3)
     for g in capped:
-        admin.set_share(g, Share(max_concurrent=1))
+        admin.set_share(g, ShareChange(max_concurrent=1))
     return admin
 
 
@@ -99,7 +104,7 @@ def test_weights_share_slots_two_to_one(
     workers: MakeWorker, rclient: redis.Redis, make_limiter: MakeLimiter
 ) -> None:
     admin = cluster_of_three(make_limiter(rclient, max_concurrent=3))
-    admin.set_share("heavy", Share(weight=2))
+    admin.set_share("heavy", ShareChange(weight=2))
     procs = {
         g: [workers(max_concurrent=3, host=f"{g}{i}") for i in range(2)] for g in ("heavy", "light")
     }
@@ -124,9 +129,8 @@ def test_a_waiting_light_group_is_served_within_its_bound(
 ) -> None:
     """Between two grants to a group of weight w that keeps waiting, a group of weight w'
     gets at most floor(w'/w) + 1; a group that starts waiting is served next."""
-    lim = make_limiter(rclient, max_concurrent=1)
-    lim.declare_no_survivors()
-    lim.set_share("heavy", Share(weight=10))
+    lim = fresh(make_limiter(rclient, max_concurrent=1))
+    lim.set_share("heavy", ShareChange(weight=10))
     assert queue_in(lim, "first", "heavy")
     for i in range(60):
         queue_in(lim, f"h{i}", "heavy")
@@ -152,8 +156,7 @@ def test_a_waiting_light_group_is_served_within_its_bound(
 def test_within_a_group_priority_then_arrival_order_hold(
     rclient: redis.Redis, make_limiter: MakeLimiter
 ) -> None:
-    lim = make_limiter(rclient, max_concurrent=1)
-    lim.declare_no_survivors()
+    lim = fresh(make_limiter(rclient, max_concurrent=1))
     assert queue_in(lim, "holder", "p")
     for name, priority in [("p-first", 0), ("p-second", 0), ("p-urgent", 5)]:
         queue_in(lim, name, "p", priority)
@@ -169,15 +172,13 @@ def test_within_a_group_priority_then_arrival_order_hold(
 def test_lowering_a_cap_applies_to_the_next_grant_and_evicts_nobody(
     rclient: redis.Redis, make_limiter: MakeLimiter
 ) -> None:
-    lim = make_limiter(rclient, max_concurrent=4)
-    lim.declare_no_survivors()
+    lim = fresh(make_limiter(rclient, max_concurrent=4))
     for i in range(3):
         assert queue_in(lim, f"a{i}", "a")
     for i in range(3, 6):
         assert not queue_in(lim, f"a{i}", "a") or i == 3
     assert held_by(lim)["a"] == 4
-    previous = lim.set_share("a", Share(max_concurrent=1))
-    assert previous == Share()
+    assert lim.set_share("a", ShareChange(max_concurrent=1)) == (Share(), Share(1, 1))
     assert held_by(lim)["a"] == 4, "a lowered cap evicted a holder"
     assert not queue_in(lim, "b0", "b")  # the cluster is full: b waits
     lim.force_release("a0")
@@ -195,29 +196,30 @@ def test_shares_are_validated_and_read_back(
 ) -> None:
     lim = make_limiter(rclient)
     for group, share in [
-        ("bad group", Share()),
-        ("", Share()),
-        ("x" * 65, Share()),
-        ("ok", Share(max_concurrent=0)),
-        ("ok", Share(max_concurrent=21)),
-        ("ok", Share(weight=0)),
-        ("ok", Share(weight=101)),
+        ("bad group", ShareChange()),
+        ("", ShareChange()),
+        ("x" * 65, ShareChange()),
+        ("ok", ShareChange(max_concurrent=-1)),
+        ("ok", ShareChange(max_concurrent=21)),
+        ("ok", ShareChange(weight=0)),
+        ("ok", ShareChange(weight=101)),
     ]:
         with pytest.raises(InvalidArgument):
             lim.set_share(group, share)
     assert lim.shares() == {}
-    lim.set_share("p1", Share(max_concurrent=2, weight=3))
-    lim.set_share("p2", Share(weight=5))
+    lim.set_share("p1", ShareChange(max_concurrent=2, weight=3))
+    lim.set_share("p2", ShareChange(weight=5))
     assert lim.shares() == {"p1": Share(2, 3), "p2": Share(None, 5)}
-    assert lim.set_share("p1", Share()) == Share(2, 3)  # the default share is no entry
+    # what a change leaves out stays; the default share is no entry at all
+    assert lim.set_share("p1", ShareChange(weight=1)) == (Share(2, 3), Share(2, 1))
+    assert lim.set_share("p1", ShareChange(max_concurrent=0)) == (Share(2, 1), Share(None, 1))
     assert lim.shares() == {"p2": Share(None, 5)}
 
 
 def test_a_share_another_writer_broke_is_dropped_and_reported(
     rclient: redis.Redis, make_limiter: MakeLimiter
 ) -> None:
-    lim = make_limiter(rclient, max_concurrent=2)
-    lim.declare_no_survivors()
+    lim = fresh(make_limiter(rclient, max_concurrent=2))
     shares_key = lim._keys.shares
     rclient.hset(shares_key, "p", "lots 1")
     assert lim.shares() == {}
@@ -229,8 +231,7 @@ def test_a_share_another_writer_broke_is_dropped_and_reported(
 def test_junk_in_the_share_index_is_dropped_and_grants_go_on(
     rclient: redis.Redis, make_limiter: MakeLimiter
 ) -> None:
-    lim = make_limiter(rclient, max_concurrent=1)
-    lim.declare_no_survivors()
+    lim = fresh(make_limiter(rclient, max_concurrent=1))
     k = lim._keys
     assert queue_in(lim, "holder", "p")
     queue_in(lim, "w1", "p")
@@ -247,6 +248,107 @@ def test_junk_in_the_share_index_is_dropped_and_grants_go_on(
     assert "reset the virtual time" in (lim.counts().repaired or "")
     left = {e.decode() for e in rclient.zrange(k.group_queue, 0, -1)}
     assert not left & {"p 0000000000000000 ghost", "q 0000000000000000 w1"}
+
+
+def test_a_capped_group_whose_holder_vanished_is_served_at_its_next_refresh(
+    rclient: redis.Redis, make_limiter: MakeLimiter
+) -> None:
+    lim = fresh(make_limiter(rclient, max_concurrent=3))
+    lim.set_share("p", ShareChange(max_concurrent=1))
+    assert queue_in(lim, "p1", "p")
+    assert not queue_in(lim, "p2", "p")  # parked: p is at its cap
+    rclient.hdel(lim._keys.holder_info, "p1")  # p1 is gone without any release
+    lim.counts()  # the holder without a record is removed; p2 not yet refreshed
+    info = lim._info_json({}, 0, "p")
+    owner = rclient.hget(lim._keys.waiter_info, "p2").decode().split(" ")[0]
+    assert lim._attempt("p2", owner, 0, info, try_only=False).token is not None
+
+
+def test_a_holder_re_registering_after_a_restart_keeps_to_its_groups_cap(
+    rclient: redis.Redis, make_limiter: MakeLimiter
+) -> None:
+    old = fresh(make_limiter(rclient, max_concurrent=3, auto_renew=False))
+    old.set_share("p", ShareChange(max_concurrent=1))
+    slot = old.wait_for_slot("p1", timeout=1, group="p")
+    old.force_release("p1")
+    assert queue_in(old, "p2", "p")  # p's one slot went to p2
+    rclient.hset(old._keys.meta, "run_id", "an-earlier-server")  # a restart: a grace begins
+    with pytest.raises(SlotLost):  # within the grace p1 may come back, but not past the cap
+        old.renew(slot.name)
+    assert held_by(old) == Counter({"p": 1})
+
+
+def test_a_group_that_leaves_and_comes_back_at_once_gains_nothing(
+    rclient: redis.Redis, make_limiter: MakeLimiter
+) -> None:
+    """A light project that queues one build at a time, as soon as the last was granted,
+    still gets its weight's share against a heavy backlog, not every other slot."""
+    lim = fresh(make_limiter(rclient, max_concurrent=1))
+    lim.set_share("heavy", ShareChange(weight=100))
+    assert queue_in(lim, "h0", "heavy")
+    for i in range(1, 250):
+        queue_in(lim, f"h{i}", "heavy")
+    holder, light, order = "h0", 0, []
+    for _ in range(202):
+        if not any(w.group == "light" for w in lim.get_waiting()):
+            light += 1
+            queue_in(lim, f"l{light}", "light")
+        lim.force_release(holder)
+        (slot,) = lim.get_slots()
+        holder = slot.name
+        order.append(slot.group)
+    assert 1 <= order.count("light") <= 3, Counter(order)  # 2 per 101 grants by weight
+
+
+def test_groups_leave_the_sharing_with_their_last_waiter(
+    rclient: redis.Redis, make_limiter: MakeLimiter
+) -> None:
+    lim = fresh(make_limiter(rclient, max_concurrent=1))
+    assert queue_in(lim, "holder", "p")
+    for i in range(300):
+        queue_in(lim, f"w{i}", f"~user{i}")
+        lim.force_release(f"w{i}")  # withdrawn
+    k = lim._keys
+    assert rclient.zcard(k.ready) + rclient.zcard(k.parked) == 0  # only groups that wait
+    assert rclient.zcard(k.group_queue) == 0
+
+
+def test_waiters_an_earlier_release_queued_are_served(
+    rclient: redis.Redis, make_limiter: MakeLimiter
+) -> None:
+    lim = fresh(make_limiter(rclient, max_concurrent=1))
+    assert queue_in(lim, "holder", "p")
+    k = lim._keys  # a waiter as the previous release wrote it: no group, no index entry
+    now_ms = int(rclient.time()[0]) * 1000
+    rclient.zadd(k.waiters, {"old": 1})
+    rclient.zadd(k.waiter_leases, {"old": now_ms + 60_000})
+    rclient.hset(k.waiter_info, "old", f"{'a' * 32} 0 {now_ms} 60000 " + '{"host":"h0"}')
+    lim.force_release("holder")
+    assert [(s.name, s.group) for s in lim.get_slots()] == [("old", "@default")]
+    assert "put 1 waiter(s) back" in (lim.counts().repaired or "")
+
+
+def test_garbage_in_the_sharing_is_bounded_and_obeys_no_cap_bypass(
+    rclient: redis.Redis, make_limiter: MakeLimiter
+) -> None:
+    lim = fresh(make_limiter(rclient, max_concurrent=3))
+    k = lim._keys
+    lim.set_share("p", ShareChange(max_concurrent=1))
+    assert queue_in(lim, "p1", "p")
+    queue_in(lim, "p2", "p")
+    # a member of ``ready`` that is no group name, whose lex range would be p's queue
+    rclient.zadd(k.ready, {"p 0": 0, "p": 0})
+    for i in range(2000):  # and thousands of bad shares met in one call
+        rclient.hset(k.shares, f"g{i}", "0005 1")
+        rclient.zadd(k.ready, {f"g{i}": 0})
+    queue_in(lim, "q1", "q")
+    assert held_by(lim) == Counter({"p": 1, "q": 1})
+    note = lim.counts().repaired or ""
+    assert "and " in note and len(note) < 2000, len(note)  # the first few, then a count
+    rclient.hset(k.meta, "vtime", "9007199254740991")  # far past any real virtual time
+    queue_in(lim, "q2", "q")
+    assert "reset the virtual time" in (lim.counts().repaired or "")
+    assert held_by(lim) == Counter({"p": 1, "q": 2})
 
 
 # -- a model: random steps never leave a slot free while a group under its cap waits ----
@@ -292,9 +394,8 @@ def test_grants_keep_caps_and_leave_no_slot_idle(
                 if holders:
                     lim.force_release(holders[arg % len(holders)].name)
             else:
-                old = lim.shares().get(arg, Share())
-                new = Share(k or None, old.weight) if op == "cap" else Share(old.max_concurrent, k)
-                lim.set_share(arg, new)
+                change = ShareChange(k) if op == "cap" else ShareChange(weight=k)
+                _, new = lim.set_share(arg, change)
                 caps[arg] = new.max_concurrent or 0
             held = held_by(lim)
             for g, count in held.items():

@@ -107,3 +107,16 @@ def test_project_caps_hold_across_hosts_and_a_third_group_is_not_held_back(
     assert len(runs["alpha"]) == 3 and len(runs["beta"]) == 3
     assert max_overlap(runs["alpha"]) == 1 and max_overlap(runs["beta"]) == 1
     assert max_overlap([r for rs in runs.values() for r in rs]) <= 3
+
+
+def test_a_share_outlives_a_restart_of_the_daemon_and_its_embedded_redis(
+    daemons: Callable[..., Reqpmd], tmp_path: Path
+) -> None:
+    up = Upstream(tmp_path / "git")
+    up.commit({"greet.spec": spec(), "greet.sh": "echo hi\n"})
+    d = daemons(settings={"auto_sync_projects": False}, env={"FAKEMOCK_RPMBUILD": "0"}).start()
+    ok(d, "projects", "add", "greet", "--git", up.url)
+    ok(d, "projects", "edit", "greet", "--max-concurrent", "2", "--weight", "3")
+    assert d.stop() == 0  # the embedded redis-server saves its snapshot as it stops
+    d.start()
+    assert "share:       at most 2 slot(s), weight 3" in ok(d, "projects", "show", "greet")

@@ -23,7 +23,7 @@ from reqpmd.projects.git import GitError
 from reqpmd.projects.registry import EDITABLE, NAME_DOC, NAME_RE, Project, Projects
 from reqpmd.projects.syncer import ProjectSyncer
 from reqpmd.quoting import shown
-from reqpmd.slots.limiter import BuildConcurrencyLimiter, Share
+from reqpmd.slots.limiter import BuildConcurrencyLimiter, Share, ShareChange
 from reqpmd.slots.scripts import LIMIT_MAX, MAX_PRIORITY, WEIGHT_MAX
 
 SYNC_WAIT = 600.0  # seconds ``projects sync --wait`` waits for the fetch
@@ -50,22 +50,21 @@ class ProjectOps:
         self.settings = settings
         self.limiter = limiter
 
-    def _share(self, name: str, args: dict[str, Any]) -> Share | None:
-        """The share ``args`` asks for (None: they name none), checked; what they leave
-        out stays as it is."""
+    @staticmethod
+    def _share_change(args: dict[str, Any]) -> ShareChange | None:
+        """The change of share ``args`` ask for (None: they name none), checked; what they
+        leave out stays as it is, applied in one step in Redis."""
         if not any(f in args for f in SHARE_FIELDS):
             return None
-        old = self.limiter.shares().get(name, Share())
-        cap = old.max_concurrent
+        cap = weight = None
         if "max_concurrent" in args:
             try:
-                cap = int_in_range("max_concurrent", args["max_concurrent"], 0, LIMIT_MAX) or None
+                cap = int_in_range("max_concurrent", args["max_concurrent"], 0, LIMIT_MAX)
             except InvalidArgument as exc:
                 raise InvalidArgument(f"{exc} (0: no cap of its own)") from None
-        weight = old.weight
         if "weight" in args:
             weight = int_in_range("weight", args["weight"], 1, WEIGHT_MAX)
-        return Share(cap, weight)
+        return ShareChange(cap, weight)
 
     def _checked(self, args: dict[str, Any], defaults: Settings | None) -> dict[str, Any]:
         """The editable fields present in ``args``, validated; with ``defaults``, every
@@ -140,7 +139,7 @@ class ProjectOps:
         name = check_name(args.get("name"))
         before = self.projects.get(name)  # not found: exit 4, before anything is checked
         fields = self._checked({k: v for k, v in args.items() if k in EDITABLE}, None)
-        share = self._share(name, args)
+        share = self._share_change(args)
         if not fields and share is None:
             editable = ", ".join((*EDITABLE, *SHARE_FIELDS))
             raise InvalidArgument(f"nothing to change; editable: {editable}")

@@ -36,6 +36,7 @@ class SlotKeys:
     ready: str  # ZSET group -> start tag (virtual time) of groups with waiters, under cap
     parked: str  # ZSET group -> start tag of groups with waiters that are at their cap
     shares: str  # HASH group -> "<max_concurrent> <weight>" where not the default
+    idle: str  # ZSET group -> tag of groups without waiters that are ahead of their share
 
     def as_list(self) -> list[str]:
         return [
@@ -50,6 +51,7 @@ class SlotKeys:
             self.ready,
             self.parked,
             self.shares,
+            self.idle,
         ]
 
 
@@ -71,6 +73,7 @@ def slot_keys(namespace: str) -> SlotKeys:
         ready=_key(namespace, "slots:ready"),
         parked=_key(namespace, "slots:parked"),
         shares=_key(namespace, "slots:shares"),
+        idle=_key(namespace, "slots:idle"),
     )
 
 

@@ -73,6 +73,7 @@ __all__ = [
     "BuildConcurrencyLimiter",
     "Counts",
     "Share",
+    "ShareChange",
     "Slot",
     "SlotInfo",
     "WaiterInfo",
@@ -111,6 +112,15 @@ class Share:
 
     max_concurrent: int | None = None  # None: no cap of its own
     weight: int = 1
+
+
+@dataclass(frozen=True)
+class ShareChange:
+    """What to change of a group's share: a field left None stays as it is;
+    ``max_concurrent=0`` removes the cap."""
+
+    max_concurrent: int | None = None
+    weight: int | None = None
 
 
 DEFAULT_GRACE_HINT = (
@@ -828,20 +838,25 @@ class BuildConcurrencyLimiter:
 
     # -- shares between groups ----------------------------------------------------------
 
-    def set_share(self, group: str, share: Share) -> Share:
-        """Give ``group`` a cap (None: none) and a weight, for every caller of the
-        namespace; returns the previous share. It applies to the next grant: a raised cap
-        is served at once, a lowered one evicts nobody."""
+    def set_share(self, group: str, change: ShareChange) -> tuple[Share, Share]:
+        """Change ``group``'s cap and weight for every caller of the namespace, in one
+        step; returns the share before and after. It applies to the next grant: a raised
+        cap is served at once, a lowered one evicts nobody."""
         check_group(group)
-        if share.max_concurrent is not None:
-            int_in_range("max_concurrent", share.max_concurrent, LIMIT_MIN, LIMIT_MAX)
-        int_in_range("weight", share.weight, 1, WEIGHT_MAX)
+        if change.max_concurrent is not None and change.max_concurrent != 0:
+            int_in_range("max_concurrent", change.max_concurrent, LIMIT_MIN, LIMIT_MAX)
+        if change.weight is not None:
+            int_in_range("weight", change.weight, 1, WEIGHT_MAX)
         reply = self._run(
-            self._set_share, group, share.max_concurrent or 0, share.weight, self.current_limit()
+            self._set_share,
+            group,
+            "" if change.max_concurrent is None else change.max_concurrent,
+            "" if change.weight is None else change.weight,
+            self.current_limit(),
         )
         with _reply_of("SET_SHARE"):
-            cap, weight = _int(reply[1]), _int(reply[2])
-        return Share(cap or None, weight)
+            old_cap, old_weight, cap, weight = (_int(v) for v in reply[1:5])
+        return Share(old_cap or None, old_weight), Share(cap or None, weight)
 
     def shares(self) -> dict[str, Share]:
         """Every group whose share is not the default. A value the scripts did not write
@@ -868,7 +883,7 @@ class BuildConcurrencyLimiter:
         return found
 
 
-_SHARE_RE = re.compile(r"([0-9]{1,3}) ([0-9]{1,3})")
+_SHARE_RE = re.compile(r"(0|[1-9][0-9]{0,2}) ([1-9][0-9]{0,2})")  # as SET_SHARE writes it
 
 
 def _parse_share(spec: str) -> Share | None:

@@ -13,6 +13,8 @@ Every script takes the same KEYS, in the order of ``keys.SlotKeys.as_list()``:
     KEYS[9] ready          ZSET  group -> start tag: groups with waiters, under their cap
     KEYS[10] parked        ZSET  group -> start tag: groups with waiters, at their cap
     KEYS[11] shares        HASH  group -> "<max_concurrent> <weight>" (absent: no cap, 1)
+    KEYS[12] idle          ZSET  group -> the tag a group without waiters left with, kept
+                                 while it is ahead of the virtual time
 
 and ARGV[1] = restart grace in ms. Every script replies with a list whose first element is
 a ``Reply`` code; the Lua side reads the codes by name (``R.GRANTED``) from a table
@@ -27,20 +29,25 @@ Fair share. Every waiter belongs to a group (a project; reqpmd puts builds witho
 a group per submitting user), named in its record's JSON. A group may have a cap (at most
 that many holders at once) and a weight. Free slots go to groups by start-time fair
 queueing (SFQ): each group with waiters carries a start tag in virtual time; a grant goes
-to the group with the lowest tag, whose tag then grows by SCALE / weight, and the virtual
-time becomes the tag served. A group that starts waiting (or drops below its cap again)
-starts at the virtual time, that is ahead of every group served since, so it is granted
-at once unless other newcomers tie with it. Between two grants to a group of weight w
-that keeps waiting, a group of weight w' is granted at most floor(w'/w) + 1 times.
-Within a group, priority then arrival order (the order key: -priority * 2^42 + arrival
-seq, offset to be non-negative and zero-padded, so lex order is queue order).
+to the group with the lowest tag (ties: by name), whose tag then grows by SCALE // weight,
+and the virtual time becomes the tag served. A group that starts waiting starts at the
+virtual time, ahead of every group served since, or at the tag it left with if that is
+later (it had more than its share just before: ``idle`` keeps such tags, so leaving and
+coming back buys nothing). Between two grants to a group of weight w that keeps waiting,
+a group of weight w' is granted at most floor(w'/w) + 1 times. Within a group, priority
+then arrival order (the order key: -priority * 2^42 + arrival seq, offset to be
+non-negative and zero-padded, so lex order is queue order).
 
 A group at its cap leaves ``ready`` for ``parked`` when it reaches the front, so it never
 blocks the groups behind it; it returns when one of its holders goes (release, reaping,
-clear) or its cap is raised. A grant costs O(log waiters + log groups): the front group is
-ZRANGE 0 0 of ``ready``, its head waiter one ZRANGEBYLEX. ``group_queue`` is an index:
-an entry whose waiter is gone or moved is dropped when met, and a waiter refreshing its
-lease puts itself back, so data left by other writers heals itself.
+clear), its cap is raised, or one of its waiters refreshes and finds it under its cap. It
+returns at max(virtual time, its tag): the slot its own build freed is its unless the
+share owes it to a group that has had less. A grant costs O(log waiters + log groups): the
+front group is ZRANGE 0 0 of ``ready``, its head waiter one ZRANGEBYLEX, and a group
+leaves ``ready`` as its last waiter goes. ``group_queue`` is an index: an entry whose
+waiter is gone or moved is dropped when met; a waiter refreshing its lease puts itself
+back, and when ``waiters`` counts more than the index (waiters queued by an earlier
+release) every waiter is put back once. Data left by other writers heals itself.
 
 Why SFQ and not deficit round robin: DRR serves groups in a fixed rotation, so a project
 that starts waiting queues behind a whole round of the others' quanta; SFQ serves it next.
@@ -88,7 +95,7 @@ class Reply(IntEnum):
     # an invalid cluster limit found or nil, the last repair or nil
     SNAPSHOT = 12
     COUNTS = 13
-    SHARE_SET = 14  # SET_SHARE: + the previous cap (0: none) and weight
+    SHARE_SET = 14  # SET_SHARE: + the previous cap (0: none) and weight, then the new ones
 
 
 # Highest priority magnitude the waiters' score packing allows: 1000 * 2^42 < 2^53.
@@ -106,7 +113,7 @@ QUOTE_MAX = 64
 
 # The group of a waiter that names none (and of records other writers left): it gets the
 # default share, like any group without one.
-DEFAULT_GROUP = "default"
+DEFAULT_GROUP = "@default"  # no project can be named so
 # Group names: what project names allow, plus '@' and '~' for reqpmd's own groups.
 GROUP_CHARS = "A-Za-z0-9._@~-"
 GROUP_MAX = 64
@@ -125,7 +132,7 @@ _PRELUDE = (
     + f"local GROUP_PATTERN = '^[{GROUP_CHARS}]+$'\n"
     + """
 local H, HI, W, WL, WI, META, CHAN = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
-local GQ, READY, PARKED, SHARES = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
+local GQ, READY, PARKED, SHARES, IDLE = KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 local grace_ms = tonumber(ARGV[1])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -147,10 +154,14 @@ local function quote(s)
 end
 
 -- Say what was repaired where every caller reads it (COUNTS, SNAPSHOT): they log it.
-local repairs = {}
+-- The first few repairs of a call, and how many more: one call meeting thousands of bad
+-- values must not rewrite a growing note thousands of times.
+local repairs, more_repairs = {}, 0
 local function repaired(what)
-  table.insert(repairs, what)
-  redis.call('HSET', META, 'repaired', string.format('%d ', now) .. table.concat(repairs, '; '))
+  if #repairs < 5 then table.insert(repairs, what) else more_repairs = more_repairs + 1 end
+  local note = table.concat(repairs, '; ')
+  if more_repairs > 0 then note = note .. string.format('; and %d more', more_repairs) end
+  redis.call('HSET', META, 'repaired', string.format('%d ', now) .. note)
 end
 
 local function record(owner, token, at, lease_ms, info)
@@ -194,7 +205,7 @@ end
 local lost_holders = false
 local kinds = {{H, 'zset'}, {HI, 'hash'}, {W, 'zset'}, {WL, 'zset'}, {WI, 'hash'},
                {META, 'hash'}, {GQ, 'zset'}, {READY, 'zset'}, {PARKED, 'zset'},
-               {SHARES, 'hash'}}
+               {SHARES, 'hash'}, {IDLE, 'zset'}}
 local dropped = {}
 for _, k in ipairs(kinds) do
   local kind = redis.call('TYPE', k[1])['ok']
@@ -268,7 +279,8 @@ local function share(g)
   if not v then return 0, 1 end
   local cap, weight = string.match(v, '^(%d+) (%d+)$')
   cap, weight = uint(cap), uint(weight)
-  if cap and weight and cap <= LIMIT_MAX and weight >= 1 and weight <= WEIGHT_MAX then
+  if cap and weight and cap <= LIMIT_MAX and weight >= 1 and weight <= WEIGHT_MAX
+     and string.format('%d %d', cap, weight) == v then  -- as SET_SHARE writes it, only
     return cap, weight
   end
   redis.call('HDEL', SHARES, g)
@@ -276,24 +288,36 @@ local function share(g)
   return 0, 1
 end
 
--- A start tag as these scripts write it (an integer exact in a double), or nil.
+-- A start tag as these scripts write it: an integer up to TAG_MAX, far enough below 2^53
+-- that tag + SCALE stays exact (2^50 / SCALE: a billion grants at weight 1); else nil.
+local TAG_MAX = 1125899906842624
 local function tag_of(score)
   local n = tonumber(score)
-  if n and n >= 0 and n <= 9007199254740991 then return math.floor(n) end
+  if n and n >= 0 and n <= TAG_MAX then return math.floor(n) end
   return nil
 end
 
--- The virtual time: the start tag of the last grant. One that does not parse restarts
--- from the lowest tag waiting (or 0): at worst one round is served out of order.
+-- The virtual time: the start tag of the last grant. Missing (a new namespace, or meta
+-- lost), it starts from the lowest tag waiting. Bad or past TAG_MAX, every group's tag
+-- restarts from 0 with it: the order of one round is lost, nobody is starved.
 local vtime_now
 local function vtime()
   if vtime_now then return vtime_now end
   local v = redis.call('HGET', META, 'vtime')
   vtime_now = uint(v)
+  if vtime_now and vtime_now > TAG_MAX then vtime_now = nil end
   if not vtime_now then
-    vtime_now = tag_of(redis.call('ZRANGE', READY, 0, 0, 'WITHSCORES')[2]) or 0
+    vtime_now = 0
+    if not v then
+      vtime_now = tag_of(redis.call('ZRANGE', READY, 0, 0, 'WITHSCORES')[2]) or 0
+    else
+      for _, key in ipairs({READY, PARKED}) do
+        for _, g in ipairs(redis.call('ZRANGE', key, 0, -1)) do redis.call('ZADD', key, 0, g) end
+      end
+      redis.call('DEL', IDLE)
+      repaired('reset the virtual time ' .. quote(v) .. " and every group's tag to 0")
+    end
     redis.call('HSET', META, 'vtime', string.format('%d', vtime_now))
-    if v then repaired('reset the virtual time ' .. quote(v)) end
   end
   return vtime_now
 end
@@ -305,14 +329,33 @@ local function entry(g, score, name)
   return g .. ' ' .. string.format('%016.0f', tonumber(score) + ORDER_OFFSET) .. ' ' .. name
 end
 
-local function remove_waiter(name)
+local function has_waiters(g)
+  return redis.call('ZRANGEBYLEX', GQ, '[' .. g .. ' ', '(' .. g .. '!', 'LIMIT', 0, 1)[1] ~= nil
+end
+
+-- A group without waiters leaves the sharing. It keeps its tag (in ``idle``) while that
+-- is ahead of the virtual time, so leaving and coming back buys nothing (SFQ's start tag
+-- max(V, F)); a tag at or behind the virtual time is forgotten.
+local function leave(g, tag)
+  redis.call('ZREM', READY, g)
+  redis.call('ZREM', PARKED, g)
+  if tag and tag > vtime() then redis.call('ZADD', IDLE, string.format('%d', tag), g) end
+end
+
+-- ``keep_group``: the caller (a grant) places the group itself.
+local function remove_waiter(name, keep_group)
   local rec, score = redis.call('HGET', WI, name), redis.call('ZSCORE', W, name)
+  local g
   if rec and score then
-    redis.call('ZREM', GQ, entry(group_of(select(5, parse(rec))), score, name))
+    g = group_of(select(5, parse(rec)))
+    redis.call('ZREM', GQ, entry(g, score, name))
   end
   redis.call('ZREM', W, name)
   redis.call('ZREM', WL, name)
   redis.call('HDEL', WI, name)
+  if g and not keep_group and not has_waiters(g) then
+    leave(g, tag_of(redis.call('ZSCORE', READY, g) or redis.call('ZSCORE', PARKED, g)))
+  end
 end
 
 -- Holders per group, counted from the records at each call (holders are few), so no
@@ -322,23 +365,40 @@ local function count_holder(g, n)
   held_by[g] = (held_by[g] or 0) + n
 end
 
--- A group with waiters that is (or was) at its cap comes back to ``ready`` once under it.
+local function at_cap(g)
+  local cap = share(g)
+  return cap > 0 and (held_by[g] or 0) >= cap
+end
+
+-- A group at its cap comes back to ``ready`` once under it.
 local function unpark(g)
   local tag = redis.call('ZSCORE', PARKED, g)
-  if not tag then return end
-  local cap = share(g)
-  if cap == 0 or (held_by[g] or 0) < cap then
+  if tag and not at_cap(g) then
     redis.call('ZREM', PARKED, g)
-    local start = math.max(vtime(), tag_of(tag) or 0)
-    redis.call('ZADD', READY, string.format('%d', start), g)
+    redis.call('ZADD', READY, string.format('%d', math.max(vtime(), tag_of(tag) or 0)), g)
   end
 end
 
--- A group that has a waiter now takes part in the sharing, at the virtual time.
+-- A group that has a waiter takes part in the sharing: at the virtual time, or at the
+-- tag it left with while that is still ahead. A parked one is checked against its cap
+-- again (its holders may have gone without a release: reaped, or lost to a foreign
+-- write), so no group stays parked under its cap.
 local function join(g)
-  if not (redis.call('ZSCORE', READY, g) or redis.call('ZSCORE', PARKED, g)) then
-    redis.call('ZADD', READY, string.format('%d', vtime()), g)
-  end
+  if redis.call('ZSCORE', READY, g) then return end
+  if redis.call('ZSCORE', PARKED, g) then return unpark(g) end
+  local owed = tag_of(redis.call('ZSCORE', IDLE, g)) or 0
+  redis.call('ZREM', IDLE, g)
+  redis.call('ZADD', READY, string.format('%d', math.max(vtime(), owed)), g)
+end
+
+-- Puts the waiter ``name`` (record ``rec``) in its group's queue and its group in the
+-- sharing: idempotent, so a waiter's refresh also repairs what another writer removed.
+-- Returns 1 when its entry was missing.
+local function enlist(name, rec)
+  local g = group_of(select(5, parse(rec)))
+  local added = redis.call('ZADD', GQ, 0, entry(g, redis.call('ZSCORE', W, name), name))
+  join(g)
+  return added
 end
 
 local freed = {}  -- groups that lost a holder in this call: they may leave ``parked``
@@ -429,20 +489,46 @@ local function head_of(g)
   end
 end
 
+-- Waiters missing from their groups' queues (queued by an earlier release, or lost to
+-- another writer) are put back when the counts show some are missing: O(waiters), only
+-- then. A place in the queue without a record is nobody's: removed.
+local function heal()
+  if redis.call('ZCARD', W) <= redis.call('ZCARD', GQ) then return end
+  local back = 0
+  for _, name in ipairs(redis.call('ZRANGE', W, 0, -1)) do
+    local rec = waiter(name)
+    if rec then back = back + enlist(name, rec) else remove_waiter(name) end
+  end
+  if back > 0 then
+    repaired(string.format("put %d waiter(s) back in their groups' queues", back))
+  end
+end
+
 -- Grant free slots by fair share (see the header) and tell each new holder at once.
 local function promote(max)
   if now < grace_until() then return end
   local count = redis.call('ZCARD', H)
+  if count >= max then return end
+  heal()
+  redis.call('ZREMRANGEBYSCORE', IDLE, '-inf', string.format('%d', vtime()))
   while count < max do
     local front = redis.call('ZRANGE', READY, 0, 0, 'WITHSCORES')
     local g = front[1]
     if not g then break end
     local tag = tag_of(front[2]) or vtime()
-    local cap, weight = share(g)
     local name, owner, lease_ms, info
-    if cap == 0 or (held_by[g] or 0) < cap then name, owner, lease_ms, info = head_of(g) end
+    if #g > GROUP_MAX or not string.match(g, GROUP_PATTERN) then
+      redis.call('ZREM', READY, g)  -- its "queue" would be a lex range of some other's
+      repaired('dropped ' .. quote(g) .. ' from the groups waiting: not a group name')
+    elseif at_cap(g) then
+      redis.call('ZREM', READY, g)
+      redis.call('ZADD', PARKED, string.format('%d', tag), g)
+    else
+      name, owner, lease_ms, info = head_of(g)
+      if not name then redis.call('ZREM', READY, g) end  -- only stale entries were left
+    end
     if name then
-      remove_waiter(name)
+      remove_waiter(name, true)
       if redis.call('ZSCORE', H, name) then
         repaired('removed waiter ' .. quote(name) .. ': the name is held')
       else
@@ -454,13 +540,16 @@ local function promote(max)
         count_holder(g, 1)
         vtime_now = tag
         redis.call('HSET', META, 'vtime', string.format('%d', tag))
-        -- stays in ``ready`` even if it has no waiter left: dropped when next at the front
-        redis.call('ZADD', READY, string.format('%d', tag + math.floor(SCALE / weight)), g)
-      end
-    else
-      redis.call('ZREM', READY, g)
-      if cap > 0 and (held_by[g] or 0) >= cap then
-        redis.call('ZADD', PARKED, string.format('%d', tag), g)
+        local _, weight = share(g)
+        local next_tag = tag + math.floor(SCALE / weight)
+        if not has_waiters(g) then
+          leave(g, next_tag)
+        elseif at_cap(g) then
+          redis.call('ZREM', READY, g)
+          redis.call('ZADD', PARKED, string.format('%d', next_tag), g)
+        else
+          redis.call('ZADD', READY, string.format('%d', next_tag), g)
+        end
       end
     end
   end
@@ -502,14 +591,6 @@ local function enqueue()
   redis.call('ZADD', W, string.format('%d', -priority * 4398046511104 + seq), name)
 end
 
--- In its group's queue, and its group in the sharing: idempotent, so a refresh also
--- repairs what another writer removed.
-local function enlist(rec)
-  local g = group_of(select(5, parse(rec)))
-  redis.call('ZADD', GQ, 0, entry(g, redis.call('ZSCORE', W, name), name))
-  join(g)
-end
-
 local held = redis.call('HGET', HI, name)  -- the prelude left only records that parse
 if held then
   local o, token = parse(held)
@@ -526,13 +607,13 @@ if queued then
     enqueue()  -- it lost its place in the queue (a foreign write): queue again
     repaired('queued waiter ' .. quote(name) .. ' again: it was missing from the queue')
   end
-  enlist(queued)
+  enlist(name, queued)
 else
   enqueue()
   redis.call('ZADD', WL, string.format('%d', now + lease_ms), name)
   local rec = record(owner, 0, now, lease_ms, info)
   redis.call('HSET', WI, name, rec)
-  enlist(rec)
+  enlist(name, rec)
 end
 promote(max)
 held = redis.call('HGET', HI, name)
@@ -594,7 +675,7 @@ if held then
   redis.call('ZADD', H, string.format('%d', now + lease_ms), name)
   return {R.RENEWED, 0}
 end
-if now < grace_until() and redis.call('ZCARD', H) < max then
+if now < grace_until() and redis.call('ZCARD', H) < max and not at_cap(group_of(info)) then
   remove_waiter(name)
   redis.call('ZADD', H, string.format('%d', now + lease_ms), name)
   redis.call('HSET', HI, name, record(owner, token, acquired_at, lease_ms, info))
@@ -700,12 +781,14 @@ return {R.COUNTS, now, grace_until(), redis.call('ZCARD', H), redis.call('ZCARD'
 SET_SHARE = (
     _PRELUDE
     + """
--- ARGV: 2 group, 3 cap (0: none, else LIMIT_MIN..LIMIT_MAX), 4 weight (1..WEIGHT_MAX),
---       5 max
--- Set a group's share for every caller of the namespace; it applies to the next grant,
--- and a lowered cap evicts nobody. Returns {SHARE_SET, previous cap, previous weight}
-local g, cap, weight = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+-- ARGV: 2 group, 3 cap (0: none, else LIMIT_MIN..LIMIT_MAX; '': keep), 4 weight
+--       (1..WEIGHT_MAX; '': keep), 5 max
+-- Change a group's share for every caller of the namespace, in one step (two admins
+-- changing its cap and its weight at once both apply); it applies to the next grant, and
+-- a lowered cap evicts nobody. Returns {SHARE_SET, old cap, old weight, new cap, new weight}
+local g = ARGV[2]
 local old_cap, old_weight = share(g)
+local cap, weight = tonumber(ARGV[3]) or old_cap, tonumber(ARGV[4]) or old_weight
 if cap == 0 and weight == 1 then
   redis.call('HDEL', SHARES, g)
 else
@@ -713,6 +796,6 @@ else
 end
 unpark(g)
 promote(limit(tonumber(ARGV[5])))
-return {R.SHARE_SET, old_cap, old_weight}
+return {R.SHARE_SET, old_cap, old_weight, cap, weight}
 """
 )

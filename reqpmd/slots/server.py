@@ -101,7 +101,16 @@ class RedisServer:
             # Snapshots, not an append-only file: with AOF a full disk makes Redis refuse
             # every write (MISCONF), and the running builds would lose their slots. What a
             # private server holds is re-registered by its daemon after a restart anyway.
-            argv += ["--appendonly", "no", "--save", "60 1", "--stop-writes-on-bgsave-error", "no"]
+            # "--save 60 1" as three words: as one, redis-server 6.2 reads no save point
+            argv += [
+                "--appendonly",
+                "no",
+                "--save",
+                "60",
+                "1",
+                "--stop-writes-on-bgsave-error",
+                "no",
+            ]
         else:
             argv += ["--appendonly", "no", "--save", ""]
         return argv
