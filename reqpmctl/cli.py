@@ -63,11 +63,17 @@ def main(ctx: click.Context, socket_path: str, as_json: bool) -> None:
 # -- status ------------------------------------------------------------------------------
 
 
+_all_rows = click.option(
+    "--all", "all_rows", is_flag=True, help="List every waiting build, not the first 50."
+)
+
+
 @main.command()
+@_all_rows
 @pass_ctx
-def status(c: Ctx) -> None:
+def status(c: Ctx, all_rows: bool) -> None:
     """Cluster-wide slots, this host's queue, gates and Redis."""
-    st = c.call("status")
+    st = c.call("status", {"all": all_rows})
     lines = [output.safe(st["summary"]), ""]
     busy = st["active_count"] if st["active_count"] is not None else "?"
     lines.append(
@@ -119,7 +125,7 @@ def status(c: Ctx) -> None:
     if st["active_builds"]:
         lines += ["", _slots_table(st["active_builds"])]
     if st["waiting"]:
-        lines += ["", _waiting_table(st["waiting"])]
+        lines += ["", _waiting_table(st["waiting"], st.get("waiting_total"))]
     c.emit(st, "\n".join(lines))
 
 
@@ -158,7 +164,9 @@ def _slots_table(holders: list[dict[str, Any]]) -> str:
     )
 
 
-def _waiting_table(waiting: list[dict[str, Any]]) -> str:
+def _waiting_table(waiting: list[dict[str, Any]], total: int | None = None) -> str:
+    """The waiters listed, and how many more there are (``--all`` lists them)."""
+    more = (total or 0) - len(waiting)
     return output.table(
         ["#", "WAITING", "PROJECT", "HOST", "BUILD", "PRIORITY", "SINCE"],
         [
@@ -173,7 +181,7 @@ def _waiting_table(waiting: list[dict[str, Any]]) -> str:
             ]
             for w in waiting
         ],
-    )
+    ) + (f"\n... and {more} more waiting (--all lists every one)" if more > 0 else "")
 
 
 # -- settings ------------------------------------------------------------------------------
@@ -278,16 +286,18 @@ def slots() -> None:
 
 
 @slots.command("list")
+@_all_rows
 @pass_ctx
-def slots_list(c: Ctx) -> None:
-    listing = c.call("slots.list")
+def slots_list(c: Ctx, all_rows: bool) -> None:
+    """Holders, waiters (the first 50 in queue order) and each project's share."""
+    listing = c.call("slots.list", {"all": all_rows})
     parts = [f"{len(listing['holders'])}/{listing['max_concurrent']} slots busy"]
     if listing.get("groups"):
         parts.append(_groups_table(listing["groups"]))
     if listing["holders"]:
         parts.append(_slots_table(listing["holders"]))
     if listing["waiting"]:
-        parts.append(_waiting_table(listing["waiting"]))
+        parts.append(_waiting_table(listing["waiting"], listing.get("waiting_total")))
     c.emit(listing, "\n\n".join(parts))
 
 

@@ -164,7 +164,7 @@ class Farm:
         self._load = load
 
     def snapshot(self) -> Snapshot:
-        st = self._status.status()
+        st = self._status.status(rows=MAX_ROWS)
         here = str(st["host_id"])
         hosts, hosts_error = self._hosts(here)
         publish = st.get("publish") or {}
@@ -187,7 +187,7 @@ class Farm:
             "publish": {k: publish.get(k) for k in ("published", "pending", "failed")},
             "slots_total": len(st["active_builds"]),
             "slots": [self._slot(h, here) for h in st["active_builds"][:MAX_ROWS]],
-            "waiting_total": len(st["waiting"]),
+            "waiting_total": st["waiting_total"],
             "waiting": [self._waiter(w, here) for w in st["waiting"][:MAX_ROWS]],
             # each project's (or ~user's) holders, cap, weight and waiters, busiest first
             "projects": st["groups"][:MAX_ROWS],

@@ -141,7 +141,9 @@ class _Gauges(Collector):
         if st.get("active_count") is not None:
             yield _gauge("reqpm_slots_busy", "Slots held in the cluster", st["active_count"])
             yield _gauge(
-                "reqpm_slot_waiters", "Builds waiting for a slot in the cluster", len(st["waiting"])
+                "reqpm_slot_waiters",
+                "Builds waiting for a slot in the cluster",
+                st["waiting_total"],
             )
             yield from _project_gauges(st.get("groups") or [])
             ages = [a["age"] for a in st["active_builds"]]

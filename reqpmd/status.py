@@ -24,7 +24,7 @@ from reqpmd.maintenance.job import Maintenance
 from reqpmd.projects.syncer import ProjectSyncer
 from reqpmd.quoting import printable
 from reqpmd.repos.publisher import Publisher
-from reqpmd.slots.limiter import BuildConcurrencyLimiter, Share, SlotInfo, WaiterInfo, grace_text
+from reqpmd.slots.limiter import BuildConcurrencyLimiter, Share, SlotInfo, grace_text
 from reqpmd.slots.scripts import LIMIT_MAX, LIMIT_MIN
 
 _INTERNAL = ("pid", "pid_started")  # where mock runs is the daemon's business
@@ -40,18 +40,20 @@ def build_json(b: Build, store: Store) -> dict[str, Any]:
     return out
 
 
+ROWS = 50  # waiters a status or slot listing shows unless asked for all
+
+
 def group_rows(
-    holders: list[SlotInfo], waiters: list[WaiterInfo], shares: dict[str, Share]
+    holders: list[SlotInfo], waiting: dict[str, int], shares: dict[str, Share]
 ) -> list[dict[str, Any]]:
     """Each group (project, or ~user) that holds, waits or has a share of its own: its
     holders, waiters, cap (None: none) and weight. Busiest first."""
     held = Counter(s.group for s in holders)
-    waiting = Counter(w.group for w in waiters)
     rows = [
         {
             "group": g,
             "holders": held[g],
-            "waiting": waiting[g],
+            "waiting": waiting.get(g, 0),
             "max_concurrent": shares.get(g, Share()).max_concurrent,
             "weight": shares.get(g, Share()).weight,
         }
@@ -60,14 +62,19 @@ def group_rows(
     return sorted(rows, key=lambda r: (-r["holders"], -r["waiting"], r["group"]))
 
 
-def slot_listing(lim: BuildConcurrencyLimiter, max_concurrent: int) -> dict[str, Any]:
-    """Holders, waiters and groups as the control socket shows them (ages in seconds)."""
-    holders, waiters = lim.snapshot()
+def slot_listing(
+    lim: BuildConcurrencyLimiter, max_concurrent: int, rows: int | None = ROWS
+) -> dict[str, Any]:
+    """Holders, the first ``rows`` waiters (None: all), and every group, as the control
+    socket shows them (ages in seconds); ``waiting_total`` counts every waiter."""
+    listing = lim.listing(rows)
+    holders, waiters = listing.holders, listing.waiters
     shares = lim.shares()
     now = time.time()
     return {
         "max_concurrent": max_concurrent,
-        "groups": group_rows(holders, waiters, shares),
+        "waiting_total": listing.waiting,
+        "groups": group_rows(holders, listing.waiting_by_group, shares),
         "holders": [
             {
                 "name": s.name,
@@ -174,7 +181,8 @@ class Status:
             parts.insert(0, f"recovering {recovering} build(s) an earlier instance left running")
         return "; ".join(parts)
 
-    def status(self) -> dict[str, Any]:
+    def status(self, rows: int | None = ROWS) -> dict[str, Any]:
+        """``rows``: waiters listed (None: all); every one is counted."""
         s, c = self._settings(), self._cluster
         flight = self._scheduler.in_flight()
         queued = self._store.count(State.QUEUED)
@@ -191,6 +199,7 @@ class Status:
             "active_count": None,
             "active_builds": [],
             "waiting": [],
+            "waiting_total": None,
             "groups": [],
             "queued": queued,
             "building_here": flight.building,
@@ -215,9 +224,10 @@ class Status:
         }
         if c.ok:
             try:
-                listing = slot_listing(self._limiter, c.limit())
+                listing = slot_listing(self._limiter, c.limit(), rows)
                 result["active_builds"] = listing["holders"]
                 result["waiting"] = listing["waiting"]
+                result["waiting_total"] = listing["waiting_total"]
                 result["groups"] = listing["groups"]
                 result["active_count"] = len(listing["holders"])
             except RedisUnavailable as exc:

@@ -29,6 +29,7 @@ def status() -> dict[str, Any]:
         "active_count": 2,
         "active_builds": [{"age": 30.0}, {"age": 90.0}],
         "waiting": [{}, {}, {}],
+        "waiting_total": 3,
         "redis": {"ok": True},
         "queued": 5,
         "building_here": 1,

@@ -4,15 +4,17 @@ group starts at once while the capped projects' backlogs wait."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from reqpmd.slots.server import RedisServer
-from tests.conftest import fresh_start
+from tests.conftest import MakeLimiter, fresh_start
 from tests.daemon_harness import FINAL, Reqpmd, wait_for
 from tests.gitrepos import Upstream, spec
 from tests.test_reqpmctl import ctl
+from tests.test_shares import queue_in
 
 MOCK_SLEEP = 1.5  # each mock step: a project build holds its slot for two of them
 
@@ -120,3 +122,20 @@ def test_a_share_outlives_a_restart_of_the_daemon_and_its_embedded_redis(
     assert d.stop() == 0  # the embedded redis-server saves its snapshot as it stops
     d.start()
     assert "share:       at most 2 slot(s), weight 3" in ok(d, "projects", "show", "greet")
+
+
+def test_status_and_slots_list_show_the_first_waiters_and_count_the_rest(
+    daemons: Callable[..., Reqpmd], redis_server: RedisServer, make_limiter: MakeLimiter
+) -> None:
+    fresh_start(redis_server)
+    d = daemons(redis_url=redis_server.url, settings={"max_concurrent_builds": 1}).start()
+    other = make_limiter(redis_server.client(), max_concurrent=1, host="elsewhere")
+    for i in range(301):  # one holds the one slot; 300 wait, 100 in each of 3 projects
+        queue_in(other, f"w{i}", f"p{i % 3}")
+    st = json.loads(ok(d, "--json", "status"))
+    assert (len(st["waiting"]), st["waiting_total"]) == (50, 300)
+    assert {g["group"]: g["waiting"] for g in st["groups"]} == {"p0": 100, "p1": 100, "p2": 100}
+    text = ok(d, "slots", "list")
+    assert "... and 250 more waiting (--all lists every one)" in text
+    assert len(json.loads(ok(d, "--json", "slots", "list", "--all"))["waiting"]) == 300
+    assert len(json.loads(ok(d, "--json", "status", "--all"))["waiting"]) == 300

@@ -47,7 +47,7 @@ from reqpmd.maintenance.job import Maintenance
 from reqpmd.quoting import shown
 from reqpmd.slots.limiter import BuildConcurrencyLimiter
 from reqpmd.slots.scripts import MAX_PRIORITY
-from reqpmd.status import Status, build_json, slot_listing
+from reqpmd.status import ROWS, Status, build_json, slot_listing
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class Operations:
         return {"version": __version__, "role": req.peer.role, "uid": req.peer.uid}
 
     def status(self, req: Request) -> dict[str, Any]:
-        return self.status_view.status()
+        return self.status_view.status(None if bool_arg(req.args, "all") else ROWS)
 
     def build_show(self, req: Request) -> dict[str, Any]:
         return self._json(self.store.get(_int_arg(req.args, "id", 1, MAX_ID)))
@@ -303,7 +303,8 @@ class Operations:
         return rows
 
     def slots_list(self, req: Request) -> dict[str, Any]:
-        return slot_listing(self.limiter, self.cluster.limit())
+        rows = None if bool_arg(req.args, "all") else ROWS
+        return slot_listing(self.limiter, self.cluster.limit(), rows)
 
     def hosts(self, req: Request) -> list[dict[str, Any]]:
         return self.cluster.hosts()

@@ -738,11 +738,14 @@ return {R.LIMIT_SET, previous}
 SNAPSHOT = (
     _PRELUDE
     + """
--- ARGV: only the grace
+-- ARGV: 2 how many waiters to list, in queue order (0: all)
 -- Returns {SNAPSHOT, now, grace_until, {name, lease_expiry, record, ...},
 --          {name, lease_expiry, record, ...}, cluster limit or -1,
---          invalid cluster limit found or nil, last repair or nil}, waiters in queue order.
--- Costs O(holders + waiters): for listings; scalar reads use COUNTS.
+--          invalid cluster limit found or nil, last repair or nil,
+--          waiters in all, {group, waiters, ...}}, waiters in queue order.
+-- Costs O(holders + waiters listed + groups waiting * log waiters): a status with 10 000
+-- waiting lists the first few and counts the rest by group, without reading them.
+local rows = tonumber(ARGV[2]) or 0
 local holders = {}
 for _, name in ipairs(redis.call('ZRANGE', H, 0, -1)) do
   table.insert(holders, name)
@@ -750,7 +753,7 @@ for _, name in ipairs(redis.call('ZRANGE', H, 0, -1)) do
   table.insert(holders, redis.call('HGET', HI, name))
 end
 local waiters = {}
-for _, name in ipairs(redis.call('ZRANGE', W, 0, -1)) do
+for _, name in ipairs(redis.call('ZRANGE', W, 0, rows - 1)) do
   local rec = waiter(name)
   if not rec then
     remove_waiter(name)  -- a place in the queue without a record: nobody waits there
@@ -760,8 +763,16 @@ for _, name in ipairs(redis.call('ZRANGE', W, 0, -1)) do
     table.insert(waiters, rec)
   end
 end
+local by_group = {}
+for _, key in ipairs({READY, PARKED}) do
+  for _, g in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+    table.insert(by_group, g)
+    table.insert(by_group, redis.call('ZLEXCOUNT', GQ, '[' .. g .. ' ', '(' .. g .. '!'))
+  end
+end
 local bad_limit, repair = notes()
-return {R.SNAPSHOT, now, grace_until(), holders, waiters, limit(-1), bad_limit, repair}
+return {R.SNAPSHOT, now, grace_until(), holders, waiters, limit(-1), bad_limit, repair,
+        redis.call('ZCARD', W), by_group}
 """
 )
 
