@@ -659,14 +659,15 @@ def run_screen(client: Client, first: Row) -> None:
 )
 @pass_ctx
 def top(c: Ctx, once: bool) -> None:
-    """A live view of the farm, like top(1): slots, waiters, hosts, finished builds.
+    """A live view of the farm, like top(1): slots, waiters, projects, hosts, finished
+    builds.
 
     \b
     Keys:
       q        quit (so does Ctrl-C)
       p        pause / resume
-      s w h f  sort slots / waiting / hosts / finished by their next column
-      S W H F  reverse that table's order
+      s w j h f  sort slots / waiting / projects / hosts / finished by their next column
+      S W J H F  reverse that table's order
     Not on a terminal, or with --once, it prints one plain snapshot (--json: the
     snapshot as JSON) and exits."""
     client = c.client()  # one connection for the whole session
