@@ -267,6 +267,29 @@ def test_hand_over_is_notified_not_polled(
     assert waiter.granted("next")["t"] - released_at < 1.0
 
 
+def test_a_grant_wakes_only_the_process_that_waits_for_it(
+    workers: MakeWorker, rclient: redis.Redis, make_limiter: MakeLimiter
+) -> None:
+    """Each limiter hears its grants on a channel of its own: with many hosts, a grant
+    must not wake every one of them."""
+    from reqpmd.slots.keys import slot_keys
+
+    lim = make_limiter(rclient, lease_ttl=60)
+    assert lim.try_acquire("holder")
+    shared = rclient.pubsub()
+    shared.subscribe(slot_keys("reqpm").grants)
+    assert shared.get_message(timeout=5)["type"] == "subscribe"
+    waiters = [workers(lease=60) for _ in range(2)]
+    waiters[0].send("acquire next")
+    wait_until(lambda: lim.get_waiting())
+    own = [c.decode() for c in rclient.pubsub_channels(f"{slot_keys('reqpm').grants}:*")]
+    assert len(own) == 1  # the waiting process's own; the idle one listens to nothing
+    lim.release("holder")
+    waiters[0].granted("next")
+    assert shared.get_message(timeout=0.5) is None  # nobody else was woken
+    shared.close()
+
+
 # -- 5. fencing -----------------------------------------------------------------------
 
 

@@ -46,7 +46,7 @@ SLOT_KEYS = {
     "parked": K.parked,
     "shares": K.shares,
 }
-OWNER_RE = re.compile(r"[0-9a-f]{32}")  # the owners the limiter makes (uuid4().hex)
+OWNER_RE = re.compile(r"([0-9a-f]{16}\.)?[0-9a-f]{32}")  # the owners the limiter makes
 
 
 def redis_ms(r: redis.Redis) -> int:

@@ -5,6 +5,12 @@ Subscribing per wait would put a connect, a SUBSCRIBE and its confirmation on ev
 waiter's path; one listener thread keeps the subscription and wakes the right waiter.
 If the subscription drops, grants may have been missed, so every waiter is told to
 ask Redis again.
+
+Each listener has a channel of its own (``keys.grant_channel``), named by the first part
+of its waiters' owners, so a grant wakes the one process that waits for it rather than
+every process of the namespace: with a thousand hosts, a thousand wake-ups per grant.
+The shared channel is still heard, for grants published by limiters of an earlier
+release.
 """
 
 from __future__ import annotations
@@ -13,12 +19,14 @@ import contextlib
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import redis
 
 from reqpmd.backoff import Backoff
 from reqpmd.slots.connection import REDIS_ERRORS, text, unavailable
+from reqpmd.slots.keys import grant_channel
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +52,12 @@ class GrantListener:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._error = ""
+        self.listener = uuid.uuid4().hex[:16]  # names this listener's channel
+        self._own = grant_channel(channel, self.listener)
+
+    def owner(self) -> str:
+        """A new owner id for a waiter of this limiter: its grant comes on our channel."""
+        return f"{self.listener}.{uuid.uuid4().hex}"
 
     def register(self, name: str, owner: str) -> Pending:
         """Listen for this waiter's grant; returns once the subscription is live."""
@@ -92,9 +106,10 @@ class GrantListener:
                 try:
                     if pubsub is None:
                         pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]
-                        pubsub.subscribe(self._channel)
-                        if pubsub.get_message(timeout=SUBSCRIBE_TIMEOUT) is None:
-                            raise redis.TimeoutError("no confirmation of SUBSCRIBE")
+                        pubsub.subscribe(self._channel, self._own)
+                        for _ in range(2):  # one confirmation per channel
+                            if pubsub.get_message(timeout=SUBSCRIBE_TIMEOUT) is None:
+                                raise redis.TimeoutError("no confirmation of SUBSCRIBE")
                         self._subscribed.set()
                         self._wake_all()  # grants published before we listened: ask again
                         backoff.succeeded()

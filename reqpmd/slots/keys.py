@@ -77,6 +77,14 @@ def slot_keys(namespace: str) -> SlotKeys:
     )
 
 
+def grant_channel(grants: str, listener: str) -> str:
+    """The channel of one limiter's grants: the shared grants channel, ':', and the
+    listener id that starts its waiters' owners ("<listener>.<hex>"). The grant script
+    builds the same name from the owner (``publish_grant`` in scripts.py): a channel, not
+    a key, and it keeps the namespace's hash tag."""
+    return f"{grants}:{listener}"
+
+
 def hosts_key(namespace: str) -> str:
     """HASH host_id -> JSON heartbeat of each daemon sharing the namespace."""
     validate_namespace(namespace)

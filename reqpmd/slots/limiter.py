@@ -467,7 +467,7 @@ class BuildConcurrencyLimiter:
         self._check_priority(priority)
         if timeout is not None and timeout < 0:
             raise InvalidArgument(f"timeout {timeout!r} is out of range: >= 0 or None")
-        owner = uuid.uuid4().hex
+        owner = self._grants.owner()  # its grant comes on this limiter's channel
         info = self._info_json(labels, priority, check_group(group))
         deadline = None if timeout is None else self._clock() + timeout
         waiter = Waiter(

@@ -489,6 +489,15 @@ local function head_of(g)
   end
 end
 
+-- Tell the new holder: on its listener's own channel when its owner names one
+-- ("<listener>.<hex>", keys.grant_channel), so only that process wakes; an owner of an
+-- earlier release on the shared channel.
+local function publish_grant(name, owner, token)
+  local listener = string.match(owner, '^(%x+)%.%x+$')
+  redis.call('PUBLISH', listener and (CHAN .. ':' .. listener) or CHAN,
+             string.format('%s %s %d', name, owner, token))
+end
+
 -- Waiters missing from their groups' queues (queued by an earlier release, or lost to
 -- another writer) are put back when the counts show some are missing: O(waiters), only
 -- then. A place in the queue without a record is nobody's: removed.
@@ -535,7 +544,7 @@ local function promote(max)
         local token = redis.call('HINCRBY', META, 'token', 1)
         redis.call('ZADD', H, string.format('%d', now + lease_ms), name)
         redis.call('HSET', HI, name, record(owner, token, now, lease_ms, info))
-        redis.call('PUBLISH', CHAN, string.format('%s %s %d', name, owner, token))
+        publish_grant(name, owner, token)
         count = count + 1
         count_holder(g, 1)
         vtime_now = tag
