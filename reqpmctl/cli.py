@@ -30,19 +30,12 @@ from typing import Any
 import click
 
 from reqpmctl import output
-from reqpmctl.cleanup import cleanup
 from reqpmctl.client import Client, ClientError, ResultExists, default_socket
 from reqpmctl.context import Ctx, Group, pass_ctx
-from reqpmctl.projects import projects
-from reqpmctl.repos import repos
-from reqpmctl.stats import metrics, stats
-from reqpmctl.top import top
 from reqpmd import __version__
 from reqpmd.builds.states import State
-from reqpmd.config.parse import parse_assignment
-from reqpmd.config.schema import SettingsInvalid
 from reqpmd.control import protocol
-from reqpmd.slots.scripts import MAX_PRIORITY
+from reqpmd.slots.keys import MAX_PRIORITY
 
 
 @click.group(cls=Group, help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
@@ -212,6 +205,9 @@ def settings_get(c: Ctx, key: str) -> None:
 @pass_ctx
 def settings_set(c: Ctx, pairs: tuple[str, ...]) -> None:
     """Validate every pair, then apply all of them or none."""
+    from reqpmd.config.parse import parse_assignment  # yaml: only here
+    from reqpmd.config.schema import SettingsInvalid
+
     changes: dict[str, Any] = {}
     for pair in pairs:
         try:
@@ -649,12 +645,16 @@ def hosts(c: Ctx) -> None:
     c.emit(rows, table)
 
 
-main.add_command(repos)
-main.add_command(cleanup)
-main.add_command(projects)
-main.add_command(top)
-main.add_command(stats)
-main.add_command(metrics)
+main.lazy.update(
+    {
+        "repos": "reqpmctl.repos:repos",
+        "cleanup": "reqpmctl.cleanup:cleanup",
+        "projects": "reqpmctl.projects:projects",
+        "top": "reqpmctl.top:top",
+        "stats": "reqpmctl.stats:stats",
+        "metrics": "reqpmctl.stats:metrics",
+    }
+)
 
 if __name__ == "__main__":
     main(prog_name="reqpmctl")

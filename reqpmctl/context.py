@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any, NoReturn
 
@@ -34,7 +35,22 @@ def fail(exc: ClientError) -> NoReturn:
 
 
 class Group(click.Group):
-    """Maps daemon errors to one stderr line and the documented exit code."""
+    """Maps daemon errors to one stderr line and the documented exit code. Commands in
+    ``lazy`` ("name" -> "module:attribute") are imported only when they run or are
+    listed, so ``reqpmctl submit`` does not pay for ``top``'s rich or ``projects``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy: dict[str, str] = {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy and name not in self.commands:
+            module, _, attr = self.lazy[name].partition(":")
+            self.add_command(getattr(importlib.import_module(module), attr), name)
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

@@ -266,6 +266,11 @@ class Cluster:
         except RedisUnavailable:
             log.warning("max_concurrent_builds will reach the other hosts when Redis is back")
 
+    def next_due(self) -> float:
+        """Monotonic time of the next check or heartbeat (the idle main loop sleeps
+        until then)."""
+        return min(self._next_check, self._next_heartbeat)
+
     # -- hosts ------------------------------------------------------------------------------
 
     def heartbeat(self, record: Callable[[], dict[str, Any]]) -> None:

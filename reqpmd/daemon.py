@@ -53,7 +53,10 @@ from reqpmd.systemd import Notifier, listen_fds, setup_logging
 
 log = logging.getLogger("reqpmd")
 
-TICK = 0.5  # seconds between main-loop passes when nothing wakes it
+TICK = 0.5  # seconds between main-loop passes while builds are queued, waiting or running
+# at most this long between passes while there is nothing to schedule: the next Redis
+# check or heartbeat decides (a submission, a settings change or a signal wakes the loop)
+IDLE_TICK = 5.0
 # seconds a metadata run in progress gets to finish at stop; one cut off leaves the old
 # revision served, and the next start publishes what was left pending
 PUBLISHER_STOP = 30.0
@@ -165,7 +168,7 @@ class Daemon:
         inherited = listen_fds()
         sock = inherited[0] if inherited else bind_socket(s.socket_path, s.socket_group)
         # reqpmctl top's view: built here in the main loop, once a second while watched
-        self.live = Live(Farm(self.status, self.cluster, self.store).snapshot)
+        self.live = Live(Farm(self.status, self.cluster, self.store).snapshot, wake=self.wake)
         if s.metrics_listen not in ("", "off"):
             self.metrics.serve(s.metrics_listen)
         self.status.metrics_problem = lambda: self.metrics.listen_error
@@ -231,8 +234,18 @@ class Daemon:
                 if self.notifier.watchdog_interval and now >= next_watchdog:
                     self.notifier.watchdog()
                     next_watchdog = now + self.notifier.watchdog_interval
-            self._wake.wait(TICK)
+            self._wake.wait(self._next_wait())
             self._wake.clear()
+
+    def _next_wait(self) -> float:
+        """TICK while the scheduler has work or someone watches ``top``; otherwise until
+        the cluster's next check or heartbeat (and never past the watchdog)."""
+        if not self.scheduler.idle or self.live.watched() or not self.cluster.ok:
+            return TICK
+        wait = min(IDLE_TICK, self.cluster.next_due() - time.monotonic())
+        if self.notifier.watchdog_interval:
+            wait = min(wait, self.notifier.watchdog_interval)
+        return max(TICK, wait)
 
     def _pass(self) -> None:
         if self._reload:

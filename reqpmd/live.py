@@ -62,8 +62,10 @@ class Live:
         take: Callable[[], Snapshot],
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        wake: Callable[[], None] = lambda: None,
     ) -> None:
         self._take = take
+        self._wake = wake  # the main loop's: it refreshes once a second while watched
         self._clock = clock
         self._wall = wall
         self._changed = threading.Condition()
@@ -79,6 +81,10 @@ class Live:
     def version(self) -> int:
         with self._changed:
             return self._version
+
+    def watched(self) -> bool:
+        """Someone watched within WATCHED_FOR (the main loop keeps its TICK then)."""
+        return self._clock() - self._watched_at <= WATCHED_FOR
 
     def refresh(self) -> bool:
         """Build a snapshot if the last one is INTERVAL old and someone watched within
@@ -118,7 +124,10 @@ class Live:
         always), else when it moves, or after ``wait`` seconds (at most MAX_WAIT) with
         the same version. The first viewer after a quiet spell does not wait for the
         main loop: the snapshot is brought up to date here (still once a second)."""
+        was_watched = self.watched()
         self._watched_at = self._clock()
+        if not was_watched:
+            self._wake()
         self.refresh()
         with self._changed:
             self._changed.wait_for(

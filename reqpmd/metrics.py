@@ -109,7 +109,11 @@ class Metrics:
             self.listen_error = f"cannot serve metrics on {listen}: {exc.strerror or exc}"
             log.error("%s; reqpmd runs on without its /metrics endpoint", self.listen_error)
             return
-        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+        # serve_forever's poll_interval only paces its checks for shutdown(), which the
+        # daemon never calls: the default 0.5 s would wake the thread twice a second
+        threading.Thread(
+            target=server.serve_forever, args=(3600.0,), name="metrics-http", daemon=True
+        ).start()
         self.listening = listen
         bound = server.server_address
         log.info("serving Prometheus metrics at http://%s/metrics (bound to %s)", listen, bound)

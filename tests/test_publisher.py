@@ -270,3 +270,13 @@ def test_repos_show_pages_and_names_that_are_not_repositories_are_refused(
             ops.show({"chroot": name})
     with pytest.raises(NotFound):
         ops.show({"chroot": "epel-9-x86_64"})
+
+
+def test_first_pass_syncs_with_the_real_clock(tmp_path: Path) -> None:
+    """With time.monotonic (every read later than the last), the first pass still syncs
+    every repository and the thread then rests until the next sync is due."""
+    settings = validate({"state_dir": str(tmp_path / "state"), "host_id": "h1"}, environ={})
+    publisher = Publisher(Store(settings.state_dir), lambda: settings, clock=time.monotonic)
+    publisher._pass()
+    assert publisher._last_sync is not None
+    assert publisher._idle() > 1.0

@@ -131,6 +131,9 @@ class Scheduler:
         self._flights: dict[int, Flight] = {}
         self._held: set[int] = set()  # builds that must not start now (root being scrubbed)
         self._lock = threading.RLock()
+        # the last tick found nothing queued and nothing in flight (the main loop may
+        # sleep longer; a submission wakes it)
+        self.idle = False
 
     # -- the main thread's part -----------------------------------------------------
 
@@ -138,6 +141,7 @@ class Scheduler:
         """Start what may start now; withdraw waiters while a gate is closed."""
         with self._lock:
             self.ticks += 1
+            self.idle = False
             self._flights = {i: f for i, f in self._flights.items() if f.alive}
             if self.stopping:
                 return
@@ -166,6 +170,7 @@ class Scheduler:
                 while len(self._flights) < cap:
                     build = self.store.next_queued(exclude=set(self._flights) | self._held)
                     if build is None:
+                        self.idle = not self._flights and not self._held
                         break
                     self._launch(build)
             except OSError as exc:

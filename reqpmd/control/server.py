@@ -21,6 +21,7 @@ import grp
 import logging
 import os
 import pwd
+import select
 import socket
 import stat
 import struct
@@ -44,7 +45,6 @@ MAX_CLIENTS_PER_UID = 8  # of which one non-admin uid may hold
 REFUSAL_LINGER = 1.0  # seconds a refused client gets to finish sending before we close
 MAX_REFUSING = 16  # refused connections lingering at once; past that they close at once
 REFUSAL_LOG_EVERY = 60.0  # seconds between warnings about one uid's refused connections
-ACCEPT_POLL = 0.5  # seconds between checks for close() while waiting in accept()
 
 
 @dataclass(frozen=True)
@@ -208,6 +208,8 @@ class ControlServer:
         self._refusing = threading.BoundedSemaphore(MAX_REFUSING)
         self._refusals_logged: dict[int, tuple[float, int]] = {}  # uid -> (when, since)
         self._closing = threading.Event()
+        # close() writes here to wake the accept loop: no polling while nobody connects
+        self._wakeup_r, self._wakeup_w = os.pipe()
         self._thread = threading.Thread(
             target=self._accept_loop, name="control-accept", daemon=True
         )
@@ -219,17 +221,27 @@ class ControlServer:
         """Stop accepting. Never shutdown() the listening socket: under socket activation
         systemd shares it, and a shut-down socket fails reqpmd.socket for good."""
         self._closing.set()
+        os.write(self._wakeup_w, b"x")
         if self._thread.is_alive():
-            self._thread.join(timeout=2 * ACCEPT_POLL + 1)
+            self._thread.join(timeout=2)
         self.sock.close()
+        os.close(self._wakeup_r)
+        os.close(self._wakeup_w)
 
     def _accept_loop(self) -> None:
-        self.sock.settimeout(ACCEPT_POLL)
+        # non-blocking accept after poll() says a connection (or close()) is there
+        self.sock.setblocking(False)
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        poller.register(self._wakeup_r, select.POLLIN)
         while not self._closing.is_set():
             try:
+                poller.poll()
+                if self._closing.is_set():
+                    return
                 conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
+            except (BlockingIOError, InterruptedError):
+                continue  # another accept took it, or a signal
             except OSError:
                 if self._closing.is_set():
                     return

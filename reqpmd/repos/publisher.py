@@ -14,6 +14,7 @@ is checked and repaired (``Repository.sync``).
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import defaultdict
@@ -170,7 +171,10 @@ class Publisher(Worker):
 
     def _next_sync(self) -> float:
         if self._last_sync is None:
-            return self.clock()
+            # due now, whenever "now" is read: returning clock() here made the check in
+            # _pass (clock() >= _next_sync(), read left to right) false for ever with a
+            # real clock, so the first sync never ran and _idle() polled every 0.05 s
+            return -math.inf
         return self._last_sync + self.settings().repository_sync_interval_minutes * 60
 
     def _pass(self) -> None:

@@ -9,6 +9,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+# Highest priority magnitude the waiters' score packing allows: 1000 * 2^42 < 2^53.
+# Here, not in scripts, so reqpmctl can read it without importing the settings schema.
+MAX_PRIORITY = 1000
+
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # fullmatch: no trailing newline
 
 

