@@ -476,10 +476,16 @@ local function head_of(g)
   while true do
     local e = redis.call('ZRANGEBYLEX', GQ, '[' .. g .. ' ', '(' .. g .. '!', 'LIMIT', 0, 1)[1]
     if not e then return nil end
-    local name = string.match(e, '^%S+ %d+ (%S+)$')
+    local order, name = string.match(e, '^%S+ (%d+) (%S+)$')
     if name then
       local rec, score = redis.call('HGET', WI, name), redis.call('ZSCORE', W, name)
       local owner, _, _, lease_ms, info = parse(rec)
+      if owner and not score and group_of(info) == g and redis.call('ZSCORE', WL, name) then
+        -- a live waiter another writer took out of the queue: its entry keeps its place
+        score = string.format('%.0f', tonumber(order) - ORDER_OFFSET)
+        redis.call('ZADD', W, score, name)
+        repaired('queued waiter ' .. quote(name) .. ' again: it was missing from the queue')
+      end
       if owner and score and entry(group_of(info), score, name) == e then
         return name, owner, lease_ms, info
       end
