@@ -56,17 +56,14 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import ctypes
 import heapq
 import inspect
 import itertools
 import json
 import math
-import multiprocessing
 import os
 import platform
 import random
-import signal
 import subprocess
 import sys
 import threading
@@ -75,9 +72,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,6 +82,14 @@ if str(ROOT) not in sys.path:
 import redis  # noqa: E402
 
 from bench.scratch import scratch_redis  # noqa: E402
+from bench.workers import (  # noqa: E402
+    Workers,
+    ask_all,
+    child_init,
+    expect,
+    report_error,
+    stop_on_signals,
+)
 from reqpmd.builds.analytics import aggregates  # noqa: E402
 from reqpmd.builds.gates import Gate  # noqa: E402
 from reqpmd.builds.scheduler import InFlight, slot_name  # noqa: E402
@@ -123,7 +126,6 @@ SENT = {
     "hosts": ("hgetall",),
 }
 CLIENT_COMMANDS = ("evalsha", "eval", "hset", "hgetall", "ping", "subscribe", "script")
-_PR_SET_PDEATHSIG = 1
 
 
 def log(msg: str) -> None:
@@ -523,15 +525,6 @@ def _cpu() -> float:
     return t.user + t.system
 
 
-def _child_init(parent_pid: int) -> None:
-    """Leave Ctrl-C to the parent (it stops us) and die if the parent dies."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:
-        os._exit(1)
-
-
 def _worker(
     url: str,
     namespace: str,
@@ -542,7 +535,7 @@ def _worker(
 ) -> None:
     """One worker process: ("hold", {host: n}), ("queue", per_host, spread), ("run",),
     ("mark",) and ("stop",) from the parent, each answered when done."""
-    _child_init(parent_pid)
+    child_init(parent_pid)
     # Many hosts share 2 CPUs here, where a farm gives each its own: the workers yield to
     # redis-server and to the probe, so neither waits behind a burst of simulated hosts
     # (a grant wakes every host's listener at once).
@@ -572,62 +565,10 @@ def _worker(
                 conn.send(("stopped", sim.sample()))
                 break
     except Exception as exc:
-        with contextlib.suppress(Exception):
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        report_error(conn, exc)
 
 
 # -- the parent's side ---------------------------------------------------------------------
-
-
-class Workers:
-    """Every process we start, so that all of them are stopped whatever happens."""
-
-    def __init__(self) -> None:
-        self.ctx = multiprocessing.get_context("spawn")
-        self.procs: list[BaseProcess] = []
-
-    def spawn(self, target: Callable[..., None], *args: Any) -> tuple[Connection, BaseProcess]:
-        here, there = self.ctx.Pipe()
-        proc = self.ctx.Process(target=target, args=(*args, os.getpid(), there), daemon=True)
-        self.procs.append(proc)
-        proc.start()
-        there.close()
-        return here, proc
-
-    @staticmethod
-    def stop(proc: BaseProcess) -> None:
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(2)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(2)
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            with contextlib.suppress(Exception):
-                self.stop(proc)
-        self.procs.clear()
-
-
-def expect(conn: Connection, what: str, timeout: float) -> tuple[Any, ...]:
-    if not conn.poll(timeout):
-        raise RuntimeError(f"worker sent no {what!r} within {timeout:g}s")
-    try:
-        msg: tuple[Any, ...] = conn.recv()
-    except EOFError:
-        raise RuntimeError(f"worker exited before sending {what!r}") from None
-    if msg[0] == "error":
-        raise RuntimeError(f"worker failed: {msg[1]}")
-    if msg[0] != what:
-        raise RuntimeError(f"worker sent {msg[0]!r}, expected {what!r}")
-    return msg
-
-
-def ask_all(conns: list[Connection], msg: tuple[Any, ...], what: str, timeout: float) -> list[Any]:
-    for c in conns:
-        c.send(msg)
-    return [expect(c, what, timeout) for c in conns]
 
 
 @dataclass
@@ -1447,10 +1388,6 @@ def pin(server: RedisServer, args: argparse.Namespace) -> None:
     log(f"redis-server and the probe on CPU {cpus[0]}, the simulated hosts on {cpus[1:]}")
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def run(args: argparse.Namespace, server: RedisServer, workers: Workers) -> None:
     began = time.monotonic()
     log(f"starting redis-server ({server.binary}) in {server.directory}")
@@ -1583,9 +1520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 2 <= args.limit <= 20:
         ap.error("--limit must be 2..20 (max_concurrent_builds allows 1..20; the probe holds 1)")
 
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGHUP, _interrupt)
+    stop_on_signals()
     workers = Workers()
     with scratch_redis("rqh") as server:
         try:

@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import multiprocessing
 import os
 import platform
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -27,11 +24,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as MPEvent
 from pathlib import Path
-from types import FrameType
-from typing import Any, Protocol
+from typing import Protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -40,6 +35,13 @@ if str(ROOT) not in sys.path:
 import redis  # noqa: E402
 
 from bench.scratch import scratch_redis  # noqa: E402
+from bench.workers import (  # noqa: E402
+    Workers,
+    child_init,
+    expect,
+    report_error,
+    stop_on_signals,
+)
 from reqpmd.concurrency import BuildConcurrencyLimiter  # noqa: E402
 from reqpmd.slots import keys  # noqa: E402
 from reqpmd.slots.connection import connect  # noqa: E402
@@ -49,7 +51,6 @@ REQPM = "reqpm"
 BASELINE = "baseline"
 KINDS = (REQPM, BASELINE)
 LEASE_TTL = 60
-_PR_SET_PDEATHSIG = 1
 
 
 # -- the two implementations ---------------------------------------------------------
@@ -165,24 +166,10 @@ def prepare(kind: str, client: redis.Redis, space: str) -> None:
 # -- worker processes (started with the 'spawn' method) -------------------------------
 
 
-def _child_init(parent_pid: int) -> None:
-    """Leave Ctrl-C to the parent (it stops us) and die if the parent dies."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:
-        os._exit(1)
-
-
-def _report_error(conn: Connection, exc: BaseException) -> None:
-    with contextlib.suppress(Exception):
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
-
-
 def _handover_waiter(kind: str, url: str, space: str, parent_pid: int, conn: Connection) -> None:
     """Scenario 1, waiter side: on ("go", name) block in acquire, then report
     ("granted", t_granted) with t_granted read right after acquire returned."""
-    _child_init(parent_pid)
+    child_init(parent_pid)
     client = connect(url)
     try:
         impl = make_impl(kind, client, 1, space)
@@ -200,7 +187,7 @@ def _handover_waiter(kind: str, url: str, space: str, parent_pid: int, conn: Con
             impl.release(msg[1])
             conn.send(("granted", t_granted))
     except Exception as exc:
-        _report_error(conn, exc)
+        report_error(conn, exc)
     finally:
         client.close()
 
@@ -219,7 +206,7 @@ def _churn_worker(
     conn: Connection,
 ) -> None:
     """Scenario 3: acquire -> INCR counter (note the max) -> hold -> DECR -> release."""
-    _child_init(parent_pid)
+    child_init(parent_pid)
     client = connect(url)
     try:
         impl = make_impl(kind, client, max_concurrent, space)
@@ -241,7 +228,7 @@ def _churn_worker(
             impl.release(name)
         conn.send(("done", time.monotonic(), max_seen, over, waits))
     except Exception as exc:
-        _report_error(conn, exc)
+        report_error(conn, exc)
     finally:
         client.close()
 
@@ -249,7 +236,7 @@ def _churn_worker(
 def _subscriber(url: str, channel: str, parent_pid: int, conn: Connection) -> None:
     """Scenario 4: report the monotonic time each message arrives, read the same way
     reqpm's waiter reads grants (PubSub.get_message with a timeout)."""
-    _child_init(parent_pid)
+    child_init(parent_pid)
     client = connect(url)
     try:
         pubsub = client.pubsub()  # type: ignore[no-untyped-call]
@@ -267,65 +254,12 @@ def _subscriber(url: str, channel: str, parent_pid: int, conn: Connection) -> No
             conn.send(("received", t_received))
         pubsub.close()
     except Exception as exc:
-        _report_error(conn, exc)
+        report_error(conn, exc)
     finally:
         client.close()
 
 
 # -- the parent's side ------------------------------------------------------------------
-
-
-class Workers:
-    """Every process we start, so that all of them are stopped whatever happens."""
-
-    def __init__(self) -> None:
-        self.ctx = multiprocessing.get_context("spawn")
-        self.procs: list[BaseProcess] = []
-
-    def spawn(self, target: Callable[..., None], *args: Any) -> tuple[Connection, BaseProcess]:
-        here, there = self.ctx.Pipe()
-        proc = self.ctx.Process(target=target, args=(*args, os.getpid(), there), daemon=True)
-        self.procs.append(proc)
-        proc.start()
-        there.close()
-        return here, proc
-
-    def event(self) -> MPEvent:
-        return self.ctx.Event()
-
-    def finish(self, proc: BaseProcess, timeout: float = 5) -> None:
-        proc.join(timeout)
-        self.stop(proc)
-
-    @staticmethod
-    def stop(proc: BaseProcess) -> None:
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(2)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(2)
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            with contextlib.suppress(Exception):
-                self.stop(proc)
-        self.procs.clear()
-
-
-def expect(conn: Connection, what: str, timeout: float) -> tuple[Any, ...]:
-    """The worker's next message, which must be ``what``."""
-    if not conn.poll(timeout):
-        raise RuntimeError(f"worker sent no {what!r} within {timeout:g}s")
-    try:
-        msg: tuple[Any, ...] = conn.recv()
-    except EOFError:
-        raise RuntimeError(f"worker exited before sending {what!r}") from None
-    if msg[0] == "error":
-        raise RuntimeError(f"worker failed: {msg[1]}")
-    if msg[0] != what:
-        raise RuntimeError(f"worker sent {msg!r}, expected {what!r}")
-    return msg
 
 
 def log(text: str) -> None:
@@ -723,10 +657,6 @@ def plan_for(args: argparse.Namespace) -> Plan:
     return plan
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def run(args: argparse.Namespace, server: RedisServer, workers: Workers) -> None:
     plan = plan_for(args)
     began = time.monotonic()
@@ -780,9 +710,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     # Ctrl-C must reach us even if we were started with SIGINT ignored (a background job).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGHUP, _interrupt)
+    stop_on_signals()
     workers = Workers()
     with scratch_redis("rqb") as server:
         try:

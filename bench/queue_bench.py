@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import os
 import random
 import resource
@@ -66,8 +65,9 @@ if _ALT:  # a patched copy of the package, ahead of the repository's (workers in
 import redis  # noqa: E402
 
 import reqpmd  # noqa: E402
-from bench.limiter_bench import SetLimiter, Workers, expect, machine_facts, pct  # noqa: E402
+from bench.limiter_bench import SetLimiter, machine_facts, pct  # noqa: E402
 from bench.scratch import scratch_redis  # noqa: E402
+from bench.workers import Workers, child_init, expect, report_error  # noqa: E402
 from reqpmd.concurrency import BuildConcurrencyLimiter  # noqa: E402
 from reqpmd.slots.connection import connect  # noqa: E402
 from reqpmd.slots.server import RedisServer  # noqa: E402
@@ -76,25 +76,10 @@ SIZES = (10, 100, 1000, 10000)
 LEASE_TTL = 3600  # queue scenario: no holder or waiter lease runs out during a run
 CHURN_LEASE_TTL = 60  # as bench/limiter_bench.py
 SAFETY_POLL = 5.0  # a reqpm waiter asks Redis again at least this often (waiter.py)
-_PR_SET_PDEATHSIG = 1
 
 
 def log(msg: str) -> None:
     print(f"[queue-bench] {msg}", file=sys.stderr, flush=True)
-
-
-def _child_init(parent_pid: int) -> None:
-    """Leave Ctrl-C to the parent (it stops us) and die if the parent dies."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:
-        os._exit(1)
-
-
-def _report_error(conn: Connection, exc: BaseException) -> None:
-    with contextlib.suppress(Exception):
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
 
 def evalsha_stat(client: redis.Redis) -> tuple[int, int]:
@@ -116,7 +101,7 @@ def _queue_waiter(url: str, parent_pid: int, conn: Connection) -> None:
     """The measured waiter: on ("go", namespace, name) block in wait_for_slot at priority
     1 (ahead of every queued build), report ("granted", t, token) right after it returns,
     release on ("release",). ("seed", key, name) does the same with the seed's limiter."""
-    _child_init(parent_pid)
+    child_init(parent_pid)
     client = connect(url)
     limiters: dict[str, BuildConcurrencyLimiter] = {}
     try:
@@ -147,7 +132,7 @@ def _queue_waiter(url: str, parent_pid: int, conn: Connection) -> None:
             else:
                 break
     except Exception as exc:
-        _report_error(conn, exc)
+        report_error(conn, exc)
     finally:
         for lim in limiters.values():
             with contextlib.suppress(Exception):
@@ -463,7 +448,7 @@ def _churn_worker(
 ) -> None:
     """acquire -> INCR counter -> hold -> DECR -> release, ``count`` times, timestamped.
     Without ``counter_key`` the holders are checked from the timestamps alone."""
-    _child_init(parent_pid)
+    child_init(parent_pid)
     if switch_interval > 0:
         sys.setswitchinterval(switch_interval)
     client = connect(url)
@@ -524,7 +509,7 @@ def _churn_worker(
         )
         lim.close()
     except Exception as exc:
-        _report_error(conn, exc)
+        report_error(conn, exc)
     finally:
         client.close()
 
