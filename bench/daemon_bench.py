@@ -34,14 +34,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import math
 import os
 import platform
 import random
 import re
 import shlex
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -53,7 +51,6 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +60,9 @@ if str(ROOT) not in sys.path:
 import psutil  # noqa: E402
 import redis  # noqa: E402
 
+from bench.figures import nearest_rank  # noqa: E402
 from bench.scratch import scratch_redis  # noqa: E402
+from bench.workers import stop_on_signals  # noqa: E402
 from reqpmctl.client import Client  # noqa: E402
 from reqpmd.slots.server import RedisServer, _die_with_parent  # noqa: E402
 from tests.daemon_harness import FAKEMOCK, Reqpmd  # noqa: E402
@@ -128,21 +127,13 @@ def log(msg: str) -> None:
     print(f"[daemon-bench] {msg}", file=sys.stderr, flush=True)
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def pct(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
-
-
 # -- daemons ------------------------------------------------------------------------------
 
 
 class BenchDaemon(Reqpmd):
     """The tests' daemon, started through LAUNCHER and killed with the bench (PDEATHSIG)."""
+
+    preexec = staticmethod(_die_with_parent)
 
     def __init__(self, root: Path, launcher: Path, **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
@@ -150,23 +141,6 @@ class BenchDaemon(Reqpmd):
 
     def argv(self) -> list[str]:
         return [sys.executable, str(self.launcher), "--config", str(self.config)]
-
-    def start(
-        self, wait: bool = True, argv: list[str] | None = None, pass_fds: tuple[int, ...] = ()
-    ) -> BenchDaemon:
-        with open(self.stderr_path, "ab") as out:
-            self.proc = subprocess.Popen(
-                argv or self.argv(),
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                pass_fds=pass_fds,
-                preexec_fn=_die_with_parent,
-            )
-        if wait:
-            wait_until(self._answers, timeout=30, interval=0.05, what="reqpmd answers")
-        return self
 
     @property
     def pid(self) -> int:
@@ -539,7 +513,7 @@ def thread_table(r: Idle) -> str:
 def ms_row(what: str, values: list[float], note: str = "") -> str:
     ms = [v * 1000 for v in values]
     return (
-        f"| {what} | {len(ms)} | {statistics.median(ms):.1f} | {pct(ms, 90):.1f} "
+        f"| {what} | {len(ms)} | {statistics.median(ms):.1f} | {nearest_rank(ms, 90):.1f} "
         f"| {max(ms):.1f} | {note} |"
     )
 
@@ -802,9 +776,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.idle_seconds, args.settle, args.submissions = 5.0, 2.0, 4
     args.redis = {r.strip() for r in args.redis.split(",") if r.strip()}
 
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGHUP, _interrupt)
+    stop_on_signals()
     tmp = Path(tempfile.mkdtemp(prefix="rqd", dir="/tmp"))
     try:
         run(args, tmp)

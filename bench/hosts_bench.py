@@ -81,6 +81,7 @@ if str(ROOT) not in sys.path:
 
 import redis  # noqa: E402
 
+from bench.figures import nearest_rank as pct  # noqa: E402
 from bench.scratch import scratch_redis  # noqa: E402
 from bench.workers import (  # noqa: E402
     Workers,
@@ -1117,14 +1118,6 @@ def run_size(n: int, args: argparse.Namespace, server: RedisServer, workers: Wor
 
 
 # -- output --------------------------------------------------------------------------------
-
-
-def pct(values: Sequence[float], q: float) -> float:
-    """Nearest rank; nan for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 def num(v: float, unit: str = "") -> str:

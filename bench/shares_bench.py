@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import math
 import os
 import platform
 import statistics
@@ -43,6 +42,7 @@ if str(ROOT) not in sys.path:
 
 import redis  # noqa: E402
 
+from bench.figures import nearest_rank  # noqa: E402
 from bench.scratch import scratch_redis  # noqa: E402
 from reqpmd.concurrency import BuildConcurrencyLimiter  # noqa: E402
 from reqpmd.slots import keys  # noqa: E402
@@ -309,12 +309,6 @@ class Run:
 # -- statistics and output --------------------------------------------------------------
 
 
-def pct(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
-
-
 @dataclass(frozen=True)
 class Row:
     waiters: int
@@ -340,8 +334,8 @@ def table(rows: list[Row]) -> str:
         odd = f"; {s.odd} releases did not grant one" if s.odd else ""
         out.append(
             f"| {r.waiters:,} | {r.groups:,} | {r.label} | {us(statistics.median(s.client_us))} "
-            f"| {us(pct(s.client_us, 99))} | {us(statistics.median(s.server_us))} "
-            f"| {us(pct(s.server_us, 99))} | {spread} | {r.note}{odd} |"
+            f"| {us(nearest_rank(s.client_us, 99))} | {us(statistics.median(s.server_us))} "
+            f"| {us(nearest_rank(s.server_us, 99))} | {spread} | {r.note}{odd} |"
         )
     return "\n".join(out)
 

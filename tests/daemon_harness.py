@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,9 @@ FINAL = {s.value for s in states.FINAL}  # as wire strings
 
 
 class Reqpmd:
+    # run in the child before reqpmd starts (the benchmarks: die with the bench)
+    preexec: Callable[[], Any] | None = None
+
     def __init__(
         self,
         root: Path,
@@ -82,6 +86,7 @@ class Reqpmd:
                 stdout=out,
                 stderr=out,
                 pass_fds=pass_fds,
+                preexec_fn=self.preexec,
             )
         if wait:
             wait_until(self._answers, timeout=30, interval=0.05)
