@@ -364,9 +364,19 @@ local function count_holder(g, n)
   held_by[g] = (held_by[g] or 0) + n
 end
 
-local function at_cap(g)
-  local cap = share(g)
+-- Whether group g holds as many slots as its cap allows (``cap``: share(g)'s first value).
+local function full(g, cap)
   return cap > 0 and (held_by[g] or 0) >= cap
+end
+
+local function at_cap(g)
+  return full(g, (share(g)))
+end
+
+-- A group at its cap waits in ``parked`` with its tag, off the front of ``ready``.
+local function park(g, tag)
+  redis.call('ZREM', READY, g)
+  redis.call('ZADD', PARKED, string.format('%d', tag), g)
 end
 
 -- A group at its cap comes back to ``ready`` once under it.
@@ -531,15 +541,18 @@ local function promote(max)
     if not g then break end
     local tag = tag_of(front[2]) or vtime()
     local name, owner, lease_ms, info
+    local cap, weight = 0, 1
     if #g > GROUP_MAX or not string.match(g, GROUP_PATTERN) then
       redis.call('ZREM', READY, g)  -- its "queue" would be a lex range of some other's
       repaired('dropped ' .. quote(g) .. ' from the groups waiting: not a group name')
-    elseif at_cap(g) then
-      redis.call('ZREM', READY, g)
-      redis.call('ZADD', PARKED, string.format('%d', tag), g)
     else
-      name, owner, lease_ms, info = head_of(g)
-      if not name then redis.call('ZREM', READY, g) end  -- only stale entries were left
+      cap, weight = share(g)
+      if full(g, cap) then
+        park(g, tag)
+      else
+        name, owner, lease_ms, info = head_of(g)
+        if not name then redis.call('ZREM', READY, g) end  -- only stale entries were left
+      end
     end
     if name then
       remove_waiter(name, true)
@@ -554,13 +567,11 @@ local function promote(max)
         count_holder(g, 1)
         vtime_now = tag
         redis.call('HSET', META, 'vtime', string.format('%d', tag))
-        local _, weight = share(g)
         local next_tag = tag + math.floor(SCALE / weight)
         if not has_waiters(g) then
           leave(g, next_tag)
-        elseif at_cap(g) then
-          redis.call('ZREM', READY, g)
-          redis.call('ZADD', PARKED, string.format('%d', next_tag), g)
+        elseif full(g, cap) then
+          park(g, next_tag)
         else
           redis.call('ZADD', READY, string.format('%d', next_tag), g)
         end
