@@ -139,6 +139,8 @@ class Cluster:
         self._backoff = Backoff(first=0.5, cap=5.0)
         self._namespace = settings().namespace  # restart-only
         self._hosts_key = keys.hosts_key(self._namespace)
+        self._stats_key = keys.host_stats_key(self._namespace)
+        self._stats_written: object = None  # the "at" of the figures last written
         self._bad = WarnOnce(log)  # malformed heartbeats and surprises, said once each
 
     @property
@@ -273,8 +275,14 @@ class Cluster:
 
     # -- hosts ------------------------------------------------------------------------------
 
-    def heartbeat(self, record: Callable[[], dict[str, Any]]) -> None:
-        """Publish this host's record (from ``record()``) when one is due."""
+    def heartbeat(
+        self,
+        record: Callable[[], dict[str, Any]],
+        stats: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        """Publish this host's record (from ``record()``) when one is due, and its figures
+        (``stats()``, with their "at") when they were recomputed since they were last
+        written: once a minute at most, not with every heartbeat."""
         now = self._clock()
         if not self.ok or now < self._next_heartbeat:
             return
@@ -282,19 +290,23 @@ class Cluster:
         data = json.dumps({**record(), "last_seen": self._wall()})
         host_id = self._settings().host_id
         with contextlib.suppress(*REDIS_ERRORS):  # the next check reports Redis down
-            try:
-                self._client.hset(self._hosts_key, host_id, data)
-            except redis.ResponseError as exc:
-                if not str(exc).startswith("WRONGTYPE"):
-                    raise
-                # not a hash (anyone can write anything): no host could be listed; start
-                # it afresh, the other hosts' records are back within a heartbeat
-                log.warning(
-                    "%s is not a hash of host heartbeats; replaced it with a new one",
-                    self._hosts_key,
-                )
-                self._client.delete(self._hosts_key)
-                self._client.hset(self._hosts_key, host_id, data)
+            self._hset(self._hosts_key, host_id, data, "host heartbeats")
+            figures = stats() if stats is not None else {}
+            if figures and figures.get("at") != self._stats_written:
+                self._hset(self._stats_key, host_id, json.dumps(figures), "host figures")
+                self._stats_written = figures.get("at")
+
+    def _hset(self, key: str, field: str, data: str, what: str) -> None:
+        try:
+            self._client.hset(key, field, data)
+        except redis.ResponseError as exc:
+            if not str(exc).startswith("WRONGTYPE"):
+                raise
+            # not a hash (anyone can write anything): nothing in it could be read; start
+            # it afresh, the other hosts' entries are back within their next write
+            log.warning("%s is not a hash of %s; replaced it with a new one", key, what)
+            self._client.delete(key)
+            self._client.hset(key, field, data)
 
     def hosts(self) -> list[dict[str, Any]]:
         """Every daemon sharing the namespace, with how long ago it was heard of. A record
@@ -322,6 +334,35 @@ class Cluster:
             h["stale"] = h["age"] > 3 * HEARTBEAT_EVERY
             hosts.append(h)
         return sorted(hosts, key=lambda h: str(h["host_id"]))
+
+    def host_stats(self) -> dict[str, dict[str, Any]]:
+        """Each host's figures for the standard windows, as it last wrote them (checked
+        by whoever merges them: ``analytics.valid_aggregate``). An entry that is no JSON
+        object is skipped (and said once)."""
+        try:
+            raw = self._client.hgetall(self._stats_key)
+        except REDIS_ERRORS as exc:
+            raise unavailable(exc) from exc
+        figures = {}
+        for key, value in raw.items():
+            field = text(key)
+            try:
+                if len(value) > MAX_HEARTBEAT_BYTES:
+                    raise ValueError(f"{len(value)} bytes, over {MAX_HEARTBEAT_BYTES}")
+                parsed = loads(value)
+                if not isinstance(parsed, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                self._bad.warn(
+                    ("stats", field),
+                    "skipping the figures of host %s in %s: %s",
+                    shown(field),
+                    self._stats_key,
+                    exc,
+                )
+                continue
+            figures[field] = parsed
+        return figures
 
 
 # The fields of a heartbeat that reqpmctl reads, and the check of each value. A record

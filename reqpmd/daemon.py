@@ -253,7 +253,7 @@ class Daemon:
             self._reload_settings()
         self.cluster.check()
         self.scheduler.tick(self.cluster.ok)
-        self.cluster.heartbeat(self.status.host_record)
+        self.cluster.heartbeat(self.status.host_record, self.status.aggregates)
         self.notifier.status(self.status.line())
         self.live.refresh()
 

@@ -257,10 +257,10 @@ class Status:
         return {"cap": scaler.current, "why": scaler.why}
 
     def aggregates(self) -> dict[str, Any]:
-        """This host's stats for the standard windows, as last computed: they travel with
-        every heartbeat (for `reqpmctl stats --cluster` on any host), so they are
-        recomputed in a thread of their own once a minute, or 10 s after a build ended,
-        and the main loop never waits for the query."""
+        """This host's stats for the standard windows, as last computed: the heartbeat
+        writes them to Redis when they changed (for `reqpmctl stats --cluster` on any
+        host), so they are recomputed in a thread of their own once a minute, or 10 s
+        after a build ended, and the main loop never waits for the query."""
         now = time.monotonic()
         with self._agg_lock:
             cached = self._agg
@@ -303,5 +303,4 @@ class Status:
             "gates": [g.__dict__ for g in self._scheduler.last_gates],
             "load": load_per_cpu(),
             "auto_scale": self._auto_scale(),
-            "stats": self.aggregates(),
         }

@@ -25,6 +25,7 @@ from reqpmd.cluster import (
 from reqpmd.config.parse import load
 from reqpmd.config.transaction import SettingsService
 from reqpmd.errors import RedisUnavailable
+from reqpmd.slots import keys
 from reqpmd.slots.limiter import BuildConcurrencyLimiter
 from reqpmd.slots.server import RedisServer
 from tests.conftest import MakeLimiter
@@ -362,6 +363,43 @@ def test_heartbeat_then_hosts_lists_this_host(make_env: Callable[..., Env]) -> N
     h = env.cluster.hosts()[0]
     assert h["age"] == 3 * HEARTBEAT_EVERY + 1
     assert h["stale"] is True
+
+
+def test_figures_are_written_apart_from_the_heartbeat_only_when_recomputed(
+    make_env: Callable[..., Env], rclient: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The heartbeat every reader parses stays small; the figures (the bulk, read only by
+    stats --cluster) go to their own hash, once per recomputation."""
+    env = make_env()
+    env.cluster.check()
+    figures: dict[str, Any] = {"at": 1.0, "1h": {"busy": 0}}
+
+    def heartbeat() -> None:
+        env.cluster.heartbeat(lambda: {"host_id": "h1"}, lambda: dict(figures))
+        env.advance(HEARTBEAT_EVERY)
+
+    heartbeat()
+    assert "stats" not in env.cluster.hosts()[0]
+    assert env.cluster.host_stats() == {"h1": figures}
+    rclient.hdel(keys.host_stats_key(NS), "h1")
+    heartbeat()  # the same figures: not written again
+    assert env.cluster.host_stats() == {}
+    figures["at"] = 61.0
+    heartbeat()
+    assert env.cluster.host_stats() == {"h1": figures}
+    # garbage from anyone else is skipped and said once; a key of the wrong type replaced
+    rclient.hset(keys.host_stats_key(NS), mapping={"junk": "[1", "list": "[1]", "big": "x" * 20000})
+    for _ in range(2):
+        assert env.cluster.host_stats() == {"h1": figures}
+    for name in ("junk", "list", "big"):
+        assert len(warnings_of(caplog, f"figures of host '{name}'")) == 1, name
+    rclient.set(keys.host_stats_key(NS), "garbage")
+    with pytest.raises(RedisUnavailable):
+        env.cluster.host_stats()
+    figures["at"] = 121.0
+    heartbeat()
+    assert env.cluster.host_stats() == {"h1": figures}
+    assert len(warnings_of(caplog, "is not a hash of host figures")) == 1
 
 
 def test_a_settings_change_makes_the_next_heartbeat_due(make_env: Callable[..., Env]) -> None:

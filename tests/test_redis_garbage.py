@@ -26,7 +26,7 @@ from reqpmd.cluster import Cluster
 from reqpmd.config.parse import load
 from reqpmd.config.transaction import SettingsService
 from reqpmd.errors import InvalidArgument, RedisUnavailable, SlotNameInUse, SlotTimeout
-from reqpmd.slots.keys import hosts_key, slot_keys
+from reqpmd.slots.keys import host_stats_key, hosts_key, slot_keys
 from reqpmd.slots.limiter import BuildConcurrencyLimiter
 from reqpmd.slots.server import RedisServer
 from tests.conftest import MakeDaemon, MakeLimiter
@@ -529,7 +529,7 @@ def test_an_invalid_cluster_limit_in_redis_is_ignored_and_shown(
 # -- arbitrary bytes into every key while builds and acquisitions run --------------------------
 
 LIMIT = 2
-ALL_KEYS = [*SLOT_KEYS.values(), hosts_key("reqpm")]
+ALL_KEYS = [*SLOT_KEYS.values(), hosts_key("reqpm"), host_stats_key("reqpm")]
 NAMES = [f"c{i}-{k}" for i in range(2) for k in range(3)] + [f"build_{i}@h1" for i in range(8)]
 META_FIELDS = ["limit", "token", "seq", "run_id", "grace_until", "repaired", "vtime"]
 GROUPS = ["default", "~root", "p", "p 1", "default 00000000000000001 c0-1"]

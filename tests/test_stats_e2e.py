@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import urllib.request
 from collections.abc import Callable
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from reqpmd.slots.keys import host_stats_key, hosts_key
 from reqpmd.slots.server import RedisServer
 from tests.daemon_harness import FINAL, Reqpmd, wait_for
 from tests.test_reqpmctl import ctl
@@ -69,6 +71,22 @@ def test_stats_and_metrics_of_two_hosts(
     cluster = wait_for(merged, timeout=30)  # b's heartbeat after its build carries them
     assert cluster["hosts"] == ["host-a", "host-b"]
     assert {h: g["builds"] for h, g in cluster["groups"].items()} == {"host-a": 2, "host-b": 1}
+    # the figures live apart from the heartbeat every scrape reads; an older release's
+    # heartbeat that carries them itself is still merged
+    r = redis_server.client()
+    assert "stats" not in json.loads(r.hget(hosts_key("reqpm"), "host-b") or "{}")
+    figures = json.loads(r.hget(host_stats_key("reqpm"), "host-b") or "{}")
+    old = {"host_id": "host-c", "last_seen": time.time(), "stats": figures}
+    r.hset(hosts_key("reqpm"), "host-c", json.dumps(old))
+    three = json.loads(
+        ctl(a, "--json", "stats", "--since", "1h", "--cluster", "--by", "host").stdout
+    )
+    assert {h: g["builds"] for h, g in three["groups"].items()} == {
+        "host-a": 2,
+        "host-b": 1,
+        "host-c": 1,
+    }
+    r.hdel(hosts_key("reqpm"), "host-c")
     bad = ctl(a, "stats", "--since", "3h", "--cluster")
     assert bad.returncode == 2 and "1h, 24h or 7d" in bad.stderr
 

@@ -69,11 +69,14 @@ class StatsOps:
         parts = {host: valid_aggregate(aggregates(self.store, now), window)}  # fresh: ours
         stale: list[str] = []
         try:
+            figures = self.cluster.host_stats()
             for h in self.cluster.hosts():
-                if h["host_id"] != host:  # a stale host's last figures are still its history
-                    parts[str(h["host_id"])] = valid_aggregate(h.get("stats"), window)
+                peer = str(h["host_id"])
+                if peer != host:  # a stale host's last figures are still its history
+                    # an older release sent its figures inside the heartbeat
+                    parts[peer] = valid_aggregate(figures.get(peer, h.get("stats")), window)
                     if h.get("stale"):
-                        stale.append(str(h["host_id"]))
+                        stale.append(peer)
         except RedisUnavailable:
             pass  # this host's own figures, and hosts says why the others are missing
         good = {name: p for name, p in parts.items() if p is not None}

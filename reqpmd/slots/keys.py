@@ -93,3 +93,11 @@ def hosts_key(namespace: str) -> str:
     """HASH host_id -> JSON heartbeat of each daemon sharing the namespace."""
     validate_namespace(namespace)
     return _key(namespace, "hosts")
+
+
+def host_stats_key(namespace: str) -> str:
+    """HASH host_id -> JSON of each daemon's figures for the standard windows (what
+    `stats --cluster` merges). Apart from the heartbeats, which every scrape, `hosts` and
+    `top` read: these are the bulk of a host's record and only `stats --cluster` needs them."""
+    validate_namespace(namespace)
+    return _key(namespace, "host_stats")
