@@ -21,7 +21,7 @@ publisher). At the daemon's default cadence each host
   lease/3 (20 s with the default 60 s lease);
 * has ``--waiters-per-host`` builds waiting: ``wait_for_slot`` in a thread each, with a
   cancel event, as the scheduler calls it. A waiter re-runs ACQUIRE only when the state
-  can change silently or as its safety net: every ``SAFETY_POLL`` (5 s) here, since every
+  can change silently or as its safety net: every ``SAFETY_POLL`` (20 s) here, since every
   holder's lease is renewed long before it could run out; it hears its grant on its
   host's one subscription to the grants channel;
 * answers a ``reqpmctl status`` every ``--status-every`` seconds (``Status.status()``:
@@ -64,7 +64,6 @@ import math
 import os
 import platform
 import random
-import subprocess
 import sys
 import threading
 import time
@@ -81,7 +80,10 @@ if str(ROOT) not in sys.path:
 
 import redis  # noqa: E402
 
+from bench import figures  # noqa: E402
 from bench.figures import nearest_rank as pct  # noqa: E402
+from bench.figures import num  # noqa: E402
+from bench.machine import cpu_model, redis_server_version  # noqa: E402
 from bench.scratch import scratch_redis  # noqa: E402
 from bench.workers import (  # noqa: E402
     Workers,
@@ -1068,7 +1070,8 @@ def run_size(n: int, args: argparse.Namespace, server: RedisServer, workers: Wor
             c.send(("hold", {h: holders[h] for h in part if holders[h]}))
         for c in conns:
             expect(c, "held", 60)
-        spread = SAFETY_POLL  # the waiters' refreshes then come at phases spread evenly
+        # over SAFETY_POLL, the waiters' refreshes come at phases spread evenly
+        spread = args.queue_spread if args.queue_spread > 0 else SAFETY_POLL
         log(f"{n} hosts: queueing {waiters} waiting builds over {spread:g}s")
         ask_all(conns, ("queue", args.waiters_per_host, spread), "queued", spread + 120)
         deadline = time.monotonic() + 60
@@ -1118,16 +1121,6 @@ def run_size(n: int, args: argparse.Namespace, server: RedisServer, workers: Wor
 
 
 # -- output --------------------------------------------------------------------------------
-
-
-def num(v: float, unit: str = "") -> str:
-    if math.isnan(v):
-        return "-"
-    if abs(v) >= 100:
-        return f"{v:,.0f}{unit}"
-    if abs(v) >= 10:
-        return f"{v:.1f}{unit}"
-    return f"{v:.2f}{unit}"
 
 
 def ms(seconds: float) -> str:
@@ -1332,18 +1325,8 @@ def inner_table(cost: OpCost, title: str) -> str:
 
 
 def machine_facts(server: RedisServer, client: redis.Redis) -> list[tuple[str, str]]:
-    cpu = platform.processor() or "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    try:
-        version = subprocess.run(
-            [server.binary, "--version"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError) as exc:
-        version = f"? ({exc})"
+    cpu = cpu_model()
+    version = redis_server_version(server.binary, full=True)
     try:
         import hiredis  # noqa: F401
 
@@ -1456,6 +1439,28 @@ def run(args: argparse.Namespace, server: RedisServer, workers: Workers) -> None
     print(f"  parent (probe) CPU in B: {', '.join(f'{r.b.parent_cpu:.0%}' for r in results)}")
     for line in problems:
         print(f"  PROBLEM: {line}")
+    record_figure(args, big)
+
+
+def record_figure(args: argparse.Namespace, r: SizeResult) -> None:
+    """Figure 2 for --figures: what the largest size's load cost Redis (phase A)."""
+    cpu = r.a.redis_cpu / r.a.wall
+    handover = [c.handover for c in r.cycles if c.quiet] or [c.handover for c in r.cycles]
+    figures.record(
+        args.figures,
+        2,
+        f"many hosts on one Redis: {r.hosts:,} hosts, each at reqpmd's cadence",
+        [
+            ("Redis CPU", 100 * cpu, "% of a CPU"),
+            ("Redis per host", cpu / r.hosts * 1e6, "µs per host per second"),
+            ("hand-over p99", pct(handover, 99) * 1000, "ms"),
+        ],
+        "no numeric goal: measured",
+        None,
+        bench="hosts",
+        quick=args.quick,
+        note=f"sizes {','.join(str(n) for n in args.sizes)}; phase A {r.a.wall:.0f} s",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1500,7 +1505,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_false",
         help="leave every process on every CPU (default: redis-server and probe on one)",
     )
+    ap.add_argument(
+        "--queue-spread",
+        type=float,
+        default=0.0,
+        help="seconds over which the waiting builds are queued (default: the waiters' "
+        "safety poll, so their polls fall at evenly spread phases; shorter only to save time)",
+    )
     ap.add_argument("--seed", type=int, default=1)
+    figures.add_option(ap)
     args = ap.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     args.worker_cpus = []

@@ -18,7 +18,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +33,7 @@ if str(ROOT) not in sys.path:
 
 import redis  # noqa: E402
 
+from bench.machine import cpu_model, redis_server_version  # noqa: E402
 from bench.scratch import scratch_redis  # noqa: E402
 from bench.workers import (  # noqa: E402
     Workers,
@@ -481,18 +481,8 @@ def ratio(num: float, den: float) -> str:
 
 
 def machine_facts(server: RedisServer, client: redis.Redis) -> list[tuple[str, str]]:
-    cpu = platform.processor() or "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    try:
-        version = subprocess.run(
-            [server.binary, "--version"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError) as exc:
-        version = f"? ({exc})"
+    cpu = cpu_model()
+    version = redis_server_version(server.binary, full=True)
     served = client.info("server").get("redis_version", "?")
     try:
         import hiredis  # noqa: F401

@@ -42,7 +42,6 @@ import contextlib
 import os
 import random
 import resource
-import signal
 import statistics
 import sys
 import threading
@@ -65,17 +64,24 @@ if _ALT:  # a patched copy of the package, ahead of the repository's (workers in
 import redis  # noqa: E402
 
 import reqpmd  # noqa: E402
+from bench import figures  # noqa: E402
 from bench.limiter_bench import SetLimiter, machine_facts, pct  # noqa: E402
 from bench.scratch import scratch_redis  # noqa: E402
-from bench.workers import Workers, child_init, expect, report_error  # noqa: E402
+from bench.workers import (  # noqa: E402
+    Workers,
+    child_init,
+    expect,
+    report_error,
+    stop_on_signals,
+)
 from reqpmd.concurrency import BuildConcurrencyLimiter  # noqa: E402
 from reqpmd.slots.connection import connect  # noqa: E402
 from reqpmd.slots.server import RedisServer  # noqa: E402
+from reqpmd.slots.waiter import SAFETY_POLL  # noqa: E402 - a waiter asks Redis this often
 
 SIZES = (10, 100, 1000, 10000)
 LEASE_TTL = 3600  # queue scenario: no holder or waiter lease runs out during a run
 CHURN_LEASE_TTL = 60  # as bench/limiter_bench.py
-SAFETY_POLL = 5.0  # a reqpm waiter asks Redis again at least this often (waiter.py)
 
 
 def log(msg: str) -> None:
@@ -376,6 +382,33 @@ def queue_verdict(queues: list[Queue]) -> list[str]:
     if dropped:
         lines.append(f"({dropped} Redis-time samples dropped: another script ran meanwhile)")
     return lines
+
+
+def record_queue_figure(args: argparse.Namespace, queues: list[Queue]) -> None:
+    """Figure 1 for --figures: the hand-over p50 at the longest queue against the shortest."""
+    lo, hi = queues[0], queues[-1]
+    p50_lo, p50_hi = pct(lo.handover, 50), pct(hi.handover, 50)
+    ratio = p50_hi / p50_lo
+    figures.record(
+        args.figures,
+        1,
+        f"grant cost against queue length: hand-over p50, {lo.size:,} → {hi.size:,} builds waiting",
+        [
+            (f"p50 at {hi.size:,} / p50 at {lo.size:,}", ratio, "x"),
+            (f"hand-over p50 at {lo.size:,}", p50_lo * 1000, "ms"),
+            (f"hand-over p50 at {hi.size:,}", p50_hi * 1000, "ms"),
+            (
+                "Redis time per grant p50 ratio",
+                pct(hi.server_us, 50) / pct(lo.server_us, 50),
+                "x",
+            ),
+        ],
+        f"{hi.size:,}-waiting p50 within 2x of the {lo.size:,}-waiting p50",
+        ratio <= 2,
+        bench="queue",
+        quick=args.quick,
+        note=f"{args.rounds} hand-overs per queue length",
+    )
 
 
 # -- 2. contended throughput and the hand-over profile ------------------------------------
@@ -903,6 +936,21 @@ def churn_section(env: Env, args: argparse.Namespace) -> list[str]:
     ]
     if len(variants) > 1:
         out += [summary_table(variants, runs), ""]
+    first = runs[variants[0].label]
+    rate = statistics.median(c.rate for c in first)
+    figures.record(
+        args.figures,
+        5,
+        f"contended throughput: 8 processes, limit 2, hold 5 ms, as a share of the maximum "
+        f"({mx:.0f} grants/s)",
+        [("share of the maximum", 100 * rate / mx, "%"), ("grants", rate, "/s")],
+        ">= 90 % of the physical maximum",
+        rate / mx >= 0.9,
+        bench="queue",
+        quick=args.quick,
+        note=f"median of {len(first)} run{'s' if len(first) != 1 else ''} of "
+        f"{8 * args.per_process} grants" + (f" ({variants[0].label})" if len(variants) > 1 else ""),
+    )
     for v in variants:
         rs = runs[v.label]
         prof = profile(rs)
@@ -981,6 +1029,7 @@ def run(args: argparse.Namespace, server: RedisServer, workers: Workers) -> None
     queue_out: list[str] = []
     if args.only in ("", "queue"):
         queues, seed = bench_queue(env, args)
+        record_queue_figure(args, queues)
         queue_out = [
             f"1. Grant cost against queue length ({args.rounds} hand-overs per N after "
             f"{args.warmup} warm-up; seed: {args.seed_rounds} hand-overs of a lone poller)",
@@ -1042,6 +1091,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "holding a patched reqpmd package",
     )
     ap.add_argument("--seed", type=int, default=1, help="seed of the random delays")
+    figures.add_option(ap)
     args = ap.parse_args(argv)
     quick = args.quick
     args.rounds = args.rounds or (30 if quick else 200)
@@ -1050,7 +1100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.refresh_calls = args.refresh_calls or (500 if quick else 3000)
     args.churn_runs = args.churn_runs or (2 if quick else 5)
 
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    stop_on_signals()  # Ctrl-C, SIGTERM, SIGHUP: stop the workers and redis-server
     workers = Workers()
     with scratch_redis("rqq") as server:
         try:

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -32,12 +33,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import figures  # noqa: E402
 from bench.scratch import scratch_redis  # noqa: E402
+from bench.workers import stop_on_signals  # noqa: E402
 from reqpmd.slots.keys import hosts_key  # noqa: E402
 from reqpmd.slots.limiter import BuildConcurrencyLimiter  # noqa: E402
 from tests.daemon_harness import Reqpmd  # noqa: E402
 
 LIMIT = 20
+GOAL_MS = 200.0  # status and slots list
 
 
 def fill(lim: BuildConcurrencyLimiter, waiting: int, hosts: int) -> None:
@@ -59,16 +63,27 @@ def run_ctl(env: dict[str, str], argv: list[str]) -> tuple[float, int]:
     return took, len(r.stdout)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--waiting", type=int, default=10_000, help="builds waiting for a slot")
     ap.add_argument("--hosts", type=int, default=1_000, help="host heartbeats in Redis")
     ap.add_argument("--runs", type=int, default=7, help="runs of each command (median shown)")
     ap.add_argument("--quick", action="store_true", help="1 000 waiting, 100 hosts, 3 runs")
-    args = ap.parse_args()
+    figures.add_option(ap)
+    args = ap.parse_args(argv)
     if args.quick:
         args.waiting, args.hosts, args.runs = 1_000, 100, 3
+    stop_on_signals()  # Ctrl-C, SIGTERM, SIGHUP: the daemon and redis-server are stopped
     tmp = Path(tempfile.mkdtemp(prefix="rqst", dir="/tmp"))
+    try:
+        run(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def run(args: argparse.Namespace, tmp: Path) -> None:
+    walls_ms: dict[str, float] = {}
     with scratch_redis("rqst") as server:
         server.start()
         BuildConcurrencyLimiter(server.client()).declare_no_survivors()
@@ -119,10 +134,27 @@ def main() -> int:
                     requests.append(time.monotonic() - start)
                 request = f"{statistics.median(requests) * 1000:.1f}" if requests else "-"
                 wall = statistics.median(walls) * 1000
+                walls_ms[" ".join(argv)] = wall
                 print(f"| reqpmctl {' '.join(argv)} | {wall:.0f} | {request} | {size:,} |")
         finally:
             daemon.kill_all()
-    return 0
+    status, slots = walls_ms["status"], walls_ms["slots list"]
+    figures.record(
+        args.figures,
+        6,
+        f"status at scale: `reqpmctl status` / `slots list` / `hosts` with {args.waiting:,} "
+        f"builds waiting and {args.hosts:,} hosts (wall p50, a new process each)",
+        [
+            ("status", status, "ms"),
+            ("slots list", slots, "ms"),
+            ("hosts", walls_ms["hosts"], "ms"),
+        ],
+        f"status and slots list < {GOAL_MS:.0f} ms",
+        status < GOAL_MS and slots < GOAL_MS,
+        bench="status",
+        quick=args.quick,
+        note=f"median of {args.runs} runs each",
+    )
 
 
 if __name__ == "__main__":
