@@ -141,10 +141,11 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- obeyed and never a reason to fail, or every caller of the namespace would fail with it.
 
 -- A count, time or token as these scripts write it: decimal digits, exact in a double.
+local EXACT_MAX = 9007199254740991  -- 2^53 - 1
 local function uint(s)
   if type(s) ~= 'string' or #s > 16 or not string.match(s, '^%d+$') then return nil end
   local n = tonumber(s)
-  if n > 9007199254740991 then return nil end
+  if n > EXACT_MAX then return nil end
   return n
 end
 
@@ -168,17 +169,23 @@ local function record(owner, token, at, lease_ms, info)
 end
 
 -- owner, token, at, lease_ms, info of a record; nothing at all when it does not parse.
+-- The numbers as uint() reads them, without its match: the pattern has checked the
+-- digits (every call parses every holder's record).
 local function parse(rec)
   if type(rec) ~= 'string' then return nil end
   local owner, token, at, lease_ms, info = string.match(rec, '^(%S+) (%d+) (%d+) (%d+) (.*)$')
-  token, at, lease_ms = uint(token), uint(at), uint(lease_ms)
-  if not (owner and token and at and lease_ms and lease_ms > 0) then return nil end
+  if not owner or #token > 16 or #at > 16 or #lease_ms > 16 then return nil end
+  token, at, lease_ms = tonumber(token), tonumber(at), tonumber(lease_ms)
+  if token > EXACT_MAX or at > EXACT_MAX or lease_ms > EXACT_MAX or lease_ms == 0 then
+    return nil
+  end
   return owner, token, at, lease_ms, info
 end
 
 -- The group a record's JSON names, or DEFAULT_GROUP when it names none that is valid.
 -- The limiter writes it first ('{"group":"p",...'): read that without decoding the JSON
--- (every call reads every holder's group), and decode only what another writer wrote.
+-- (counting holders by group reads every holder's), and decode only what another writer
+-- wrote.
 local function group_of(info)
   local fast = string.match(info or '', '^{"group":"([^"]*)"')
   if fast and #fast <= GROUP_MAX and string.match(fast, GROUP_PATTERN) then return fast end
@@ -202,21 +209,34 @@ end
 -- A key of the wrong type (a string where a hash belongs) fails every command on it:
 -- drop it. Holders may be missing then, so no grant for one grace, as after a restart.
 local lost_holders = false
-local kinds = {{H, 'zset'}, {HI, 'hash'}, {W, 'zset'}, {WL, 'zset'}, {WI, 'hash'},
-               {META, 'hash'}, {GQ, 'zset'}, {READY, 'zset'}, {PARKED, 'zset'},
-               {SHARES, 'hash'}, {IDLE, 'zset'}}
+-- key, type, key, type...: flat, not a table per key made at every call
+local kinds = {H, 'zset', HI, 'hash', W, 'zset', WL, 'zset', WI, 'hash', META, 'hash',
+               GQ, 'zset', READY, 'zset', PARKED, 'zset', SHARES, 'hash', IDLE, 'zset'}
 local dropped = {}
-for _, k in ipairs(kinds) do
-  local kind = redis.call('TYPE', k[1])['ok']
-  if kind ~= 'none' and kind ~= k[2] then
-    redis.call('DEL', k[1])
-    table.insert(dropped, string.format('%s (a %s, not a %s)', k[1], kind, k[2]))
-    if k[1] == H or k[1] == HI or k[1] == META then lost_holders = true end
+for i = 1, #kinds, 2 do
+  local key, want = kinds[i], kinds[i + 1]
+  local kind = redis.call('TYPE', key)['ok']
+  if kind ~= 'none' and kind ~= want then
+    redis.call('DEL', key)
+    table.insert(dropped, string.format('%s (a %s, not a %s)', key, kind, want))
+    if key == H or key == HI or key == META then lost_holders = true end
   end
 end
 
 -- A new run_id means Redis restarted or failed over: holders may be missing.
-local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+-- string.match(info, 'run_id:(%w+)') found by a plain find: a pattern search tries every
+-- position of INFO's kilobyte.
+local function run_id_of(info)
+  local from = 1
+  while true do
+    local at, last = string.find(info, 'run_id:', from, true)
+    if not at then return nil end
+    local id = string.match(info, '^%w+', last + 1)
+    if id then return id end
+    from = at + 1
+  end
+end
+local run_id = run_id_of(redis.call('INFO', 'server'))
 local floor = now * 1000  -- the lowest token after a restart: the time in microseconds
 if redis.call('HGET', META, 'run_id') ~= run_id then
   redis.call('HSET', META, 'run_id', run_id,
@@ -358,25 +378,34 @@ local function remove_waiter(name, keep_group)
 end
 
 -- Holders per group, counted from the records at each call (holders are few), so no
--- counter can drift: the caps count real holders only.
-local held_by = {}
+-- counter can drift: the caps count real holders only. Counted at the first question,
+-- from the JSON of each live holder the check below finds (no question comes before it):
+-- most calls (COUNTS, a renewal, a waiter's refresh) ask none, and group_of() on every
+-- holder was a tenth of their cost.
+local holder_infos, held_by = {}, nil
+local function holders_by_group()
+  if not held_by then
+    held_by = {}
+    for _, info in ipairs(holder_infos) do
+      local g = group_of(info)
+      held_by[g] = (held_by[g] or 0) + 1
+    end
+  end
+  return held_by
+end
+
 local function count_holder(g, n)
-  held_by[g] = (held_by[g] or 0) + n
+  local by = holders_by_group()
+  by[g] = (by[g] or 0) + n
 end
 
 -- Whether group g holds as many slots as its cap allows (``cap``: share(g)'s first value).
 local function full(g, cap)
-  return cap > 0 and (held_by[g] or 0) >= cap
+  return cap > 0 and (holders_by_group()[g] or 0) >= cap
 end
 
 local function at_cap(g)
   return full(g, (share(g)))
-end
-
--- A group at its cap waits in ``parked`` with its tag, off the front of ``ready``.
-local function park(g, tag)
-  redis.call('ZREM', READY, g)
-  redis.call('ZADD', PARKED, string.format('%d', tag), g)
 end
 
 -- A group at its cap comes back to ``ready`` once under it.
@@ -386,6 +415,99 @@ local function unpark(g)
     redis.call('ZREM', PARKED, g)
     redis.call('ZADD', READY, string.format('%d', math.max(vtime(), tag_of(tag) or 0)), g)
   end
+end
+
+local freed = {}  -- groups that lost a holder in this call: they may leave ``parked``
+local dead = redis.call('ZRANGEBYSCORE', H, '-inf', now)
+if #dead > 0 then
+  for _, name in ipairs(dead) do
+    local rec = redis.call('HGET', HI, name)
+    if rec then freed[group_of(select(5, parse(rec)))] = true end
+  end
+  remove_all('ZREM', H, dead)
+  remove_all('HDEL', HI, dead)
+end
+for _, name in ipairs(redis.call('ZRANGEBYSCORE', WL, '-inf', now)) do
+  remove_waiter(name)
+end
+
+-- A holder without a record that parses is dead (else it pins a slot for good), a
+-- lease longer than its record says is cut back, a record without a lease is dropped:
+-- the limit counts real holders only. O(holders), and holders are few; still, every call
+-- of every caller runs this, so the records come in one HMGET (per 1000: unpack()).
+do
+  local names = redis.call('ZRANGE', H, 0, -1)
+  local recs = {}  -- HMGET's replies, a list per 1000 names
+  local bad = {}
+  local shortest  -- the shortest lease of a record that parses
+  for i = 1, #names, 1000 do
+    local part = redis.call('HMGET', HI, unpack(names, i, math.min(i + 999, #names)))
+    table.insert(recs, part)
+    for j = 1, #part do
+      local owner, _, _, lease_ms, info = parse(part[j])
+      if not owner then
+        table.insert(bad, names[i + j - 1])
+      else
+        holder_infos[#holder_infos + 1] = info  -- counted by group when asked
+        if not shortest or lease_ms < shortest then shortest = lease_ms end
+      end
+    end
+  end
+  -- Only an expiry past now + the shortest lease can be too long: read those scores
+  -- alone (Redis prints every score it replies with, which cost more than all the rest).
+  -- Their records are the ones read above: reading the hash again would move on its
+  -- rehashing, and with it the order HKEYS lists orphans in (the note quotes the first).
+  local long = shortest and redis.call('ZRANGEBYSCORE', H, string.format('(%d', now + shortest),
+                                       '+inf', 'WITHSCORES') or {}
+  if #long > 0 then
+    local rec_of = {}
+    for k, part in ipairs(recs) do
+      for j = 1, #part do rec_of[names[(k - 1) * 1000 + j]] = part[j] end
+    end
+    for i = 1, #long, 2 do
+      local name, expiry = long[i], tonumber(long[i + 1])
+      local owner, _, _, lease_ms = parse(rec_of[name])
+      if owner and expiry > now + lease_ms then
+        redis.call('ZADD', H, string.format('%d', now + lease_ms), name)
+      end
+    end
+  end
+  if #bad > 0 then
+    remove_all('ZREM', H, bad)
+    remove_all('HDEL', HI, bad)
+    repaired(string.format('removed %d holder(s) whose record is missing or does not parse: %s',
+                           #bad, quote(bad[1])))
+  end
+  if redis.call('HLEN', HI) > redis.call('ZCARD', H) then
+    local orphans = {}
+    for _, name in ipairs(redis.call('HKEYS', HI)) do
+      if not redis.call('ZSCORE', H, name) then table.insert(orphans, name) end
+    end
+    remove_all('HDEL', HI, orphans)
+    repaired(string.format('removed %d holder record(s) without a lease: %s',
+                           #orphans, quote(orphans[1])))
+  end
+end
+
+for g in pairs(freed) do unpark(g) end
+
+-- What every reader is told besides its answer: an invalid cluster limit found (or
+-- false) and the last repair, "<ms> <what>" (or false).
+local function notes()
+  local _, bad_limit = cluster_limit()
+  return bad_limit, redis.call('HGET', META, 'repaired')
+end
+"""
+)
+
+# The queue's helpers, for the scripts that serve or read the queue. COUNTS and RENEW run
+# without them: each function definition makes a closure at every call, and these were
+# some 7% of a COUNTS.
+_QUEUE = """
+-- A group at its cap waits in ``parked`` with its tag, off the front of ``ready``.
+local function park(g, tag)
+  redis.call('ZREM', READY, g)
+  redis.call('ZADD', PARKED, string.format('%d', tag), g)
 end
 
 -- A group that has a waiter takes part in the sharing: at the virtual time, or at the
@@ -409,57 +531,6 @@ local function enlist(name, rec)
   join(g)
   return added
 end
-
-local freed = {}  -- groups that lost a holder in this call: they may leave ``parked``
-local dead = redis.call('ZRANGEBYSCORE', H, '-inf', now)
-if #dead > 0 then
-  for _, name in ipairs(dead) do
-    local rec = redis.call('HGET', HI, name)
-    if rec then freed[group_of(select(5, parse(rec)))] = true end
-  end
-  remove_all('ZREM', H, dead)
-  remove_all('HDEL', HI, dead)
-end
-for _, name in ipairs(redis.call('ZRANGEBYSCORE', WL, '-inf', now)) do
-  remove_waiter(name)
-end
-
--- A holder without a record that parses is dead (else it pins a slot for good), a
--- lease longer than its record says is cut back, a record without a lease is dropped:
--- the limit counts real holders only. O(holders), and holders are few.
-do
-  local flat = redis.call('ZRANGE', H, 0, -1, 'WITHSCORES')
-  local bad = {}
-  for i = 1, #flat, 2 do
-    local name, expiry = flat[i], tonumber(flat[i + 1])
-    local owner, _, _, lease_ms, info = parse(redis.call('HGET', HI, name))
-    if not owner then
-      table.insert(bad, name)
-    else
-      count_holder(group_of(info), 1)
-      if expiry > now + lease_ms then
-        redis.call('ZADD', H, string.format('%d', now + lease_ms), name)
-      end
-    end
-  end
-  if #bad > 0 then
-    remove_all('ZREM', H, bad)
-    remove_all('HDEL', HI, bad)
-    repaired(string.format('removed %d holder(s) whose record is missing or does not parse: %s',
-                           #bad, quote(bad[1])))
-  end
-  if redis.call('HLEN', HI) > redis.call('ZCARD', H) then
-    local orphans = {}
-    for _, name in ipairs(redis.call('HKEYS', HI)) do
-      if not redis.call('ZSCORE', H, name) then table.insert(orphans, name) end
-    end
-    remove_all('HDEL', HI, orphans)
-    repaired(string.format('removed %d holder record(s) without a lease: %s',
-                           #orphans, quote(orphans[1])))
-  end
-end
-
-for g in pairs(freed) do unpark(g) end
 
 -- The record of the live waiter ``name``, or nil. A record that does not parse, or
 -- has no lease (nothing would ever reap it), is removed; a lease longer than its record
@@ -590,18 +661,11 @@ local function wake_ms()
   if g > 0 and (wake < 0 or g < wake) then wake = g end
   return wake
 end
-
--- What every reader is told besides its answer: an invalid cluster limit found (or
--- false) and the last repair, "<ms> <what>" (or false).
-local function notes()
-  local _, bad_limit = cluster_limit()
-  return bad_limit, redis.call('HGET', META, 'repaired')
-end
 """
-)
 
 ACQUIRE = (
     _PRELUDE
+    + _QUEUE
     + """
 -- ARGV: 2 name, 3 owner, 4 priority, 5 max, 6 lease_ms, 7 info json (its "group" says
 -- which group it waits in), 8 try_only (0|1)
@@ -657,6 +721,7 @@ return {R.WAITING, redis.call('ZRANK', W, name) + 1, redis.call('ZCARD', H), wak
 
 RELEASE = (
     _PRELUDE
+    + _QUEUE
     + """
 -- ARGV: 2 name, 3 owner ('' = whoever holds or awaits it), 4 max
 -- Free the holder's slot or withdraw the waiter, then hand free slots to the queue.
@@ -716,6 +781,7 @@ return {R.LOST}
 
 CLEAR = (
     _PRELUDE
+    + _QUEUE
     + """
 -- ARGV: 2 max
 -- Free every held slot (an operator's last resort), then serve the queue.
@@ -731,6 +797,7 @@ return {R.CLEARED, n}
 
 END_GRACE = (
     _PRELUDE
+    + _QUEUE
     + """
 -- ARGV: 2 max
 -- The caller vouches that no holder is missing from Redis (e.g. a private server it
@@ -744,6 +811,7 @@ return {R.GRACE_ENDED}
 
 SET_LIMIT = (
     _PRELUDE
+    + _QUEUE
     + """
 -- ARGV: 2 limit (LIMIT_MIN..LIMIT_MAX), or 0 to drop the cluster-wide limit (callers'
 -- own then apply). Set the limit every caller of the namespace obeys; a raised limit is
@@ -762,6 +830,7 @@ return {R.LIMIT_SET, previous}
 
 SNAPSHOT = (
     _PRELUDE
+    + _QUEUE
     + """
 -- ARGV: 2 how many waiters to list, in queue order (0: all)
 -- Returns {SNAPSHOT, now, grace_until, {name, lease_expiry, record, ...},
@@ -816,6 +885,7 @@ return {R.COUNTS, now, grace_until(), redis.call('ZCARD', H), redis.call('ZCARD'
 
 SET_SHARE = (
     _PRELUDE
+    + _QUEUE
     + """
 -- ARGV: 2 group, 3 cap (0: none, else LIMIT_MIN..LIMIT_MAX; '': keep), 4 weight
 --       (1..WEIGHT_MAX; '': keep), 5 max
