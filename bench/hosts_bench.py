@@ -13,7 +13,7 @@ is a reqpmd's Redis side built from the daemon's own classes, on a client of its
 ``Status`` over stand-ins for the parts that never touch Redis (store, scheduler,
 publisher). At the daemon's default cadence each host
 
-* checks Redis: ``Cluster.check()`` (the COUNTS script) every ``CHECK_EVERY`` (2 s), called
+* checks Redis: ``Cluster.check()`` (the COUNTS script) every ``CHECK_EVERY`` (5 s), called
   when the cluster says it is due;
 * publishes its heartbeat: ``Cluster.heartbeat(Status.host_record)`` (HSET of its JSON
   record, stats included) every ``HEARTBEAT_EVERY`` (5 s);

@@ -40,7 +40,11 @@ from reqpmd.slots.untrusted import WarnOnce, loads
 log = logging.getLogger(__name__)
 
 HEARTBEAT_EVERY = 5.0  # seconds between this host's heartbeats
-CHECK_EVERY = 2.0  # seconds between Redis checks while it is healthy
+# Seconds between Redis checks while it is healthy. The limit in force is enforced inside
+# Redis (every script reads it), waiters and renewals find an outage on their own, so the
+# check only refreshes what status shows and notices a failover: as often as the
+# heartbeat, not more (at 1 000 hosts, checks every 2 s were 3/4 of Redis's load).
+CHECK_EVERY = 5.0
 PUBLISHED = "published_limit"  # the store key of the limit this host last published
 NOT_CONNECTED = "not connected yet"
 

@@ -400,7 +400,7 @@ def test_changing_the_limit_on_one_host_changes_it_for_all(
 ) -> None:
     a, b = two_hosts(daemons, redis_server, short_tmp, mock_sleep=0.4, limit=3)
     a.call("settings.set", {"changes": {"max_concurrent_builds": 1}})
-    wait_for(lambda: b.call("status")["max_concurrent"] == 1, timeout=10)
+    wait_for(lambda: b.call("status")["max_concurrent"] == 1, timeout=20)
     started = time.time()
     ids = [(a, a.submit()) for _ in range(2)] + [(b, b.submit()) for _ in range(2)]
     for d, i in ids:
