@@ -87,6 +87,13 @@ def status(c: Ctx, all_rows: bool) -> None:
     lines.append(
         f"redis:   {'ok' if redis['ok'] else 'DOWN: ' + redis['detail']}  ({redis['url']})"
     )
+    if redis.get("master"):
+        lines.append(f"master:  {output.safe(redis['master'])} (from the Sentinels)")
+    if redis.get("server_changed_at"):
+        lines.append(
+            f"failover: another Redis server answered {output.ago(redis['server_changed_at'])}"
+            f" ({redis['server_changes']} change(s) since reqpmd started)"
+        )
     if redis.get("repaired"):
         lines.append(f"repaired: {redis['repaired']}")
     if st.get("restart_grace"):
@@ -598,6 +605,17 @@ def _auto_cap(auto: Any) -> str:
     return output.safe(f"{auto.get('cap', '?')}: {auto.get('why', '')}")
 
 
+def _redis_seen(redis: Any) -> str:
+    """The server a host talks to (its address under Sentinel) and its last change."""
+    if not isinstance(redis, dict):
+        return "-"
+    seen = output.safe(str(redis.get("master") or redis.get("server") or "-"))
+    when = redis.get("changed_at")
+    if isinstance(when, int | float) and not isinstance(when, bool):
+        seen += f" (changed {output.ago(when)})"
+    return seen
+
+
 @main.command()
 @pass_ctx
 def hosts(c: Ctx) -> None:
@@ -614,6 +632,7 @@ def hosts(c: Ctx) -> None:
             "LIMIT",
             "HOST CAP",
             "AUTO CAP",
+            "REDIS",
             "GATES",
         ],
         [
@@ -626,6 +645,7 @@ def hosts(c: Ctx) -> None:
                 h.get("max_concurrent_builds", "?"),
                 h.get("host_max_builds") or "-",
                 _auto_cap(h.get("auto_scale")),
+                _redis_seen(h.get("redis")),
                 ", ".join(
                     f"{output.safe(g.get('name', '?'))}:{'open' if g.get('open') else 'CLOSED'}"
                     for g in h.get("gates") or []

@@ -133,6 +133,12 @@ class Cluster:
         # what Redis holds as the cluster limit when that is no valid limit (ignored then)
         self.cluster_limit_invalid: str | None = None
         self.repaired: str | None = None  # the last repair of malformed data in Redis
+        # the server answering (its run_id) and, under Sentinel, its address; a change of
+        # server seen while running (a failover, or a restart) and when
+        self.server: str | None = None
+        self.master: str | None = None
+        self.server_changes = 0
+        self.server_changed_at: float | None = None
         self._to_publish = False  # changed here while Redis was unreachable
         # the main loop's check and a settings change (a control thread) both sync the limit
         self._limit_lock = threading.Lock()
@@ -172,6 +178,7 @@ class Cluster:
             self.active, self.grace_left = counts.active, counts.grace_left
             self.cluster_limit_invalid = counts.cluster_limit_invalid
             self.repaired = counts.repaired
+            self._note_server(counts.server, counts.grace_left)
             self._sync_limit(
                 counts.cluster_limit,
                 changed_here=self._to_publish,
@@ -189,6 +196,28 @@ class Cluster:
         self.ok, self.detail = True, "ok"
         self._backoff.succeeded()
         self._next_check = now + CHECK_EVERY
+
+    def _note_server(self, run_id: str | None, grace_left: float) -> None:
+        """Say when another server answers than at the last check: a Sentinel failover
+        (or a restart). The scripts saw it too and started the grace; this is for the
+        operator, in the journal and in status."""
+        address = getattr(self._client.connection_pool, "master_address", None)
+        master = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else None
+        if run_id is None:
+            return
+        if self.server is not None and run_id != self.server:
+            self.server_changes += 1
+            self.server_changed_at = self._wall()
+            log.warning(
+                "Redis %sis another server now (run_id %s, was %s): a failover or a restart. "
+                "Running builds keep their slots (they re-register); no new slot is granted "
+                "for %.0f s, until every holder had its chance to",
+                f"master {self.master} -> {master} " if master and master != self.master else "",
+                run_id[:12],
+                self.server[:12],
+                grace_left,
+            )
+        self.server, self.master = run_id, master
 
     def _restart_embedded(self, now: float) -> bool:
         assert self._embedded is not None

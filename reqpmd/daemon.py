@@ -45,7 +45,7 @@ from reqpmd.metrics import Metrics
 from reqpmd.projects.registry import Projects
 from reqpmd.projects.syncer import ProjectSyncer
 from reqpmd.repos.publisher import Publisher
-from reqpmd.slots.connection import connect
+from reqpmd.slots.connection import credentials, open_redis
 from reqpmd.slots.limiter import BuildConcurrencyLimiter
 from reqpmd.slots.server import RedisServer
 from reqpmd.status import Status
@@ -93,7 +93,7 @@ class Daemon:
             server = RedisServer(StateLayout(s.state_dir).redis, persist=True)
             server.start()
             return server.client(), server
-        return connect(s.redis_url), None
+        return open_redis(s.redis_url, credentials(s)), None
 
     def run(self) -> int:
         s = self.initial
@@ -326,19 +326,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.check_config is not None:
         try:
-            load(args.check_config)
+            credentials(load(args.check_config))  # the secrets' files too
         except SettingsInvalid as exc:
             for error in exc.errors:
-                print(f"{exc.source}: {error}", file=sys.stderr)
+                print(f"{exc.source or args.check_config}: {error}", file=sys.stderr)
             return 1
         print(f"{args.check_config}: OK")
         return 0
     setup_logging()
     try:
         initial = load(args.config)
+        credentials(initial)  # said now, naming the setting, not as "Redis unreachable"
     except SettingsInvalid as exc:
         for error in exc.errors:
-            log.error("%s: %s", exc.source, error)
+            log.error("%s: %s", exc.source or args.config, error)
         return 1
     try:
         return Daemon(args.config, initial).run()

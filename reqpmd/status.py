@@ -208,7 +208,16 @@ class Status:
             "recovering": sorted(self._scheduler.recovering),
             "write_error": self._scheduler.write_error,
             "gates": [g.__dict__ for g in self._scheduler.last_gates],
-            "redis": {"url": c.label, "ok": c.ok, "detail": c.detail, "repaired": c.repaired},
+            "redis": {
+                "url": c.label,
+                "ok": c.ok,
+                "detail": c.detail,
+                "repaired": c.repaired,
+                "master": c.master,  # under Sentinel: the master's address now
+                "server": c.server,  # the run_id of the server answering
+                "server_changes": c.server_changes,  # failovers or restarts seen
+                "server_changed_at": c.server_changed_at,
+            },
             # what Redis holds as the cluster limit when it is not a valid one (ignored)
             "cluster_limit_invalid": c.cluster_limit_invalid,
             "restart_grace_left": grace_left,
@@ -231,12 +240,7 @@ class Status:
                 result["groups"] = listing["groups"]
                 result["active_count"] = len(listing["holders"])
             except RedisUnavailable as exc:
-                result["redis"] = {
-                    "url": c.label,
-                    "ok": False,
-                    "detail": str(exc),
-                    "repaired": c.repaired,
-                }
+                result["redis"] = {**result["redis"], "ok": False, "detail": str(exc)}
         return result
 
     def _cleanup(self) -> dict[str, Any]:
@@ -303,4 +307,10 @@ class Status:
             "gates": [g.__dict__ for g in self._scheduler.last_gates],
             "load": load_per_cpu(),
             "auto_scale": self._auto_scale(),
+            # which Redis server this host talks to, and when it last saw it change
+            "redis": {
+                "master": self._cluster.master,
+                "server": (self._cluster.server or "")[:12] or None,
+                "changed_at": self._cluster.server_changed_at,
+            },
         }

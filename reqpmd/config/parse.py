@@ -147,7 +147,10 @@ def validate(
     if not values["host_id"]:
         values["host_id"] = _hostname()
     for field in FIELDS:
-        if field.kind is Path and base_dir is not None and not values[field.name].is_absolute():
+        path = values[field.name]
+        if field.kind is Path and path == Path("") and field.default == Path(""):
+            continue  # a file the setting leaves unnamed (redis_password_file ...)
+        if field.kind is Path and base_dir is not None and not path.is_absolute():
             # lexically, not with resolve(): a symlinked mock_command (Fedora's
             # /usr/bin/mock -> consolehelper) must be run by the name it was given
             values[field.name] = Path(os.path.normpath(base_dir / values[field.name]))

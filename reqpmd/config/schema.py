@@ -14,17 +14,17 @@ import math
 import re
 import typing
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from reqpmd.checks import is_int
+from reqpmd.config import redis_url
 from reqpmd.quoting import shown
 
 DEFAULT_CONFIG = "/etc/reqpm/reqpmd.yaml"
 # Every pattern is used with fullmatch(): "$" also matches before a trailing newline.
-_URL_RE = re.compile(r"embedded|(redis|rediss|unix)://\S+")
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # not starting with "-" (a chroot name goes into mock's argv) nor "." (it names a
 # directory under repo_dir: ".", ".." and ".reqpm" must never be one)
@@ -52,6 +52,8 @@ class Field:
     pattern_doc: str = ""
     restart: bool = False  # a change only takes effect at the next start
     secret: bool = False  # may hold a credential: shown only through shown_setting()
+    # a further check of a value the pattern accepts: raises ValueError saying why not
+    check: Callable[[str], object] | None = None
 
     def allowed(self) -> str:
         if self.kind is bool:
@@ -67,7 +69,9 @@ class Field:
 
     def convert(self, value: Any) -> Any:
         """The value as this field's type, or raise ValueError saying what is allowed."""
-        bad = ValueError(f"{shown(value, 60)} is not allowed (allowed: {self.allowed()})")
+        # a secret's value is not repeated: the error goes to logs and to whoever tried
+        said = shown(redact_url(value) if self.secret and isinstance(value, str) else value, 60)
+        bad = ValueError(f"{said} is not allowed (allowed: {self.allowed()})")
         if self.kind is bool:
             if isinstance(value, bool):
                 return value
@@ -90,6 +94,11 @@ class Field:
             raise bad
         if self.pattern is not None and not self.pattern.fullmatch(value):
             raise bad
+        if self.check is not None:
+            try:
+                self.check(value)
+            except ValueError as exc:
+                raise ValueError(f"{said} is not allowed: {exc}") from exc
         return Path(value) if self.kind is Path else value
 
 
@@ -103,6 +112,7 @@ def _setting(
     pattern_doc: str = "",
     restart: bool = False,
     secret: bool = False,
+    check: Callable[[str], object] | None = None,
 ) -> Any:
     rule = {
         "doc": doc,
@@ -112,6 +122,7 @@ def _setting(
         "pattern_doc": pattern_doc,
         "restart": restart,
         "secret": secret,
+        "check": check,
     }
     return dataclasses.field(default=default, metadata=rule)
 
@@ -138,12 +149,37 @@ class Settings:
     # The daemon's own settings.
     redis_url: str = _setting(
         "embedded",
-        "'embedded' (a private redis-server in state_dir) or a "
-        "redis://, rediss:// or unix:// URL shared by all hosts",
-        pattern=_URL_RE,
-        pattern_doc="'embedded' or a redis://, rediss:// or unix:// URL",
+        "'embedded' (a private redis-server in state_dir), or the Redis shared by all hosts: "
+        "one server, or the master a set of Sentinels names",
+        pattern=redis_url.URL_RE,
+        pattern_doc=redis_url.URL_DOC,
+        check=redis_url.parse,
         restart=True,
         secret=True,
+    )
+    redis_password_file: Path = _setting(
+        Path(""),
+        "file holding the password of redis_url's user (ACL user, or the default one), so "
+        "no secret sits in this file; readable by reqpmd's user only",
+        restart=True,
+    )
+    redis_sentinel_password_file: Path = _setting(
+        Path(""),
+        "file holding the Sentinels' own password, when they require one (redis+sentinel)",
+        restart=True,
+    )
+    redis_tls_ca_file: Path = _setting(
+        Path(""),
+        "CA certificates that verify the Redis servers (rediss URLs; default: the system's)",
+        restart=True,
+    )
+    redis_tls_cert_file: Path = _setting(
+        Path(""), "client certificate for servers that ask for one (rediss URLs)", restart=True
+    )
+    redis_tls_key_file: Path = _setting(
+        Path(""),
+        "the client certificate's private key; readable by reqpmd's user only",
+        restart=True,
     )
     namespace: str = _setting(
         "reqpm",

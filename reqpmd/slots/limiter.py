@@ -43,7 +43,7 @@ from reqpmd.errors import (
 )
 from reqpmd.quoting import printable, shown
 from reqpmd.slots import keys
-from reqpmd.slots.connection import REDIS_ERRORS, text, unavailable
+from reqpmd.slots.connection import REDIS_ERRORS, failed, text, unavailable
 from reqpmd.slots.grants import GrantListener, Pending
 from reqpmd.slots.heartbeat import Heartbeat
 from reqpmd.slots.scripts import (
@@ -191,6 +191,8 @@ class Counts:
     cluster_limit_invalid: str | None = None
     # the last repair of data in Redis the scripts did not write: what, and when
     repaired: str | None = None
+    # the server's run_id: another one means a restart or a failover
+    server: str | None = None
 
 
 @dataclass(frozen=True)
@@ -334,7 +336,7 @@ class BuildConcurrencyLimiter:
         try:
             reply = script(keys=self._key_list, args=[grace_ms, *args])
         except REDIS_ERRORS as exc:
-            raise unavailable(exc) from exc
+            raise failed(self._redis, exc) from exc
         if not isinstance(reply, list) or not reply:
             raise RedisUnavailable(f"unexpected reply from Redis: {shown(reply)}")
         return reply
@@ -791,6 +793,7 @@ class BuildConcurrencyLimiter:
         with _reply_of("COUNTS"):
             _, now, grace_until, active, waiting, limit = reply[:6]
             bad_limit, repaired = self._notes(reply[6:8])
+            server = reply[8] if len(reply) > 8 and reply[8] else None
             return Counts(
                 _int(active),
                 _int(waiting),
@@ -798,6 +801,7 @@ class BuildConcurrencyLimiter:
                 max(0.0, (_int(grace_until) - _int(now)) / 1000),
                 bad_limit,
                 repaired,
+                text(server)[:40] if server is not None else None,
             )
 
     def get_slots(self) -> list[SlotInfo]:

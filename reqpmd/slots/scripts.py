@@ -876,10 +876,10 @@ COUNTS = (
 -- ARGV: only the grace
 -- The cheap read behind health checks and scalar getters: O(holders), whatever the queue.
 -- Returns {COUNTS, now, grace_until, holders, waiters, cluster limit or -1,
---          invalid cluster limit found or nil, last repair or nil}
+--          invalid cluster limit found or nil, last repair or nil, the server's run_id}
 local bad_limit, repair = notes()
 return {R.COUNTS, now, grace_until(), redis.call('ZCARD', H), redis.call('ZCARD', W), limit(-1),
-        bad_limit, repair}
+        bad_limit, repair, run_id or false}
 """
 )
 

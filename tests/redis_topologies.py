@@ -1,0 +1,197 @@
+"""Redis deployments the tests start and own, on loopback: a Sentinel-managed master with
+replicas (and later a Cluster). Sentinels reach the servers by address, so these listen
+on 127.0.0.1 TCP ports (chosen free at start), not on Unix sockets; every process gets
+its own directory and dies with the test process (PR_SET_PDEATHSIG)."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from reqpmd.slots.server import _die_with_parent, find_redis_server
+from tests.workers import wait_until
+
+MASTER = "reqpm-master"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Node:
+    """One redis-server (or sentinel) process with its config file."""
+
+    directory: Path
+    port: int
+    lines: list[str]
+    sentinel: bool = False
+    binary: str = field(default_factory=find_redis_server)
+    # TLS only (the port is the TLS port, no plain one): how a client connects to it
+    tls: dict[str, object] | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        conf = self.directory / "redis.conf"
+        if not conf.exists():  # a sentinel rewrites its own: keep what it learned
+            conf.write_text(
+                "\n".join(
+                    [
+                        *(
+                            [f"port {self.port}"]
+                            if self.tls is None
+                            else ["port 0", f"tls-port {self.port}"]
+                        ),
+                        "bind 127.0.0.1",
+                        f"dir {self.directory}",
+                        "daemonize no",
+                        f"logfile {self.directory / 'log.txt'}",
+                        "save ''",
+                        "appendonly no",
+                        *self.lines,
+                    ]
+                )
+                + "\n"
+            )
+        argv = [self.binary, str(conf), *(["--sentinel"] if self.sentinel else [])]
+        self.process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
+        wait_until(self._answers, timeout=10, interval=0.02)
+
+    def _answers(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            log = (self.directory / "log.txt").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"redis-server on port {self.port} exited: {log}")
+        try:
+            with self.client(socket_timeout=0.5) as c:
+                return bool(c.ping())
+        except redis.AuthenticationError:
+            return True  # it answers: the test's own user is another one
+        except redis.RedisError:
+            return False
+
+    def client(self, **kw: object) -> redis.Redis:
+        tls = {"ssl": True, **self.tls} if self.tls is not None else {}
+        return redis.Redis(host="127.0.0.1", port=self.port, **tls, **kw)  # type: ignore[arg-type]
+
+    def kill9(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+class SentinelSet:
+    """One master, two replicas, three sentinels (quorum 2) that fail over within about
+    two seconds of the master's death (down-after 1 s)."""
+
+    def __init__(
+        self, data_lines: list[str] | None = None, sentinel_lines: list[str] | None = None
+    ):
+        self.root = Path(tempfile.mkdtemp(prefix="rqsen", dir="/tmp"))
+        self._data_lines = data_lines or []
+        self._sentinel_lines = sentinel_lines or []
+        self.servers: list[Node] = []
+        self.sentinels: list[Node] = []
+
+    def start(self) -> SentinelSet:
+        ports = [free_port() for _ in range(6)]
+        master = ports[0]
+        for i, port in enumerate(ports[:3]):
+            lines = [*self._data_lines]
+            if i:
+                lines.append(f"replicaof 127.0.0.1 {master}")
+            node = Node(self.root / f"r{port}", port, lines)
+            node.start()
+            self.servers.append(node)
+        for port in ports[3:]:
+            lines = [
+                f"sentinel monitor {MASTER} 127.0.0.1 {master} 2",
+                f"sentinel down-after-milliseconds {MASTER} 1000",
+                f"sentinel failover-timeout {MASTER} 3000",
+                f"sentinel parallel-syncs {MASTER} 2",
+                *self._sentinel_lines,
+            ]
+            node = Node(self.root / f"s{port}", port, lines, sentinel=True)
+            node.start()
+            self.sentinels.append(node)
+        wait_until(self._converged, timeout=30, interval=0.1)
+        return self
+
+    def _converged(self) -> bool:
+        for s in self.sentinels:
+            try:
+                with s.client(socket_timeout=1, password=self._sentinel_password()) as c:
+                    m = c.sentinel_master(MASTER)
+            except redis.RedisError:
+                return False
+            if m["num-slaves"] < 2 or m["num-other-sentinels"] < 2:
+                return False
+        return True
+
+    def _sentinel_password(self) -> str | None:
+        for line in self._sentinel_lines:
+            if line.startswith("requirepass "):
+                return line.split(" ", 1)[1]
+        return None
+
+    def url(self, userinfo: str = "", scheme: str = "redis+sentinel", master: str = MASTER) -> str:
+        hosts = ",".join(s.address for s in self.sentinels)
+        return f"{scheme}://{userinfo + '@' if userinfo else ''}{hosts}/{master}"
+
+    def master(self) -> Node:
+        """The server the sentinels name as master now."""
+        with self.sentinels[0].client(socket_timeout=1, password=self._sentinel_password()) as c:
+            _, port = c.sentinel_get_master_addr_by_name(MASTER)
+        return next(n for n in self.servers if n.port == int(port))
+
+    def wait_failover(self, old: Node, timeout: float = 30) -> Node:
+        """The new master once every sentinel names one other than ``old`` and it
+        takes writes."""
+
+        def promoted() -> Node | None:
+            try:
+                new = self.master()
+            except (redis.RedisError, StopIteration):
+                return None
+            if new is old:
+                return None
+            try:
+                with new.client(socket_timeout=1) as c:
+                    role = c.info("replication")["role"]
+            except redis.RedisError:
+                return None
+            return new if role == "master" else None
+
+        found: Node = wait_until(promoted, timeout=timeout, interval=0.05)
+        return found
+
+    def stop(self) -> None:
+        for node in self.sentinels + self.servers:
+            node.kill9()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> SentinelSet:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
