@@ -85,7 +85,8 @@ def status(c: Ctx, all_rows: bool) -> None:
         )
     redis = st["redis"]
     lines.append(
-        f"redis:   {'ok' if redis['ok'] else 'DOWN: ' + redis['detail']}  ({redis['url']})"
+        f"redis:   {'ok' if redis['ok'] else 'DOWN: ' + output.safe(redis['detail'])}  "
+        f"({output.safe(redis['url'])})"
     )
     if redis.get("master"):
         lines.append(f"master:  {output.safe(redis['master'])} (from the Sentinels)")
@@ -95,7 +96,7 @@ def status(c: Ctx, all_rows: bool) -> None:
             f" ({redis['server_changes']} change(s) since reqpmd started)"
         )
     if redis.get("repaired"):
-        lines.append(f"repaired: {redis['repaired']}")
+        lines.append(f"repaired: {output.safe(redis['repaired'])}")
     if st.get("restart_grace"):
         lines.append(f"grace:   {st['restart_grace']}")
     pub = st.get("publish")
@@ -611,7 +612,7 @@ def _redis_seen(redis: Any) -> str:
         return "-"
     seen = output.safe(str(redis.get("master") or redis.get("server") or "-"))
     when = redis.get("changed_at")
-    if isinstance(when, int | float) and not isinstance(when, bool):
+    if isinstance(when, int | float) and not isinstance(when, bool) and abs(when) < 1e12:
         seen += f" (changed {output.ago(when)})"
     return seen
 

@@ -32,7 +32,7 @@ from reqpmd.config.transaction import Change
 from reqpmd.errors import RedisUnavailable, disk_full
 from reqpmd.quoting import shown
 from reqpmd.slots import keys
-from reqpmd.slots.connection import REDIS_ERRORS, text, unavailable
+from reqpmd.slots.connection import REDIS_ERRORS, serving, text, unavailable
 from reqpmd.slots.limiter import BuildConcurrencyLimiter
 from reqpmd.slots.server import RedisServer
 from reqpmd.slots.untrusted import WarnOnce, loads
@@ -201,11 +201,10 @@ class Cluster:
         """Say when another server answers than at the last check: a Sentinel failover
         (or a restart). The scripts saw it too and started the grace; this is for the
         operator, in the journal and in status."""
-        address = getattr(self._client.connection_pool, "master_address", None)
-        master = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else None
+        master = serving(self._client, self._hosts_key)
         if run_id is None:
             return
-        if self.server is not None and run_id != self.server:
+        if self.server is not None and run_id != self.server and self._embedded is None:
             self.server_changes += 1
             self.server_changed_at = self._wall()
             log.warning(
@@ -398,20 +397,36 @@ class Cluster:
         return figures
 
 
+def _finite(v: Any) -> bool:
+    """A number a reader can do arithmetic with (a time): not bool, NaN, inf or 10**400."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    try:
+        return math.isfinite(v) and abs(v) < 1e12
+    except OverflowError:
+        return False
+
+
 # The fields of a heartbeat that reqpmctl reads, and the check of each value. A record
 # without host_id or last_seen is no heartbeat; the others are checked when present.
 # what a heartbeat may weigh: its reply to `reqpmctl hosts` and `top` must stay small
 MAX_HEARTBEAT_BYTES = 16 * 1024
 _HEARTBEAT_FIELDS: dict[str, Callable[[Any], bool]] = {
     "host_id": lambda v: isinstance(v, str),
-    "last_seen": lambda v: (
-        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-    ),
+    "last_seen": lambda v: _finite(v),
     "building": is_int,
     "waiting": is_int,
     "queued": is_int,
     "max_concurrent_builds": is_int,
     "host_max_builds": is_int,
+    "redis": lambda v: (
+        isinstance(v, dict)
+        and all(
+            v.get(k) is None or (isinstance(v.get(k), str) and len(v[k]) <= 64)
+            for k in ("master", "server")
+        )
+        and (v.get("changed_at") is None or _finite(v.get("changed_at")))
+    ),
     "gates": lambda v: (
         isinstance(v, list)
         and all(

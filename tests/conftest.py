@@ -46,7 +46,7 @@ def workers(redis_server: RedisServer) -> Iterator[MakeWorker]:
     started: list[Worker] = []
 
     def make(**kwargs: object) -> Worker:
-        w = Worker(redis_server.socket_path, **kwargs)  # type: ignore[arg-type]
+        w = Worker(redis_server.url, **kwargs)  # type: ignore[arg-type]
         started.append(w)
         return w
 

@@ -14,17 +14,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
+from reqpmd.errors import RedisUnavailable
+from reqpmd.slots.limiter import BuildConcurrencyLimiter, Counts
 from reqpmd.slots.server import _die_with_parent, find_redis_server
 from tests.workers import wait_until
 
 MASTER = "reqpm-master"
 
 
+def counts_or_none(lim: BuildConcurrencyLimiter) -> Counts | None:
+    """The limiter's counts, or None while its Redis does not answer (a failover)."""
+    try:
+        return lim.counts()
+    except RedisUnavailable:
+        return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (10 000 higher) is free too."""
+    while True:
+        port = free_port()
+        if port > 55535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
 
 
 @dataclass
@@ -79,7 +105,8 @@ class Node:
             log = (self.directory / "log.txt").read_text(errors="replace")[-2000:]
             raise RuntimeError(f"redis-server on port {self.port} exited: {log}")
         try:
-            with self.client(socket_timeout=0.5) as c:
+            # no retries: redis-py's own back off for seconds while the server starts
+            with self.client(socket_timeout=0.5, retry=Retry(NoBackoff(), 0)) as c:
                 return bool(c.ping())
         except redis.AuthenticationError:
             return True  # it answers: the test's own user is another one
@@ -158,9 +185,11 @@ class SentinelSet:
         hosts = ",".join(s.address for s in self.sentinels)
         return f"{scheme}://{userinfo + '@' if userinfo else ''}{hosts}/{master}"
 
-    def master(self) -> Node:
-        """The server the sentinels name as master now."""
-        with self.sentinels[0].client(socket_timeout=1, password=self._sentinel_password()) as c:
+    def master(self, sentinel: int = 0) -> Node:
+        """The server a sentinel names as master now."""
+        with self.sentinels[sentinel].client(
+            socket_timeout=1, password=self._sentinel_password()
+        ) as c:
             _, port = c.sentinel_get_master_addr_by_name(MASTER)
         return next(n for n in self.servers if n.port == int(port))
 
@@ -170,11 +199,12 @@ class SentinelSet:
 
         def promoted() -> Node | None:
             try:
-                new = self.master()
+                named = {self.master(i).port for i in range(len(self.sentinels))}
             except (redis.RedisError, StopIteration):
                 return None
-            if new is old:
+            if len(named) != 1 or old.port in named:
                 return None
+            new = self.master()
             try:
                 with new.client(socket_timeout=1) as c:
                     role = c.info("replication")["role"]
@@ -191,6 +221,92 @@ class SentinelSet:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> SentinelSet:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class ClusterSet:
+    """A Redis Cluster of three masters, each with one replica, that fails a dead master
+    over within a few seconds (cluster-node-timeout 2 s)."""
+
+    def __init__(self, data_lines: list[str] | None = None) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="rqclu", dir="/tmp"))
+        self._data_lines = data_lines or []
+        self.nodes: list[Node] = []
+
+    def start(self) -> ClusterSet:
+        lines = [
+            "cluster-enabled yes",
+            "cluster-config-file nodes.conf",
+            "cluster-node-timeout 2000",
+            *self._data_lines,
+        ]
+        for port in [free_cluster_port() for _ in range(6)]:
+            node = Node(self.root / f"c{port}", port, lines)
+            node.start()
+            self.nodes.append(node)
+        cli = str(Path(self.nodes[0].binary).with_name("redis-cli"))
+        subprocess.run(
+            [
+                *(cli, "--cluster", "create"),
+                *(n.address for n in self.nodes),
+                *("--cluster-replicas", "1", "--cluster-yes"),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        wait_until(self.converged, timeout=30, interval=0.1, what="the cluster forms")
+        return self
+
+    def converged(self) -> bool:
+        """Every live node sees the cluster whole, each master with a replica."""
+        for node in self.nodes:
+            if node.process is None or node.process.poll() is not None:
+                continue
+            try:
+                with node.client(socket_timeout=1) as c:
+                    info = c.cluster("info")
+                    slots = c.execute_command("CLUSTER", "SLOTS")
+            except redis.RedisError:
+                return False
+            if info.get("cluster_state") != "ok":
+                return False
+            if len(slots) < 3 or any(len(s) < 4 for s in slots):  # every master has a replica
+                return False
+        return True
+
+    def url(self, userinfo: str = "", scheme: str = "redis+cluster") -> str:
+        hosts = ",".join(n.address for n in self.nodes[:3])
+        return f"{scheme}://{userinfo + '@' if userinfo else ''}{hosts}"
+
+    def owner(self, key: str) -> Node:
+        """The master that holds ``key``'s slot now."""
+        for node in self.nodes:
+            if node.process is None or node.process.poll() is not None:
+                continue
+            with node.client(socket_timeout=1) as c:
+                slot = c.execute_command("CLUSTER", "KEYSLOT", key)
+                for start, end, master, *_ in c.execute_command("CLUSTER", "SLOTS"):
+                    if start <= slot <= end:
+                        return next(n for n in self.nodes if n.port == int(master[1]))
+        raise AssertionError("no live node answers")
+
+    def replica_of(self, master: Node) -> Node:
+        with master.client(socket_timeout=1) as c:
+            for _, _, owner, *replicas in c.execute_command("CLUSTER", "SLOTS"):
+                if int(owner[1]) == master.port and replicas:
+                    return next(n for n in self.nodes if n.port == int(replicas[0][1]))
+        raise AssertionError(f"{master.address} has no replica")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.kill9()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> ClusterSet:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

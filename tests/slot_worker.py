@@ -33,7 +33,7 @@ import time
 
 from reqpmd.concurrency import BuildConcurrencyLimiter
 from reqpmd.errors import ReqpmError
-from reqpmd.slots.connection import connect
+from reqpmd.slots.connection import open_redis
 
 out_lock = threading.Lock()
 
@@ -46,13 +46,13 @@ def say(**obj: object) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--socket", required=True)
+    ap.add_argument("--url", required=True, help="redis_url: one server, Sentinel or Cluster")
     ap.add_argument("--max", type=int, default=1)
     ap.add_argument("--lease", type=float, default=60)
     ap.add_argument("--host", default=None)
     ap.add_argument("--namespace", default="reqpm")
     args = ap.parse_args()
-    client = connect(f"unix://{args.socket}")
+    client = open_redis(args.url)
     limit = {"n": args.max}
     lim = BuildConcurrencyLimiter(
         client,

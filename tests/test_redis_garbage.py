@@ -438,12 +438,29 @@ def test_garbage_heartbeats_are_skipped_and_reported_once(
             "bad-fields": json.dumps({"host_id": "x"}),
             "bad-types": json.dumps({**good, "host_id": 5, "last_seen": 1, "gates": "open"}),
             "bad-deep": "[" * 100_000,
+            "bad-redis-kind": json.dumps({**good, "host_id": "r", "last_seen": 1, "redis": "x"}),
+            "bad-redis-time": json.dumps(
+                {**good, "host_id": "t", "last_seen": 1, "redis": {"changed_at": 10**400}}
+            ),
+            "bad-redis-master": json.dumps(
+                {**good, "host_id": "m", "last_seen": 1, "redis": {"master": "x" * 65}}
+            ),
             b"\xff": b"\xff\xfe",
         },
     )
     for _ in range(3):
         assert [h["host_id"] for h in c.hosts()] == ["h1"]
-    for name in ("bad-json", "bad-list", "bad-nan", "bad-fields", "bad-types", "bad-deep"):
+    for name in (
+        "bad-json",
+        "bad-list",
+        "bad-nan",
+        "bad-fields",
+        "bad-types",
+        "bad-deep",
+        "bad-redis-kind",
+        "bad-redis-time",
+        "bad-redis-master",
+    ):
         assert len(warnings_naming(caplog, name)) == 1, name
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 
 from reqpmd.config.parse import validate
 from reqpmd.errors import RedisUnavailable
@@ -52,6 +53,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+# an EC key: made at once (RSA keys took the fixture seconds)
+NEW_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+
+
 @dataclass
 class Pki:
     ca: Path
@@ -72,13 +77,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     for ca in ("ca", "wrong-ca"):
         subject = f"/CN=reqpm test {ca}"
         _openssl(
-            *("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", subject),
+            *("req", "-x509", *NEW_KEY, "-days", "2", "-subj", subject),
             *("-keyout", f"{ca}.key", "-out", f"{ca}.crt"),
             cwd=d,
         )
     for name, san in (("server", "IP:127.0.0.1,DNS:localhost"), ("client", "DNS:reqpm")):
         _openssl(
-            *("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}"),
+            *("req", *NEW_KEY, "-subj", f"/CN={name}"),
             *("-keyout", f"{name}.key", "-out", f"{name}.csr"),
             cwd=d,
         )
@@ -161,11 +166,11 @@ def test_client_certificate_as_the_server_asks(
 ) -> None:
     cert = {"redis_tls_cert_file": pki.client_cert, "redis_tls_key_file": pki.client_key}
     # a server that asks for a client certificate: with one it works, without it refuses
-    assert limiter_on(settings_for(servers["mutual"], pki, tmp_path, **cert)).counts()
+    assert limiter_on(settings_for(servers["mutual"], pki, tmp_path, **cert)).counts().server
     with pytest.raises(RedisUnavailable, match=r"TLS handshake.*redis_tls_cert_file"):
         limiter_on(settings_for(servers["mutual"], pki, tmp_path)).counts()
     # one that does not ask: the server's certificate checked against the CA is enough
-    assert limiter_on(settings_for(servers["server-only"], pki, tmp_path)).counts()
+    assert limiter_on(settings_for(servers["server-only"], pki, tmp_path)).counts().server
 
 
 def test_a_wrong_ca_is_a_clear_error_at_once(
@@ -177,7 +182,7 @@ def test_a_wrong_ca_is_a_clear_error_at_once(
     start = time.monotonic()
     with pytest.raises(RedisUnavailable, match=r"CERTIFICATE_VERIFY_FAILED.*redis_tls_ca_file"):
         limiter_on(raw).counts()
-    assert time.monotonic() - start < 3
+    assert time.monotonic() - start < 10  # not a hang
 
 
 def test_acl_user_is_confined_to_its_namespace(
@@ -186,7 +191,7 @@ def test_acl_user_is_confined_to_its_namespace(
     raw = settings_for(servers["server-only"], pki, tmp_path)
     s = validate(raw)
     client = open_redis(s.redis_url, credentials(s))
-    with pytest.raises(Exception, match=r"NOPERM|no permissions"):
+    with pytest.raises(redis.exceptions.NoPermissionError):
         client.set("{other}:x", "1")
     bad = secret_file(tmp_path)
     bad.write_text("wrong\n")

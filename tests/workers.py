@@ -20,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 class Worker:
     def __init__(
         self,
-        socket_path: Path | str,
+        url: str,
         *,
         max_concurrent: int = 1,
         lease: float = 60,
@@ -29,8 +29,8 @@ class Worker:
         argv = [
             sys.executable,
             str(HERE / "slot_worker.py"),
-            "--socket",
-            str(socket_path),
+            "--url",
+            url,
             "--max",
             str(max_concurrent),
             "--lease",

@@ -23,6 +23,7 @@ from reqpmd.config.schema import (
     SettingsInvalid,
     unknown_key_error,
 )
+from reqpmd.config.secrets import relation_errors
 
 
 def _hostname() -> str:
@@ -154,7 +155,13 @@ def validate(
             # lexically, not with resolve(): a symlinked mock_command (Fedora's
             # /usr/bin/mock -> consolehelper) must be run by the name it was given
             values[field.name] = Path(os.path.normpath(base_dir / values[field.name]))
-    return Settings(**values)
+    settings = Settings(**values)
+    related = relation_errors(settings)
+    if related:
+        raise SettingsInvalid(
+            [SettingError(e.key, e.message, lines.get(e.key)) for e in related], source
+        )
+    return settings
 
 
 def _scalar(text: str) -> Any:

@@ -1,14 +1,15 @@
 """Where the shared Redis is: the grammar of ``redis_url`` and what a URL says.
 
 One server is a URL redis-py reads itself (``redis://``, ``rediss://``, ``unix://``). A
-Sentinel-managed master is named by several Sentinels at once, which no URL parser
-splits, so that form is read here, by the same pattern that validates the setting: what
-the validation accepts is what the connection understands.
+Sentinel-managed master or a Redis Cluster is named by several servers at once, which no
+URL parser splits, so those forms are read here, by the same pattern that validates the
+setting: what the validation accepts is what the connection understands.
 
     redis+sentinel://[user[:password]@]HOST[:PORT][,HOST[:PORT]...]/MASTER[/DB]
+    redis+cluster://[user[:password]@]HOST[:PORT][,HOST[:PORT]...]
 
-``rediss+sentinel`` uses TLS for every connection (the Sentinels' too). A password may
-stand in the URL, but ``redis_password_file`` keeps it out of the config file.
+``rediss+`` uses TLS for every connection (the Sentinels' too). A password may stand in
+the URL, but ``redis_password_file`` keeps it out of the config file.
 """
 
 from __future__ import annotations
@@ -18,29 +19,34 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Literal
 
+import redis.connection
+
 SENTINEL_PORT = 26379
+REDIS_PORT = 6379
 
 _HOST = r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*)(?::[0-9]{1,5})?"
 _HOSTS = rf"{_HOST}(?:,{_HOST})*"
 # the user part is greedy up to the last '@' before the hosts: a password may hold '@' or '/'
 _SENTINEL = rf"(?P<s_tls>rediss?)\+sentinel://(?:(?P<s_user>\S*)@)?(?P<s_hosts>{_HOSTS})/(?P<master>[A-Za-z0-9._-]{{1,64}})(?:/(?P<db>[0-9]{{1,2}}))?"
+_CLUSTER = rf"(?P<c_tls>rediss?)\+cluster://(?:(?P<c_user>\S*)@)?(?P<c_hosts>{_HOSTS})/?"
 _SINGLE = r"(?:redis|rediss|unix)://\S+"
 # Used with fullmatch() (schema.Field.convert): "$" would also match before a newline.
-URL_RE = re.compile(rf"embedded|{_SINGLE}|{_SENTINEL}")
+URL_RE = re.compile(rf"embedded|{_SINGLE}|{_SENTINEL}|{_CLUSTER}")
 URL_DOC = (
     "'embedded', or a URL shared by all hosts: redis://, rediss:// or unix:// (one server), "
-    "or redis+sentinel://[user@]HOST:PORT[,HOST:PORT...]/MASTER[/DB] (a master Sentinel "
-    "names; rediss+sentinel:// for TLS)"
+    "redis+sentinel://[user@]HOST:PORT[,HOST:PORT...]/MASTER[/DB] (the master Sentinels "
+    "name) or redis+cluster://[user@]HOST:PORT[,HOST:PORT...] (a Redis Cluster); "
+    "rediss+sentinel:// and rediss+cluster:// for TLS"
 )
 
-Kind = Literal["embedded", "single", "sentinel"]
+Kind = Literal["embedded", "single", "sentinel", "cluster"]
 
 
 @dataclass(frozen=True)
 class RedisAddress:
     kind: Kind
     url: str  # as given (single: what redis-py reads)
-    nodes: tuple[tuple[str, int], ...] = ()  # the Sentinels
+    nodes: tuple[tuple[str, int], ...] = ()  # the Sentinels, or the Cluster's first nodes
     master: str = ""  # sentinel: the monitored master's name
     db: int = 0
     username: str | None = None
@@ -67,12 +73,26 @@ def parse(url: str) -> RedisAddress:
             pw,
             m["s_tls"] == "rediss",
         )
-    user, password = None, None
-    if not url.startswith("unix://"):
-        netloc = urllib.parse.urlsplit(url).netloc
-        user, password = _credentials(netloc.rpartition("@")[0] if "@" in netloc else None)
+    if m["c_hosts"] is not None:
+        user, pw = _credentials(m["c_user"])
+        nodes = _nodes(m["c_hosts"], REDIS_PORT)
+        return RedisAddress("cluster", url, nodes, "", 0, user, pw, m["c_tls"] == "rediss")
+    try:
+        # read as the client will read it: a URL it cannot read is refused now, with a
+        # message of ours (its own may quote the password: "port ... as 'hunter2'")
+        options = redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
+    except (ValueError, TypeError) as exc:
+        raise ValueError(
+            "not a URL the Redis client can read (check the host, the port and the "
+            "database; a password with '/', '@', ':' or '?' must be %-escaped)"
+        ) from exc
+    password = options.get("password")
     return RedisAddress(
-        "single", url, username=user, password=password, tls=url.startswith("rediss://")
+        "single",
+        url,
+        username=options.get("username") or None,
+        password=password if password is not None else None,
+        tls=url.startswith("rediss://"),
     )
 
 

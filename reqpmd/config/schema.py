@@ -69,8 +69,9 @@ class Field:
 
     def convert(self, value: Any) -> Any:
         """The value as this field's type, or raise ValueError saying what is allowed."""
-        # a secret's value is not repeated: the error goes to logs and to whoever tried
-        said = shown(redact_url(value) if self.secret and isinstance(value, str) else value, 60)
+        # a secret's value is not repeated: the error goes to logs and to whoever tried,
+        # and a value too broken to parse cannot be masked reliably
+        said = "the value given" if self.secret else shown(value, 60)
         bad = ValueError(f"{said} is not allowed (allowed: {self.allowed()})")
         if self.kind is bool:
             if isinstance(value, bool):
@@ -150,7 +151,7 @@ class Settings:
     redis_url: str = _setting(
         "embedded",
         "'embedded' (a private redis-server in state_dir), or the Redis shared by all hosts: "
-        "one server, or the master a set of Sentinels names",
+        "one server, the master a set of Sentinels names, or a Redis Cluster",
         pattern=redis_url.URL_RE,
         pattern_doc=redis_url.URL_DOC,
         check=redis_url.parse,

@@ -43,7 +43,7 @@ from reqpmd.errors import (
 )
 from reqpmd.quoting import printable, shown
 from reqpmd.slots import keys
-from reqpmd.slots.connection import REDIS_ERRORS, failed, text, unavailable
+from reqpmd.slots.connection import REDIS_ERRORS, text, unavailable
 from reqpmd.slots.grants import GrantListener, Pending
 from reqpmd.slots.heartbeat import Heartbeat
 from reqpmd.slots.scripts import (
@@ -336,7 +336,7 @@ class BuildConcurrencyLimiter:
         try:
             reply = script(keys=self._key_list, args=[grace_ms, *args])
         except REDIS_ERRORS as exc:
-            raise failed(self._redis, exc) from exc
+            raise unavailable(exc) from exc
         if not isinstance(reply, list) or not reply:
             raise RedisUnavailable(f"unexpected reply from Redis: {shown(reply)}")
         return reply
