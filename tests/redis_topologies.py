@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -231,9 +232,10 @@ class ClusterSet:
     """A Redis Cluster of three masters, each with one replica, that fails a dead master
     over within a few seconds (cluster-node-timeout 2 s)."""
 
-    def __init__(self, data_lines: list[str] | None = None) -> None:
+    def __init__(self, data_lines: list[str] | None = None, binary: str | None = None) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="rqclu", dir="/tmp"))
         self._data_lines = data_lines or []
+        self.binary = binary or find_redis_server()
         self.nodes: list[Node] = []
 
     def start(self) -> ClusterSet:
@@ -241,10 +243,11 @@ class ClusterSet:
             "cluster-enabled yes",
             "cluster-config-file nodes.conf",
             "cluster-node-timeout 2000",
+            "repl-diskless-sync-delay 0",  # Redis 7 waits 5 s for more replicas by default
             *self._data_lines,
         ]
         for port in [free_cluster_port() for _ in range(6)]:
-            node = Node(self.root / f"c{port}", port, lines)
+            node = Node(self.root / f"c{port}", port, lines, binary=self.binary)
             node.start()
             self.nodes.append(node)
         cli = str(Path(self.nodes[0].binary).with_name("redis-cli"))
@@ -258,10 +261,15 @@ class ClusterSet:
             capture_output=True,
             timeout=60,
         )
-        wait_until(self.converged, timeout=30, interval=0.1, what="the cluster forms")
+        wait_until(self.formed, timeout=30, interval=0.1, what="the cluster forms")
         return self
 
-    def converged(self) -> bool:
+    def formed(self) -> bool:
+        """Every live node serves every slot. (Redis 7 lists a replica only once it has
+        synced, some seconds later: a test that fails a master over waits for that.)"""
+        return self.converged(replicas=False)
+
+    def converged(self, replicas: bool = True) -> bool:
         """Every live node sees the cluster whole, each master with a replica."""
         for node in self.nodes:
             if node.process is None or node.process.poll() is not None:
@@ -274,7 +282,7 @@ class ClusterSet:
                 return False
             if info.get("cluster_state") != "ok":
                 return False
-            if len(slots) < 3 or any(len(s) < 4 for s in slots):  # every master has a replica
+            if len(slots) < 3 or (replicas and any(len(s) < 4 for s in slots)):
                 return False
         return True
 
@@ -300,6 +308,34 @@ class ClusterSet:
                 if int(owner[1]) == master.port and replicas:
                     return next(n for n in self.nodes if n.port == int(replicas[0][1]))
         raise AssertionError(f"{master.address} has no replica")
+
+    def masters(self) -> list[Node]:
+        live = next(n for n in self.nodes if n.process and n.process.poll() is None)
+        with live.client(socket_timeout=1) as c:
+            ports = {int(owner[1]) for _, _, owner, *_ in c.execute_command("CLUSTER", "SLOTS")}
+        return [n for n in self.nodes if n.port in ports]
+
+    def move_slot_of(self, key: str, src: Node, dst: Node) -> int:
+        """Move ``key``'s slot from ``src`` to ``dst`` the way redis-cli reshards: one
+        key at a time, so clients meet ASK and then MOVED. Returns the keys moved."""
+        with src.client(socket_timeout=5) as s, dst.client(socket_timeout=5) as d:
+            slot = s.execute_command("CLUSTER", "KEYSLOT", key)
+            src_id, dst_id = (
+                s.execute_command("CLUSTER", "MYID"),
+                d.execute_command("CLUSTER", "MYID"),
+            )
+            d.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            moved = 0
+            while keys := s.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1):
+                s.execute_command("MIGRATE", "127.0.0.1", dst.port, "", 0, 5000, "KEYS", *keys)
+                moved += len(keys)
+                time.sleep(0.05)  # one key at a time, with traffic in between
+            for node in self.masters():
+                with node.client(socket_timeout=5) as c:
+                    c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        wait_until(lambda: self.owner(key).port == dst.port, timeout=10, what="slot moved")
+        return moved
 
     def stop(self) -> None:
         for node in self.nodes:

@@ -1,4 +1,5 @@
-"""One pub/sub subscription per limiter, handing each grant to the waiter it names.
+"""One pub/sub subscription per limiter, handing each grant to the waiter it names
+(sharded, SSUBSCRIBE, where the server has it: Redis 7 on).
 
 A release grants the next slot inside its script and publishes "name owner token".
 Subscribing per wait would put a connect, a SUBSCRIBE and its confirmation on every
@@ -20,7 +21,9 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 
@@ -92,7 +95,7 @@ class GrantListener:
     def _run(self) -> None:
         backoff = Backoff(first=0.05, cap=2.0)
         idle_since: float | None = None
-        pubsub = None
+        pubsub, sharded = None, False
         try:
             while True:
                 with self._lock:
@@ -105,15 +108,12 @@ class GrantListener:
                     idle_since = (idle_since or time.monotonic()) if not self._pending else None
                 try:
                     if pubsub is None:
-                        pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]
-                        pubsub.subscribe(self._channel, self._own)
-                        for _ in range(2):  # one confirmation per channel
-                            if pubsub.get_message(timeout=SUBSCRIBE_TIMEOUT) is None:
-                                raise redis.TimeoutError("no confirmation of SUBSCRIBE")
+                        pubsub, sharded = self._subscribe()
                         self._subscribed.set()
                         self._wake_all()  # grants published before we listened: ask again
                         backoff.succeeded()
-                    msg = pubsub.get_message(timeout=1.0)
+                    read = pubsub.get_sharded_message if sharded else pubsub.get_message
+                    msg = read(timeout=1.0)
                 except (*REDIS_ERRORS, OSError, ValueError) as exc:
                     # ValueError/OSError: the client's connection pool was closed under us
                     self._error = str(exc)
@@ -125,7 +125,7 @@ class GrantListener:
                         pubsub = None
                     time.sleep(backoff.failed())
                     continue
-                if msg and msg.get("type") == "message":
+                if msg and msg.get("type") in ("message", "smessage"):
                     self._dispatch(text(msg["data"]))
         except Exception:
             log.exception(
@@ -142,6 +142,35 @@ class GrantListener:
             if pubsub is not None:
                 with contextlib.suppress(Exception):
                     pubsub.close()
+
+    def _subscribe(self) -> tuple[redis.client.PubSub, bool]:
+        """A live subscription to our channels, and whether it is sharded: SSUBSCRIBE
+        where the server has it (Redis 7 on, as the scripts' SPUBLISH), else SUBSCRIBE."""
+        pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]
+        try:
+            pubsub.ssubscribe(self._channel, self._own)
+            self._confirmed(pubsub.get_sharded_message, "SSUBSCRIBE")
+            return pubsub, True
+        except redis.ResponseError as exc:
+            with contextlib.suppress(Exception):
+                pubsub.close()
+            if "unknown command" not in str(exc).lower():
+                raise
+        pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]
+        try:
+            pubsub.subscribe(self._channel, self._own)
+            self._confirmed(pubsub.get_message, "SUBSCRIBE")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                pubsub.close()
+            raise
+        return pubsub, False
+
+    @staticmethod
+    def _confirmed(read: Callable[..., Any], command: str) -> None:
+        for _ in range(2):  # one confirmation per channel
+            if read(timeout=SUBSCRIBE_TIMEOUT) is None:
+                raise redis.TimeoutError(f"no confirmation of {command}")
 
     def _dispatch(self, data: str) -> None:
         key, _, token = data.rpartition(" ")

@@ -577,11 +577,17 @@ end
 
 -- Tell the new holder: on its listener's own channel when its owner names one
 -- ("<listener>.<hex>", keys.grant_channel), so only that process wakes; an owner of an
--- earlier release on the shared channel.
+-- earlier release on the shared channel. Sharded (SPUBLISH) where the server has it,
+-- Redis 7 on: a Cluster then delivers it on the slot's own shard, where PUBLISH goes to
+-- every node. The listeners subscribe the same way (grants.py).
 local function publish_grant(name, owner, token)
   local listener = string.match(owner, '^(%x+)%.%x+$')
-  redis.call('PUBLISH', listener and (CHAN .. ':' .. listener) or CHAN,
-             string.format('%s %s %d', name, owner, token))
+  local channel = listener and (CHAN .. ':' .. listener) or CHAN
+  local message = string.format('%s %s %d', name, owner, token)
+  local sent = redis.pcall('SPUBLISH', channel, message)
+  if type(sent) == 'table' and sent.err then  -- before Redis 7: no sharded channels
+    redis.call('PUBLISH', channel, message)
+  end
 end
 
 -- Waiters missing from their groups' queues (queued by an earlier release, or lost to
