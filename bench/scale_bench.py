@@ -47,7 +47,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -104,20 +104,26 @@ def _die_with_us() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def run_bench(argv: list[str]) -> int:
-    """Run one bench, its output going where ours goes; on Ctrl-C or SIGTERM, stop it
-    (SIGTERM: the benches remove their servers and workers) and let the interrupt on."""
-    proc = subprocess.Popen(argv, cwd=ROOT, preexec_fn=_die_with_us)
+def run_bench(argv: list[str], output: IO[bytes] | None = None) -> subprocess.Popen[bytes]:
+    """Start one bench, its output going where ours goes (or to ``output``)."""
+    return subprocess.Popen(argv, cwd=ROOT, preexec_fn=_die_with_us, stdout=output, stderr=output)
+
+
+def wait_benches(procs: list[subprocess.Popen[bytes]]) -> list[int]:
+    """Their exit codes; on Ctrl-C or SIGTERM, stop them (SIGTERM: the benches remove
+    their servers and workers) and let the interrupt on."""
     try:
-        return proc.wait()
+        return [p.wait() for p in procs]
     except KeyboardInterrupt:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         raise
 
 
@@ -177,6 +183,8 @@ def summary(
         if args.quick
         else "full"
     )
+    if args.parallel:
+        mode += ", the benches at once (figures skewed by each other)"
     out = [
         "## Scale benchmark (issue 15): summary",
         "",
@@ -216,6 +224,25 @@ def bench_argv(name: str, quick: bool, figures_file: Path) -> list[str]:
     return [*argv, "--figures", str(figures_file)]
 
 
+def run_together(
+    args: argparse.Namespace, figures_file: Path, tmp: Path
+) -> list[tuple[str, list[str], int, float]]:
+    """Every bench at once, each one's output shown whole when all are done: a smoke
+    test's shortcut (they compete for the CPUs, so the figures mean nothing)."""
+    cmds = {name: bench_argv(name, args.quick, figures_file) for name in args.only}
+    logs = {name: (tmp / f"{name}.out").open("w+b") for name in cmds}
+    started = time.monotonic()
+    procs = {name: run_bench(cmd, logs[name]) for name, cmd in cmds.items()}
+    codes = wait_benches(list(procs.values()))
+    took = time.monotonic() - started
+    for name, cmd in cmds.items():
+        print(f"\n=== {name} bench (all at once): {shlex.join(cmd)}\n", flush=True)
+        logs[name].seek(0)
+        sys.stdout.write(logs[name].read().decode(errors="replace"))
+        logs[name].close()
+    return [(name, cmd, rc, took) for (name, cmd), rc in zip(cmds.items(), codes, strict=True)]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument(
@@ -228,6 +255,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument(
         "--figures", metavar="FILE", default="", help="also write the figures to FILE (JSON lines)"
+    )
+    ap.add_argument(
+        "--parallel",
+        action="store_true",
+        help="run the benches at once (a smoke test's shortcut: the figures are skewed)",
     )
     args = ap.parse_args(argv)
     args.only = [b.strip() for b in args.only.split(",") if b.strip()]
@@ -245,19 +277,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="rqscale") as tmp:
         figures_file = Path(tmp) / "figures.jsonl"
         try:
-            for i, name in enumerate(args.only, 1):
-                cmd = bench_argv(name, args.quick, figures_file)
-                figs = ", ".join(str(n) for n in BENCHES[name])
-                print(
-                    f"\n=== [{i}/{len(args.only)}] {name} bench (figures {figs}): "
-                    f"{shlex.join(cmd)}\n",
-                    flush=True,
-                )
-                before = {f["figure"] for f in figures.read(figures_file)}
-                started = time.monotonic()
-                rc = run_bench(cmd)
-                ran.append((name, cmd, rc, time.monotonic() - started))
-                got = {f["figure"] for f in figures.read(figures_file)} - before
+            if args.parallel:
+                ran = run_together(args, figures_file, Path(tmp))
+            else:
+                for i, name in enumerate(args.only, 1):
+                    cmd = bench_argv(name, args.quick, figures_file)
+                    figs = ", ".join(str(n) for n in BENCHES[name])
+                    print(
+                        f"\n=== [{i}/{len(args.only)}] {name} bench (figures {figs}): "
+                        f"{shlex.join(cmd)}\n",
+                        flush=True,
+                    )
+                    started = time.monotonic()
+                    (rc,) = wait_benches([run_bench(cmd)])
+                    ran.append((name, cmd, rc, time.monotonic() - started))
+            got = {f["figure"] for f in figures.read(figures_file)}
+            for name, _, rc, _ in ran:
                 missing = sorted(set(BENCHES[name]) - got)
                 if rc != 0 or missing:
                     failed = True
