@@ -60,6 +60,7 @@ class Reqpmd:
             "default_chroot": "fedora-42-x86_64",
         }
         values.update(settings or {})
+        self.state_dir = Path(values["state_dir"])  # maybe outside root (a small tmpfs)
         self.config.write_text(yaml.safe_dump(values))
         self.env = dict(
             os.environ,
@@ -152,11 +153,14 @@ class Reqpmd:
         self.proc.wait()
 
     def processes(self) -> list[psutil.Process]:
-        """Processes of this daemon's own (mock and its scrubs name paths under root)."""
+        """Processes of this daemon's own: mock and its scrubs name paths under root, the
+        embedded redis-server its socket in state_dir."""
         mine = []
+        marks = (str(self.root), str(self.state_dir))
         for p in psutil.process_iter(["cmdline"]):
             with contextlib.suppress(psutil.Error):
-                if str(self.root) in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid():
+                line = " ".join(p.info["cmdline"] or [])
+                if any(m in line for m in marks) and p.pid != os.getpid():
                     mine.append(p)
         return mine
 

@@ -477,3 +477,9 @@ def test_check_config_reports_invalid_yaml_without_a_traceback(tmp_path: Path) -
     assert result.returncode != 0
     assert "not valid YAML" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_unset_path_setting_is_shown_empty_not_as_a_dot() -> None:
+    s = parse.validate({}, environ={})
+    assert s.as_dict()["redis_password_file"] == ""
+    assert schema.shown_setting("redis_tls_ca_file", s.redis_tls_ca_file) == ""

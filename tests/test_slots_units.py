@@ -561,3 +561,33 @@ def test_waiter_gives_up_when_redis_stays_down_past_the_deadline() -> None:
     assert "gave up waiting for slot 'slot'" in str(info.value)
     assert now[0] == pytest.approx(0.3)  # the last sleep was cut to the deadline
     assert steps.withdrawn == 1
+
+
+def test_a_server_an_earlier_run_left_on_the_directory_is_ended_first(short_tmp: Any) -> None:
+    """Redis does not exit at SIGTERM while its final save fails (a full disk), so the
+    embedded server can outlive its daemon; the next start must end it, or two servers
+    share the directory and the old one deletes the new one's socket. A stopped process
+    stands in for the one that ignores SIGTERM."""
+    import os
+    import signal
+
+    old = RedisServer(short_tmp / "redis", persist=True)
+    old.start()
+    assert old.process is not None
+    left = old.process
+    left.send_signal(signal.SIGSTOP)  # deaf to SIGTERM, as on a full disk
+    new = RedisServer(short_tmp / "redis", persist=True)
+    try:
+        new.start()
+        assert left.wait(5) == -signal.SIGKILL  # ended, the hard way
+        assert new.client().ping()
+        assert int(new.pid_file.read_text()) == new.process.pid  # type: ignore[union-attr]
+        # a pid file naming some other process is left alone
+        new.pid_file.write_text(f"{os.getpid()}\n")
+        new.stop()
+        again = RedisServer(short_tmp / "redis", persist=True)
+        again.start()  # and the test runner lives on
+        again.kill()
+    finally:
+        new.kill()
+        old.kill()

@@ -321,10 +321,7 @@ class Settings:
 
     def as_dict(self, redact: bool = False) -> dict[str, Any]:
         """Plain values; with ``redact``, secrets (a password in redis_url) are masked."""
-        out = {
-            f.name: (str(v) if isinstance(v := getattr(self, f.name), Path) else v)
-            for f in dataclasses.fields(self)
-        }
+        out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
         if redact:
             out = {k: shown_setting(k, v) if BY_NAME[k].secret else v for k, v in out.items()}
         return out
@@ -339,6 +336,13 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+def _plain(value: Any) -> Any:
+    """A setting's value as shown and stored: a path as text, an unset one as ''."""
+    if isinstance(value, Path):
+        return "" if value == Path("") else str(value)
+    return value
 
 
 def _fields() -> tuple[Field, ...]:
@@ -418,7 +422,7 @@ def redact_url(url: str) -> str:
 def shown_setting(key: str, value: Any) -> str:
     """A setting's value as users may see it (status, settings, the audit trail, logs):
     the one place a secret setting is masked."""
-    text = str(value)
+    text = str(_plain(value))
     field = BY_NAME.get(key)
     return redact_url(text) if field is not None and field.secret else text
 

@@ -55,6 +55,14 @@ def _die_with_parent() -> None:
     libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+def _zombie(pid: int) -> bool:
+    """Dead but not reaped (by a parent that is not us): gone for our purpose."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
 class RedisServer:
     """Start, stop, kill and restart one redis-server that we own."""
 
@@ -70,6 +78,7 @@ class RedisServer:
                 f"Unix socket path {self.socket_path} is longer than {_MAX_SOCKET_PATH} bytes; "
                 "choose a shorter directory"
             )
+        self.pid_file = self.directory / "redis.pid"
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -94,6 +103,8 @@ class RedisServer:
             "no",
             "--logfile",
             str(self.directory / "redis.log"),
+            "--pidfile",
+            str(self.pid_file),
             "--protected-mode",
             "no",
         ]
@@ -119,6 +130,7 @@ class RedisServer:
         if self.alive():
             return
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._end_previous()
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
         self.process = subprocess.Popen(
@@ -148,6 +160,28 @@ class RedisServer:
                 time.sleep(0.01)
         finally:
             probe.close()
+
+    def _end_previous(self, timeout: float = 2.0) -> None:
+        """Stop a server an earlier run left on this directory. It should have died with
+        its daemon (SIGTERM at the parent's death), but Redis will not exit while its
+        final save fails (a full disk), and a second server would then share the
+        directory and delete the new one's socket. Found by its pid file, and only if
+        that process is still a redis-server for our socket."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return
+        if b"redis-server" not in cmdline or os.fsencode(self.socket_path) not in cmdline:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if not Path(f"/proc/{pid}").exists() or _zombie(pid):
+                    return
+                time.sleep(0.02)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
