@@ -34,6 +34,10 @@ def counts_or_none(lim: BuildConcurrencyLimiter) -> Counts | None:
         return None
 
 
+class PortTaken(RuntimeError):
+    """A port chosen free was taken before the server bound it (another test's)."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -104,7 +108,8 @@ class Node:
         assert self.process is not None
         if self.process.poll() is not None:
             log = (self.directory / "log.txt").read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"redis-server on port {self.port} exited: {log}")
+            error = PortTaken if "Address already in use" in log else RuntimeError
+            raise error(f"redis-server on port {self.port} exited: {log}")
         try:
             # no retries: redis-py's own back off for seconds while the server starts
             with self.client(socket_timeout=0.5, retry=Retry(NoBackoff(), 0)) as c:
@@ -222,7 +227,13 @@ class SentinelSet:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> SentinelSet:
-        return self.start()
+        try:
+            return self.start()
+        except PortTaken:  # another test took a port we chose: once more, other ports
+            self.stop()
+            self.root = Path(tempfile.mkdtemp(prefix="rqsen", dir="/tmp"))
+            self.servers, self.sentinels = [], []
+            return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -343,7 +354,13 @@ class ClusterSet:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> ClusterSet:
-        return self.start()
+        try:
+            return self.start()
+        except PortTaken:  # another test took a port we chose: once more, other ports
+            self.stop()
+            self.root = Path(tempfile.mkdtemp(prefix="rqclu", dir="/tmp"))
+            self.nodes = []
+            return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
