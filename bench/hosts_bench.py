@@ -84,14 +84,13 @@ from bench import figures  # noqa: E402
 from bench.figures import nearest_rank as pct  # noqa: E402
 from bench.figures import num  # noqa: E402
 from bench.machine import cpu_model, redis_server_version  # noqa: E402
-from bench.scratch import scratch_redis  # noqa: E402
+from bench.scratch import run_with_workers  # noqa: E402
 from bench.workers import (  # noqa: E402
     Workers,
     ask_all,
     child_init,
     expect,
     report_error,
-    stop_on_signals,
 )
 from reqpmd.builds.analytics import aggregates  # noqa: E402
 from reqpmd.builds.gates import Gate  # noqa: E402
@@ -1526,18 +1525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 2 <= args.limit <= 20:
         ap.error("--limit must be 2..20 (max_concurrent_builds allows 1..20; the probe holds 1)")
 
-    stop_on_signals()
-    workers = Workers()
-    with scratch_redis("rqh") as server:
-        try:
-            run(args, server, workers)
-            return 0
-        except KeyboardInterrupt:
-            log("interrupted: stopping workers and redis-server")
-            return 130
-        finally:
-            with contextlib.suppress(BaseException):
-                workers.stop_all()
+    return run_with_workers("rqh", lambda server, workers: run(args, server, workers), log)
 
 
 if __name__ == "__main__":

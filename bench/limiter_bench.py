@@ -13,7 +13,6 @@ at the end, also on Ctrl-C, SIGTERM or an error. See bench/README.md for the met
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import random
@@ -34,13 +33,12 @@ if str(ROOT) not in sys.path:
 import redis  # noqa: E402
 
 from bench.machine import cpu_model, redis_server_version  # noqa: E402
-from bench.scratch import scratch_redis  # noqa: E402
+from bench.scratch import run_with_workers  # noqa: E402
 from bench.workers import (  # noqa: E402
     Workers,
     child_init,
     expect,
     report_error,
-    stop_on_signals,
 )
 from reqpmd.concurrency import BuildConcurrencyLimiter  # noqa: E402
 from reqpmd.slots import keys  # noqa: E402
@@ -699,25 +697,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1, help="seed of the random delays")
     args = ap.parse_args(argv)
 
-    # Ctrl-C must reach us even if we were started with SIGINT ignored (a background job).
-    stop_on_signals()
-    workers = Workers()
-    with scratch_redis("rqb") as server:
-        try:
-            run(args, server, workers)
-            return 0
-        except KeyboardInterrupt:
-            log("interrupted: stopping workers and redis-server")
-            return 130
-        except (redis.ConnectionError, RuntimeError) as exc:
-            if server.process is not None and not server.alive():
-                # e.g. Ctrl-C reached redis-server (same process group) before us
-                log(f"redis-server exited with {server.process.returncode}; stopping: {exc}")
-                return 1
-            raise
-        finally:
-            with contextlib.suppress(BaseException):
-                workers.stop_all()
+    return run_with_workers("rqb", lambda server, workers: run(args, server, workers), log)
 
 
 if __name__ == "__main__":

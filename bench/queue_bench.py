@@ -66,13 +66,12 @@ import redis  # noqa: E402
 import reqpmd  # noqa: E402
 from bench import figures  # noqa: E402
 from bench.limiter_bench import SetLimiter, machine_facts, pct  # noqa: E402
-from bench.scratch import scratch_redis  # noqa: E402
+from bench.scratch import run_with_workers  # noqa: E402
 from bench.workers import (  # noqa: E402
     Workers,
     child_init,
     expect,
     report_error,
-    stop_on_signals,
 )
 from reqpmd.concurrency import BuildConcurrencyLimiter  # noqa: E402
 from reqpmd.slots.connection import connect  # noqa: E402
@@ -1100,18 +1099,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.refresh_calls = args.refresh_calls or (500 if quick else 3000)
     args.churn_runs = args.churn_runs or (2 if quick else 5)
 
-    stop_on_signals()  # Ctrl-C, SIGTERM, SIGHUP: stop the workers and redis-server
-    workers = Workers()
-    with scratch_redis("rqq") as server:
-        try:
-            run(args, server, workers)
-            return 0
-        except KeyboardInterrupt:
-            log("interrupted: stopping workers and redis-server")
-            return 130
-        finally:
-            with contextlib.suppress(BaseException):
-                workers.stop_all()
+    return run_with_workers("rqq", lambda server, workers: run(args, server, workers), log)
 
 
 if __name__ == "__main__":
