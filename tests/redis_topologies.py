@@ -13,6 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import redis
 from redis.backoff import NoBackoff
@@ -133,20 +134,60 @@ class Node:
         return f"127.0.0.1:{self.port}"
 
 
-class SentinelSet:
+class Topology:
+    """Redis processes started together on ports chosen free, stopped together."""
+
+    PREFIX = "rq"
+
+    def _reset(self) -> None:
+        """A new directory and no nodes: where start() begins."""
+        self.root = Path(tempfile.mkdtemp(prefix=self.PREFIX, dir="/tmp"))
+
+    def all_nodes(self) -> list[Node]:
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        for node in self.all_nodes():
+            node.kill9()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except PortTaken:  # another test took a port we chose: once more, other ports
+            self.stop()
+            self._reset()
+            return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class SentinelSet(Topology):
     """One master, two replicas, three sentinels (quorum 2) that fail over within about
     two seconds of the master's death (down-after 1 s)."""
+
+    PREFIX = "rqsen"
 
     def __init__(
         self, data_lines: list[str] | None = None, sentinel_lines: list[str] | None = None
     ):
-        self.root = Path(tempfile.mkdtemp(prefix="rqsen", dir="/tmp"))
         self._data_lines = data_lines or []
         self._sentinel_lines = sentinel_lines or []
+        self._reset()
+
+    def _reset(self) -> None:
+        super()._reset()
         self.servers: list[Node] = []
         self.sentinels: list[Node] = []
 
-    def start(self) -> SentinelSet:
+    def all_nodes(self) -> list[Node]:
+        return self.sentinels + self.servers
+
+    def start(self) -> Self:
         ports = [free_port() for _ in range(6)]
         master = ports[0]
         for i, port in enumerate(ports[:3]):
@@ -221,35 +262,26 @@ class SentinelSet:
         found: Node = wait_until(promoted, timeout=timeout, interval=0.05)
         return found
 
-    def stop(self) -> None:
-        for node in self.sentinels + self.servers:
-            node.kill9()
-        shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> SentinelSet:
-        try:
-            return self.start()
-        except PortTaken:  # another test took a port we chose: once more, other ports
-            self.stop()
-            self.root = Path(tempfile.mkdtemp(prefix="rqsen", dir="/tmp"))
-            self.servers, self.sentinels = [], []
-            return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-class ClusterSet:
+class ClusterSet(Topology):
     """A Redis Cluster of three masters, each with one replica, that fails a dead master
     over within a few seconds (cluster-node-timeout 2 s)."""
 
+    PREFIX = "rqclu"
+
     def __init__(self, data_lines: list[str] | None = None, binary: str | None = None) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="rqclu", dir="/tmp"))
         self._data_lines = data_lines or []
         self.binary = binary or find_redis_server()
+        self._reset()
+
+    def _reset(self) -> None:
+        super()._reset()
         self.nodes: list[Node] = []
 
-    def start(self) -> ClusterSet:
+    def all_nodes(self) -> list[Node]:
+        return self.nodes
+
+    def start(self) -> Self:
         lines = [
             "cluster-enabled yes",
             "cluster-config-file nodes.conf",
@@ -347,20 +379,3 @@ class ClusterSet:
                     c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
         wait_until(lambda: self.owner(key).port == dst.port, timeout=10, what="slot moved")
         return moved
-
-    def stop(self) -> None:
-        for node in self.nodes:
-            node.kill9()
-        shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> ClusterSet:
-        try:
-            return self.start()
-        except PortTaken:  # another test took a port we chose: once more, other ports
-            self.stop()
-            self.root = Path(tempfile.mkdtemp(prefix="rqclu", dir="/tmp"))
-            self.nodes = []
-            return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
