@@ -201,9 +201,9 @@ class Cluster:
         """Say when another server answers than at the last check: a Sentinel failover
         (or a restart). The scripts saw it too and started the grace; this is for the
         operator, in the journal and in status."""
-        master = serving(self._client, self._hosts_key)
         if run_id is None:
             return
+        master = serving(self._client, self._hosts_key)
         if self.server is not None and run_id != self.server and self._embedded is None:
             self.server_changes += 1
             self.server_changed_at = self._wall()

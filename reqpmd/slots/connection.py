@@ -30,8 +30,8 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from reqpmd.config.redis_url import RedisAddress, parse
-from reqpmd.config.schema import Settings, SettingsInvalid
-from reqpmd.config.secrets import check_file, named, read_secret, relation_errors
+from reqpmd.config.schema import Settings
+from reqpmd.config.secrets import check_file, named, read_secret
 from reqpmd.errors import RedisUnavailable
 
 # RedisClusterException is no RedisError: a Cluster that cannot serve a slot, a call
@@ -70,10 +70,8 @@ class Credentials:
 def credentials(s: Settings) -> Credentials:
     """The secrets and TLS files the settings name, read and checked now: a missing,
     unreadable or exposed file is an error naming its setting (validation already
-    refused files that do not fit redis_url)."""
-    errors = relation_errors(s)
-    if errors:
-        raise SettingsInvalid(errors)
+    refused files that do not fit redis_url: parse.validate, where every Settings
+    comes from)."""
     ca, cert, key = (
         named(p) for p in (s.redis_tls_ca_file, s.redis_tls_cert_file, s.redis_tls_key_file)
     )
