@@ -66,7 +66,8 @@ from bench.machine import cpu_model, redis_server_version  # noqa: E402
 from bench.scratch import scratch_redis  # noqa: E402
 from bench.workers import stop_on_signals  # noqa: E402
 from reqpmctl.client import Client  # noqa: E402
-from reqpmd.slots.server import RedisServer, _die_with_parent  # noqa: E402
+from reqpmd.lifeline import die_with_parent  # noqa: E402
+from reqpmd.slots.server import RedisServer  # noqa: E402
 from tests.daemon_harness import FAKEMOCK, Reqpmd  # noqa: E402
 from tests.workers import wait_until  # noqa: E402
 
@@ -135,7 +136,7 @@ def log(msg: str) -> None:
 class BenchDaemon(Reqpmd):
     """The tests' daemon, started through LAUNCHER and killed with the bench (PDEATHSIG)."""
 
-    preexec = staticmethod(_die_with_parent)
+    preexec = staticmethod(die_with_parent)
 
     def __init__(self, root: Path, launcher: Path, **kwargs: Any) -> None:
         super().__init__(root, **kwargs)

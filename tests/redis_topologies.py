@@ -20,8 +20,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from reqpmd.errors import RedisUnavailable
+from reqpmd.lifeline import die_with_parent
 from reqpmd.slots.limiter import BuildConcurrencyLimiter, Counts
-from reqpmd.slots.server import _die_with_parent, find_redis_server
+from reqpmd.slots.server import find_redis_server
 from tests.workers import wait_until
 
 MASTER = "reqpm-master"
@@ -101,7 +102,7 @@ class Node:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         wait_until(self._answers, timeout=10, interval=0.02)
 

@@ -136,6 +136,13 @@ def _ticks_pass(d: Reqpmd, passes: int = 3) -> None:
     wait_for(lambda: d.call("status")["scheduler_ticks"] >= start + passes)
 
 
+def _cmdline(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline()) + " "
+    except psutil.Error:
+        return ""  # gone meanwhile
+
+
 def _mock_running(d: Reqpmd, build_id: int) -> bool:
     return (d.mock_root / f"fedora-42-x86_64-build{build_id}").exists()
 
@@ -257,6 +264,20 @@ def test_kill9_mid_build_then_restart_loses_nothing_and_never_over_admits(
     assert d.build(first)["retries"] == 1
     assert max_overlap(d.mock_runs()) <= 1
     wait_for(lambda: "left running by an earlier instance" in d.log())
+
+
+def test_kill9_of_reqpmd_ends_its_mock_at_once_without_systemd(daemons: MakeDaemon) -> None:
+    """No systemd control group here: were mock left running, its slot's lease would run out
+    and another host would start a build while this one still builds."""
+    d = daemons(mock_sleep=60).start()
+    build_id = d.submit("orphan-1-1.src.rpm")
+    d.wait_state(build_id, "building")
+    wait_for(lambda: _mock_running(d, build_id))
+    d.kill9()
+    wait_for(lambda: [r for r in d.mock_runs() if r["mode"] == "rebuild"], timeout=10)
+    wait_for(lambda: not [p for p in d.processes() if f"build{build_id} " in _cmdline(p)])
+    [run] = [r for r in d.mock_runs() if r["mode"] == "rebuild"]
+    assert run["signal"] == "SIGTERM"  # mock's own clean-up ran (its chroot's processes)
 
 
 def test_redis_down_keeps_builds_running_and_accepts_submissions(

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, cast
@@ -104,6 +104,7 @@ class Call:
     argv: list[str]
     cwd: Path
     proc: FakeProcess
+    env: dict[str, str]
 
 
 class FakeRunner:
@@ -121,7 +122,9 @@ class FakeRunner:
         self._pids = itertools.count(PID_BASE)
         self._lock = threading.Lock()
 
-    def __call__(self, argv: list[str], log: IO[bytes], cwd: Path) -> FakeProcess:
+    def __call__(
+        self, argv: list[str], log: IO[bytes], cwd: Path, env: Mapping[str, str] | None = None
+    ) -> FakeProcess:
         step = next((s for flag, s in STEP_FLAGS.items() if flag in argv), "unknown")
         if step in self.errors:
             raise self.errors[step]
@@ -132,7 +135,7 @@ class FakeRunner:
             result = Path(argv[argv.index("--resultdir") + 1])
             (result / self.srpm_name).write_bytes(b"srpm")
         with self._lock:
-            self.calls.append(Call(step, list(argv), cwd, proc))
+            self.calls.append(Call(step, list(argv), cwd, proc, dict(env or {})))
             if self.events is not None:
                 self.events.append(f"{step} {argv[argv.index('--uniqueext') + 1]}")
         if code is not None:
@@ -454,6 +457,9 @@ def test_srpm_build_goes_queued_waiting_building_succeeded(rig: Rig) -> None:
         "--scrub=bootstrap",
     ]
     assert rebuild.cwd == scrub.cwd == files.root
+    # mock's environment names the build and its slot's fencing token; a scrub runs unfenced
+    assert rebuild.env == {"REQPM_BUILD_ID": str(bid), "REQPM_SLOT_TOKEN": str(call.slot.token)}
+    assert scrub.env == {}
     assert not files.scrub_cache.exists()  # the throwaway cache is gone
     name = slot_name(bid, HOST)
     # the slot is given back only after the root is scrubbed

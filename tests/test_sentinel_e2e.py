@@ -68,7 +68,9 @@ def test_builds_on_two_hosts_survive_a_kill_9_of_the_master_within_the_limit(
             assert "is another server now" in d.log()
         # host-b's heartbeat (every 5 s) names the new master too
         wait_for(
-            lambda: {h["host_id"]: h for h in a.call("hosts")}["host-b"]["redis"]["master"]
-            == new.address,
+            lambda: (
+                {h["host_id"]: h for h in a.call("hosts")}["host-b"]["redis"]["master"]
+                == new.address
+            ),
             timeout=15,
         )

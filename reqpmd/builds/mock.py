@@ -25,6 +25,14 @@ def uniqueext(build_id: int) -> str:
     return f"build{build_id}"
 
 
+def mock_env(build_id: int, slot_token: int) -> dict[str, str]:
+    """Added to the environment of a build's mock steps: which build, and the fencing token
+    of the slot it runs under (tokens only grow, cluster-wide), so a wrapper around mock or
+    an audit of what ran can tell a run from a paused one's stale twin. mock itself ignores
+    them, and its chroot gets a clean environment."""
+    return {"REQPM_BUILD_ID": str(build_id), "REQPM_SLOT_TOKEN": str(slot_token)}
+
+
 def _base(mock: Path, chroot: str, build_id: int) -> list[str]:
     return [str(mock), "-r", chroot, "--uniqueext", uniqueext(build_id)]
 

@@ -12,12 +12,14 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
 
 import psutil
+
+from reqpmd.lifeline import die_with_parent
 
 LADDER = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)
 
@@ -30,20 +32,27 @@ class Process(Protocol):
 
 
 class Runner(Protocol):
-    """Starts a command in a process group of its own, output to ``log``."""
+    """Starts a command in a process group of its own, output to ``log``, with ``env``
+    added to reqpmd's environment."""
 
-    def __call__(self, argv: list[str], log: IO[bytes], cwd: Path) -> Process: ...
+    def __call__(
+        self, argv: list[str], log: IO[bytes], cwd: Path, env: Mapping[str, str] | None = None
+    ) -> Process: ...
 
 
-def popen_runner(argv: list[str], log: IO[bytes], cwd: Path) -> Process:
+def popen_runner(
+    argv: list[str], log: IO[bytes], cwd: Path, env: Mapping[str, str] | None = None
+) -> Process:
     return subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=cwd,
+        env={**os.environ, **env} if env else None,
         start_new_session=True,
         close_fds=True,
+        preexec_fn=die_with_parent,  # no mock outlives a reqpmd killed with -9
     )
 
 

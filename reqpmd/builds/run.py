@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -42,8 +42,10 @@ class BuildRun:
         on_started: OnStarted,
         stop: StopRequest,
         clock: Callable[[], float] = time.monotonic,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.build = build
+        self.env = env  # for mock's steps, not its scrub
         self.layout = layout
         self.settings = settings
         self.runner = runner
@@ -97,7 +99,7 @@ class BuildRun:
         if self.stop.requested:
             return self.stop.outcome()
         note(logf, "running: " + " ".join(argv))
-        proc = self.runner(argv, logf, self.layout.root)
+        proc = self.runner(argv, logf, self.layout.root, self.env)
         self.mock_started = True
         try:
             self.on_started(proc.pid, start_time(proc.pid))

