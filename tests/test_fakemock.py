@@ -366,3 +366,48 @@ def test_a_rebuild_of_a_file_that_is_not_an_rpm_is_faked_even_with_rpmbuild(
     res = run(["-r", CFG, "--resultdir", str(out), "--rebuild", str(srpm)], real_env)
     assert res.returncode == 0, res.stderr
     assert any(p.name.endswith(".x86_64.rpm") for p in out.iterdir())
+
+
+def events(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_events_record_start_and_end_with_the_build_and_its_token(
+    env: dict[str, str], srpm: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "events.jsonl"
+    extra = {"FAKEMOCK_EVENTS": str(path), "REQPM_BUILD_ID": "7", "REQPM_SLOT_TOKEN": "42"}
+    res = run(["-r", CFG, "--uniqueext", "build7", "--rebuild", str(srpm)], env, **extra)
+    assert res.returncode == 0
+    start, end = events(path)
+    assert (start["event"], end["event"]) == ("start", "end")
+    assert start["pid"] == end["pid"] and start["t"] <= end["t"]
+    assert (start["build"], start["token"], start["mode"]) == ("7", "42", "rebuild")
+    assert start["root"] == f"{CFG}-build7"
+    assert (end["exit"], end["signal"]) == (0, None)
+
+
+def test_a_hanging_build_ignores_sigint_and_ends_at_sigterm(
+    env: dict[str, str], tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    path, item = tmp_path / "events.jsonl", tmp_path / "hang-1-1.src.rpm"
+    item.write_bytes(b"x")
+    out = tmp_path / "out"
+    argv = ["-r", CFG, "--resultdir", str(out), "--rebuild", str(item)]
+    proc = start(argv, env, procs, FAKEMOCK_EVENTS=str(path))
+    wait_for((out / "build.log").exists)  # written as its build step begins
+    proc.send_signal(signal.SIGINT)
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(timeout=1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=5) == 143
+    assert events(path)[-1]["signal"] == "SIGTERM"
+
+
+def test_exit60_and_crash_by_name(env: dict[str, str], tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    for name, code in (("exit60-1-1.src.rpm", 60), ("crash-1-1.src.rpm", -signal.SIGABRT)):
+        (tmp_path / name).write_bytes(b"x")
+        res = run(["-r", CFG, "--rebuild", str(tmp_path / name)], env, FAKEMOCK_EVENTS=str(path))
+        assert res.returncode == code, res.stderr
+        assert events(path)[-1]["exit"] == code
