@@ -1,0 +1,420 @@
+"""The invariants, checked on a finished run's history. Pure functions of what was
+recorded, so each can be shown to catch its violation on a history made by hand.
+
+1. safety: at no instant more mock builds running than the limit in force;
+2. nothing lost: every acknowledged submission ends in exactly one final state, none is
+   run to success twice, none is silently dropped;
+3. liveness: the queue drains within DRAIN_BOUND after the last fault; no slot stays held
+   by a dead or paused owner longer than a lease plus SLOT_BOUND; nothing dies by itself;
+4. consistency: every store passes PRAGMA integrity_check and the state machine's rules;
+   every repository's metadata lists exactly the packages present.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+FINAL = {"succeeded", "failed", "cancelled", "timed_out"}
+BUILD_MODES = {"rebuild", "buildsrpm"}
+FENCE_BOUND = 2.0  # seconds a mock woken after a pause past its lease may run before it is stopped
+DRAIN_BOUND = 60.0  # seconds from the last fault's end until every build has ended
+SLOT_BOUND = 5.0  # seconds past a lease a dead or paused owner's slot may still show
+CRASH_KINDS = {"kill9", "term"}
+
+
+@dataclass
+class Violation:
+    check: str
+    what: str
+    evidence: list[dict[str, Any]] = field(default_factory=list)
+
+    def show(self) -> str:
+        lines = [f"[{self.check}] {self.what}"]
+        lines += [f"    {e}" for e in self.evidence[:20]]
+        if len(self.evidence) > 20:
+            lines.append(f"    ... {len(self.evidence) - 20} more")
+        return "\n".join(lines)
+
+
+@dataclass
+class Run:
+    """One mock process of a build step, as the stand-in logged it."""
+
+    host: str
+    pid: int
+    build: int
+    token: int
+    mode: str
+    start: float
+    end: float  # inf: no end line
+    exit: int | None
+    signal: str | None
+
+    def brief(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "build": self.build,
+            "token": self.token,
+            "mode": self.mode,
+            "start": round(self.start, 3),
+            "end": round(self.end, 3),
+            "exit": self.exit,
+        }
+
+
+def runs(mock_events: list[dict[str, Any]]) -> list[Run]:
+    """Pair the stand-in's start and end lines (same host and pid) of build steps."""
+    started: dict[tuple[str, int], dict[str, Any]] = {}
+    out = []
+    for e in sorted(mock_events, key=lambda e: e["t"]):
+        if e.get("mode") not in BUILD_MODES or e.get("token") is None:
+            continue
+        key = (e["host"], e["pid"])
+        if e["event"] == "start":
+            started[key] = e
+        elif key in started:
+            s = started.pop(key)
+            out.append(
+                Run(
+                    e["host"],
+                    e["pid"],
+                    int(s["build"]),
+                    int(s["token"]),
+                    s["mode"],
+                    s["t"],
+                    e["t"],
+                    e.get("exit"),
+                    e.get("signal"),
+                )
+            )
+    for s in started.values():
+        out.append(
+            Run(
+                s["host"],
+                s["pid"],
+                int(s["build"]),
+                int(s["token"]),
+                s["mode"],
+                s["t"],
+                math.inf,
+                None,
+                None,
+            )
+        )
+    return sorted(out, key=lambda r: r.start)
+
+
+# -- 1. safety ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LimitRound:
+    """A change of max_concurrent_builds on every host: grants with a token up to
+    ``before`` came under ``old``, past ``after`` under ``new``, between them either."""
+
+    before: int | None
+    after: int | None
+    old: int
+    new: int
+
+
+def limit_for(token: int, initial: int, rounds: list[LimitRound]) -> int:
+    limit = initial
+    for r in rounds:
+        if r.before is not None and token <= r.before:
+            break
+        # inside the change, or a bound unknown (Redis was away): either limit
+        limit = r.new if r.after is not None and token > r.after else max(r.old, r.new)
+    return limit
+
+
+def pauses(history: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """Per host, the intervals it was paused (SIGSTOP of the daemon and its mock)."""
+    out: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    began: dict[str, float] = {}
+    for e in history:
+        if e["kind"] != "fault" or e.get("fault") != "pause":
+            continue
+        if e["phase"] == "start":
+            began[e["target"]] = e["t"]
+        elif e["phase"] == "end" and e["target"] in began:
+            out[e["target"]].append((began.pop(e["target"]), e["t"]))
+    return out
+
+
+def safety(
+    all_runs: list[Run],
+    initial_limit: int,
+    rounds: list[LimitRound],
+    paused: dict[str, list[tuple[float, float]]],
+    lease: float,
+) -> tuple[list[Violation], dict[str, Any]]:
+    """Sweep the runs' starts and ends. A run on a paused host is not running while it
+    is paused; after a pause longer than the lease its slot is gone, so it must be
+    stopped (FENCE_BOUND) and must not succeed: that remainder is checked on its own and
+    not counted against the limit."""
+    violations: list[Violation] = []
+    segments: list[tuple[float, float, Run]] = []
+    fenced = []
+    for r in all_runs:
+        start = r.start
+        cut = False
+        for p0, p1 in sorted(paused.get(r.host, [])):
+            if p1 <= start or p0 >= r.end:
+                continue
+            segments.append((start, p0, r))
+            if p1 - p0 >= lease:
+                cut = True
+                fenced.append(r.end - p1)
+                if r.end - p1 > FENCE_BOUND:
+                    violations.append(
+                        Violation(
+                            "safety",
+                            f"a mock woken after a {p1 - p0:.1f} s pause (lease {lease:g} s) "
+                            f"ran {r.end - p1:.2f} s on (bound {FENCE_BOUND} s)",
+                            [r.brief()],
+                        )
+                    )
+                if r.exit == 0:
+                    violations.append(
+                        Violation(
+                            "safety",
+                            "a mock woken after its lease ran out finished as if it "
+                            "still held its slot",
+                            [r.brief()],
+                        )
+                    )
+                break
+            start = p1
+        if not cut:
+            segments.append((start, r.end, r))
+    events = sorted(
+        [(s, 1, r) for s, e, r in segments if e > s]
+        + [(e, -1, r) for s, e, r in segments if e > s],
+        key=lambda x: (x[0], x[1]),
+    )
+    running: list[Run] = []
+    peak = 0
+    for _, delta, r in events:
+        if delta < 0:
+            if r in running:
+                running.remove(r)
+            continue
+        running.append(r)
+        peak = max(peak, len(running))
+        allowed = limit_for(r.token, initial_limit, rounds)
+        if len(running) > allowed:
+            violations.append(
+                Violation(
+                    "safety",
+                    f"{len(running)} mock builds running at once, limit in force {allowed}",
+                    [x.brief() for x in running],
+                )
+            )
+        twins = [x for x in running if x.token == r.token and x.build != r.build]
+        if twins:
+            violations.append(
+                Violation(
+                    "safety",
+                    "two builds running under one fencing token",
+                    [x.brief() for x in [r, *twins]],
+                )
+            )
+    return violations, {
+        "peak_running": peak,
+        "fenced_runs": len(fenced),
+        "fenced_max_s": round(max(fenced, default=0.0), 3),
+    }
+
+
+# -- 2. nothing lost ----------------------------------------------------------------------
+
+
+def nothing_lost(
+    history: list[dict[str, Any]],
+    final: dict[str, dict[int, dict[str, Any]]],
+    all_runs: list[Run],
+) -> list[Violation]:
+    """``final``: per host, every build its store holds at the end, by id."""
+    violations = []
+    acked = [e for e in history if e["kind"] == "submit" and e["ok"]]
+    seen: set[tuple[str, int]] = set()
+    for e in acked:
+        key = (e["host"], e["id"])
+        if key in seen:
+            violations.append(Violation("nothing lost", "one id acknowledged twice", [e]))
+        seen.add(key)
+        build = final.get(e["host"], {}).get(e["id"])
+        if build is None:
+            violations.append(Violation("nothing lost", "an acknowledged build is gone", [e]))
+        elif build["state"] not in FINAL:
+            violations.append(
+                Violation(
+                    "nothing lost",
+                    f"an acknowledged build never ended ({build['state']})",
+                    [e, build],
+                )
+            )
+    for builds in final.values():
+        for build in builds.values():
+            if build["state"] not in FINAL:
+                violations.append(
+                    Violation("nothing lost", f"a build never ended ({build['state']})", [build])
+                )
+    # success at most once: a successful run may be followed by another only when its
+    # daemon died before it could record the success (kill -9 or a stop in between)
+    crashes = defaultdict(list)
+    for e in history:
+        if e["kind"] == "fault" and e.get("fault") in CRASH_KINDS and e["phase"] == "start":
+            crashes[e["target"]].append(e["t"])
+    by_build: dict[tuple[str, int], list[Run]] = defaultdict(list)
+    for r in all_runs:
+        if r.mode == "rebuild":
+            by_build[(r.host, r.build)].append(r)
+    for (host, build_id), rs in by_build.items():
+        for first, later in itertools.pairwise(rs):
+            if first.exit == 0 and not any(first.end <= t <= later.start for t in crashes[host]):
+                violations.append(
+                    Violation(
+                        "nothing lost",
+                        "a build ran to success twice",
+                        [first.brief(), later.brief()],
+                    )
+                )
+        build = final.get(host, {}).get(build_id)
+        if build is not None and build["state"] == "succeeded" and not any(r.exit == 0 for r in rs):
+            violations.append(
+                Violation(
+                    "nothing lost", "a build succeeded without a successful mock run", [build]
+                )
+            )
+    for host, builds in final.items():
+        for build in builds.values():
+            if build["state"] == "succeeded" and not by_build.get((host, build["id"])):
+                violations.append(
+                    Violation("nothing lost", "a build succeeded without any mock run", [build])
+                )
+    return violations
+
+
+# -- 3. liveness ----------------------------------------------------------------------------
+
+
+def liveness(
+    history: list[dict[str, Any]],
+    drained_after: float | None,
+    all_runs: list[Run],
+    lease: float,
+) -> list[Violation]:
+    violations = []
+    if drained_after is None or drained_after > DRAIN_BOUND:
+        violations.append(
+            Violation(
+                "liveness",
+                f"the queue did not drain within {DRAIN_BOUND:g} s of the last fault",
+                [{"drained_after": drained_after}],
+            )
+        )
+    for e in history:
+        if e["kind"] == "daemon_died":
+            violations.append(Violation("liveness", "a daemon died with no fault on it", [e]))
+        if e["kind"] == "fault" and e.get("fault") == "hostile" and e.get("answered") is False:
+            violations.append(
+                Violation("liveness", "a daemon stopped answering after hostile clients", [e])
+            )
+        if e["kind"] == "harness_error":
+            violations.append(Violation("liveness", "the harness could not carry out a fault", [e]))
+    for r in all_runs:
+        if r.end == math.inf:
+            violations.append(Violation("liveness", "a mock never ended", [r.brief()]))
+    # a slot of a dead or paused owner must be gone within a lease and SLOT_BOUND
+    away: dict[str, float] = {}
+    for e in sorted(history, key=lambda e: e["t"]):
+        if e["kind"] == "fault" and e.get("fault") in (*CRASH_KINDS, "pause"):
+            if e["phase"] == "start":
+                away[e["target"]] = e["t"]
+            elif e["phase"] == "end":
+                away.pop(e["target"], None)
+        elif e["kind"] == "slots":
+            for name in e["holders"]:
+                m = re.fullmatch(r"build_(\d+)@(.+)", name)
+                if m and m.group(2) in away and e["t"] - away[m.group(2)] > lease + SLOT_BOUND:
+                    violations.append(
+                        Violation(
+                            "liveness",
+                            f"slot {name} held {e['t'] - away[m.group(2)]:.1f} s after its "
+                            f"owner went away (lease {lease:g} s)",
+                            [e],
+                        )
+                    )
+    return violations
+
+
+# -- 4. consistency -------------------------------------------------------------------------
+
+
+def consistency(
+    stores: dict[str, dict[str, Any]],
+    repos: dict[str, dict[str, Any]],
+    logs: dict[str, str],
+    max_retries: int,
+) -> list[Violation]:
+    """``stores``: per host {"integrity": str, "builds": [row, ...]}; ``repos``: per
+    repository {"error": str|None, "listed": set, "present": set}."""
+    violations = []
+    for host, store in stores.items():
+        if store["integrity"] != "ok":
+            violations.append(
+                Violation("consistency", f"{host}: integrity_check says {store['integrity']}")
+            )
+        for b in store["builds"]:
+            problem = _row_problem(b, max_retries)
+            if problem:
+                violations.append(
+                    Violation("consistency", f"{host}: build {b['id']} {problem}", [b])
+                )
+    for name, repo in repos.items():
+        if repo["error"]:
+            violations.append(Violation("consistency", f"repository {name}: {repo['error']}"))
+        elif repo["listed"] != repo["present"]:
+            violations.append(
+                Violation(
+                    "consistency",
+                    f"repository {name}: metadata and files differ",
+                    [
+                        {
+                            "listed_only": sorted(repo["listed"] - repo["present"]),
+                            "present_only": sorted(repo["present"] - repo["listed"]),
+                        }
+                    ],
+                )
+            )
+    for host, text in logs.items():
+        for line in text.splitlines():
+            if "Traceback" in line or "internal error" in line:
+                violations.append(
+                    Violation(
+                        "consistency", f"{host}: the daemon logged an error", [{"line": line[:300]}]
+                    )
+                )
+                break
+    return violations
+
+
+def _row_problem(b: dict[str, Any], max_retries: int) -> str | None:
+    if b["state"] not in FINAL:
+        return f"is {b['state']}, not final"
+    if b["finished_at"] is None or b["finished_at"] < b["submitted_at"]:
+        return "has no finish time after its submission"
+    if b["state"] == "succeeded" and (b["exit_code"] != 0 or b["started_at"] is None):
+        return "succeeded without exit 0 and a start"
+    if b["state"] == "failed" and not b["error"]:
+        return "failed without saying why"
+    if b["retries"] > max_retries + 1:
+        return f"was retried {b['retries']} times (max_build_retries {max_retries})"
+    return None
