@@ -22,7 +22,8 @@ from typing import Any
 FINAL = {"succeeded", "failed", "cancelled", "timed_out"}
 BUILD_MODES = {"rebuild", "buildsrpm"}
 FENCE_BOUND = 2.0  # seconds a mock woken after a pause past its lease may run before it is stopped
-DRAIN_BOUND = 60.0  # seconds from the last fault's end until every build has ended
+DRAIN_BOUND = 120.0  # seconds from the last fault's end until every build has ended
+# (a build that mock ends with exit 60 is retried max_build_retries times, backing off)
 SLOT_BOUND = 5.0  # seconds past a lease a dead or paused owner's slot may still show
 CRASH_KINDS = {"kill9", "term"}
 

@@ -33,7 +33,7 @@ SETTINGS: dict[str, Any] = {
     "slot_lease_seconds": LEASE,
     "cancel_grace_seconds": 1,
     "build_timeout_minutes": 0.5,  # the backstop for a hung build nobody cancels
-    "max_build_retries": 20,  # kill -9 after kill -9 must not fail a build by itself
+    "max_build_retries": 6,  # an exit-60 build ends failed after 7 runs, not 21
     "min_free_state_mb": 4,
 }
 

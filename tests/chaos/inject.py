@@ -15,7 +15,7 @@ from typing import Any
 
 from reqpmctl.client import ClientError
 from reqpmd.slots.limiter import BuildConcurrencyLimiter
-from tests.chaos.farm import Farm, submit
+from tests.chaos.farm import LEASE, Farm, submit
 from tests.chaos.history import History
 from tests.chaos.plan import HOSTS, Fault
 
@@ -283,7 +283,11 @@ def sample_slots(farm: Farm, history: History, stop: threading.Event) -> None:
     while not stop.wait(0.5):
         try:
             if limiter is None:
-                limiter = BuildConcurrencyLimiter(farm.redis.client(socket_timeout=2))
+                # the daemons' lease: the first script after a restart starts the grace
+                # with its caller's, and the library's default (60 s) would stall the farm
+                limiter = BuildConcurrencyLimiter(
+                    farm.redis.client(socket_timeout=2), lease_ttl=LEASE, auto_renew=False
+                )
             holders, _ = limiter.snapshot()
         except Exception:
             limiter = None  # down or restarting: no sample
