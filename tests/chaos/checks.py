@@ -68,6 +68,21 @@ class Run:
         }
 
 
+def _run(start: dict[str, Any], end: dict[str, Any] | None) -> Run:
+    """A run from its start line and its end line (None: it never logged one)."""
+    return Run(
+        start["host"],
+        start["pid"],
+        int(start["build"]),
+        int(start["token"]),
+        start["mode"],
+        start["t"],
+        end["t"] if end else math.inf,
+        end.get("exit") if end else None,
+        end.get("signal") if end else None,
+    )
+
+
 def runs(mock_events: list[dict[str, Any]]) -> list[Run]:
     """Pair the stand-in's start and end lines (same host and pid) of build steps."""
     started: dict[tuple[str, int], dict[str, Any]] = {}
@@ -79,34 +94,8 @@ def runs(mock_events: list[dict[str, Any]]) -> list[Run]:
         if e["event"] == "start":
             started[key] = e
         elif key in started:
-            s = started.pop(key)
-            out.append(
-                Run(
-                    e["host"],
-                    e["pid"],
-                    int(s["build"]),
-                    int(s["token"]),
-                    s["mode"],
-                    s["t"],
-                    e["t"],
-                    e.get("exit"),
-                    e.get("signal"),
-                )
-            )
-    for s in started.values():
-        out.append(
-            Run(
-                s["host"],
-                s["pid"],
-                int(s["build"]),
-                int(s["token"]),
-                s["mode"],
-                s["t"],
-                math.inf,
-                None,
-                None,
-            )
-        )
+            out.append(_run(started.pop(key), e))
+    out += [_run(s, None) for s in started.values()]
     return sorted(out, key=lambda r: r.start)
 
 

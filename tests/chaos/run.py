@@ -209,9 +209,10 @@ def _judge(farm: Farm, history: History, report: Report) -> None:
         events, report.figures.get("drained_after_s"), all_runs, LEASE
     )
     stores = {h: _store(d.state_dir) for h, d in farm.daemons.items()}
+    repos = _repos(farm.repo_dir)
     report.violations += checks.consistency(
         stores,
-        _repos(farm.repo_dir),
+        repos,
         {h: d.log() for h, d in farm.daemons.items()},
         SETTINGS["max_build_retries"],
     )
@@ -231,7 +232,7 @@ def _judge(farm: Farm, history: History, report: Report) -> None:
             "mock_build_runs": len(all_runs),
             **safety_figures,
             "limit_changes": len(rounds),
-            "repositories": {k: len(v["listed"]) for k, v in _repos(farm.repo_dir).items()},
+            "repositories": {k: len(v["listed"]) for k, v in repos.items()},
         }
     )
 
