@@ -14,6 +14,7 @@ import pytest
 from reqpmd.config.schema import SettingsInvalid
 from reqpmd.errors import RedisUnavailable
 from reqpmd.slots.connection import Credentials, credentials, open_redis
+from reqpmd.slots.keys import slot_keys
 from reqpmd.slots.limiter import BuildConcurrencyLimiter
 from tests.redis_topologies import MASTER, SentinelSet, counts_or_none
 from tests.workers import wait_until
@@ -132,6 +133,44 @@ def test_a_graceful_failover_is_followed_and_the_old_master_let_go(
         assert after.grace_left > 0
         with new.client() as c:
             assert c.info("server")["run_id"] == after.server
+    finally:
+        lim.close()
+
+
+def test_a_holder_leaves_a_replaced_master_that_still_takes_writes(
+    sentinels: SentinelSet,
+) -> None:
+    """After SENTINEL FAILOVER the old master takes writes for about 10 s, until the
+    Sentinels demote it. A holder renewing there all that time would miss the new
+    master's restart grace (one lease, 5 s here), and the new master would grant its slot
+    again (found by the chaos suite: three builds under a limit of two). The holder must
+    renew on the new master within its grace, while the old one still takes writes."""
+    holders = slot_keys("follow").holders
+    lim = limiter(sentinels.url(), "follow")
+    lim.declare_no_survivors()
+    try:
+        slot = lim.try_acquire("held")
+        assert slot is not None
+        old = sentinels.master()
+        with sentinels.sentinels[0].client(socket_timeout=5) as c:
+            c.execute_command("SENTINEL", "FAILOVER", MASTER)
+        new = sentinels.wait_failover(old)
+        started = time.monotonic()
+        with new.client(socket_timeout=1) as c:
+            replicated = c.zscore(holders, "held")  # what the old master had sent it
+
+        def renewed_on_new() -> bool:
+            with new.client(socket_timeout=1) as c:
+                score = c.zscore(holders, "held")
+            return score is not None and (replicated is None or score > replicated)
+
+        wait_until(renewed_on_new, timeout=lim.lease_ttl, what="a renewal on the new master")
+        took = time.monotonic() - started
+        with old.client(socket_timeout=1) as c:
+            old_role = c.info("replication")["role"]
+        print(f"holder renewed on the new master {took:.2f} s after the failover")
+        assert old_role == "master", "the old master was demoted first: nothing was shown"
+        assert not slot.lost.is_set()
     finally:
         lim.close()
 

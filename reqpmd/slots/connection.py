@@ -13,6 +13,7 @@ thread, so all of them become RedisUnavailable.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import ssl
 import threading
@@ -214,6 +215,26 @@ def open_redis(url: str, creds: Credentials = Credentials()) -> redis.Redis:
         lazy = _LazyCluster(lambda: redis.cluster.RedisCluster(startup_nodes=nodes, **options))
         return cast(redis.Redis, lazy)  # the commands reqpm uses, routed by key slot
     raise ValueError(f"{address.kind} is not a shared Redis")
+
+
+def follow_master(client: redis.Redis) -> None:
+    """Under Sentinel, ask the Sentinels which server is master now and let go of the
+    connections to any other (the next call connects to the one named).
+
+    A connection breaks by itself only when its server dies or answers READONLY or
+    NOREPLICAS. A master the Sentinels replaced while it lived (SENTINEL FAILOVER, or a
+    false "down" in a failover storm) takes writes until they demote it, about 10 s, and
+    what it granted or renewed meanwhile is lost with it. A holder still talking to it
+    would miss the new master's restart grace and not re-register; the new master would
+    then grant its slot again; a waiter still talking to it could be granted a slot the
+    new master never hears of. Asked at most once per third of a lease before a limiter
+    call, every caller reaches the new master within its grace. Costs one Sentinel round
+    trip then (up to SENTINEL_TIMEOUT per Sentinel when they do not answer). Other
+    clients: nothing to do."""
+    pool = getattr(client, "connection_pool", None)
+    if isinstance(pool, redis.sentinel.SentinelConnectionPool):
+        with contextlib.suppress(*REDIS_ERRORS):  # the next call says what is wrong
+            pool.get_master_address()  # type: ignore[no-untyped-call]
 
 
 def serving(client: redis.Redis, key: str) -> str | None:

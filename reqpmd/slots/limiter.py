@@ -43,7 +43,7 @@ from reqpmd.errors import (
 )
 from reqpmd.quoting import printable, shown
 from reqpmd.slots import keys
-from reqpmd.slots.connection import REDIS_ERRORS, text, unavailable
+from reqpmd.slots.connection import REDIS_ERRORS, follow_master, text, unavailable
 from reqpmd.slots.grants import GrantListener, Pending
 from reqpmd.slots.heartbeat import Heartbeat
 from reqpmd.slots.scripts import (
@@ -322,6 +322,7 @@ class BuildConcurrencyLimiter:
         self._grants = GrantListener(redis_client, self._keys.grants)
         self._steps = _Steps(self)
         self._grace_warned_until = 0.0  # monotonic end of the grace period last warned of
+        self._next_follow = 0.0  # monotonic: when to ask the Sentinels for the master again
         self._bad = WarnOnce(log)  # malformed data read from Redis, said once per key
 
     # -- configuration -------------------------------------------------------------
@@ -332,6 +333,12 @@ class BuildConcurrencyLimiter:
 
     def _run(self, script: Any, *args: Any) -> list[Any]:
         """Run a script; its reply as a list whose first element is a ``Reply``."""
+        now = self._clock()
+        if now >= self._next_follow:
+            # under Sentinel, the master named now (see follow_master): holders, waiters
+            # and checks all reach a new master within a third of a lease, its grace
+            self._next_follow = now + self.lease_ttl / 3 * 0.9
+            follow_master(self._redis)
         grace_ms = int(self.restart_grace * 1000)
         try:
             reply = script(keys=self._key_list, args=[grace_ms, *args])
