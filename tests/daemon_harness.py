@@ -73,6 +73,12 @@ class Reqpmd:
         self.env.update(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
 
+    def configure(self, **values: Any) -> None:
+        """Settings changed in the file, for the next start."""
+        self.config.write_text(
+            yaml.safe_dump({**yaml.safe_load(self.config.read_text()), **values})
+        )
+
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "reqpmd.daemon", "--config", str(self.config)]
 

@@ -139,10 +139,11 @@ class Topology:
     """Redis processes started together on ports chosen free, stopped together."""
 
     PREFIX = "rq"
+    parent: Path | str = "/tmp"  # where each start's new directory is made
 
     def _reset(self) -> None:
         """A new directory and no nodes: where start() begins."""
-        self.root = Path(tempfile.mkdtemp(prefix=self.PREFIX, dir="/tmp"))
+        self.root = Path(tempfile.mkdtemp(prefix=self.PREFIX, dir=self.parent))
 
     def all_nodes(self) -> list[Node]:
         raise NotImplementedError
@@ -174,10 +175,15 @@ class SentinelSet(Topology):
     PREFIX = "rqsen"
 
     def __init__(
-        self, data_lines: list[str] | None = None, sentinel_lines: list[str] | None = None
+        self,
+        data_lines: list[str] | None = None,
+        sentinel_lines: list[str] | None = None,
+        parent: Path | None = None,
     ):
         self._data_lines = data_lines or []
         self._sentinel_lines = sentinel_lines or []
+        if parent is not None:
+            self.parent = parent
         self._reset()
 
     def _reset(self) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from tests.chaos import checks
 from tests.chaos.checks import LimitRound, Run
-from tests.chaos.plan import plan, resources
+from tests.chaos.plan import default_kinds, plan, resources
 
 LEASE = 5.0
 
@@ -35,6 +35,16 @@ def test_plan_is_reproducible_from_its_seed_and_never_overlaps_a_target() -> Non
             if a is not b and a.at <= b.at < a.at + a.hold:
                 assert not resources(a.kind, a.target) & resources(b.kind, b.target), (a, b)
     assert all(f.hold >= LEASE for f in faults if f.kind == "pause")
+
+
+def test_a_sentinel_plan_fails_the_master_over_instead_of_restarting_one_redis() -> None:
+    single = {f.kind for f in plan(7, 600)}
+    assert not single & {"failover", "switchover"}
+    faults = plan(7, 600, default_kinds(sentinel=True))
+    kinds = {f.kind for f in faults}
+    assert kinds >= {"failover", "switchover", "kill9", "pause", "limit"}
+    assert not kinds & {"redis_keep", "redis_wipe"}
+    assert {f.target for f in faults if f.kind in ("failover", "switchover")} == {"redis"}
 
 
 def test_safety_counts_running_mocks_against_the_limit() -> None:
@@ -60,6 +70,17 @@ def test_safety_applies_a_lower_limit_only_to_grants_after_it() -> None:
     assert checks.safety([*before[:2], late], 3, wide, {}, LEASE)[0] == []
     [v] = checks.safety([*before, late], 3, wide, {}, LEASE)[0]  # 4: more than either
     assert "limit in force 3" in v.what
+
+
+def test_safety_judges_an_instant_by_its_newest_grant() -> None:
+    # limit 1 -> 2: build 1 (token 1, under 1) is between its two mock steps when build 2
+    # (token 2, under 2) starts; build 1's second step then starts: 2 running, limit 2
+    rounds = [LimitRound(before=1, after=2, old=1, new=2)]
+    runs = [run("h1", 1, 1, 0, 1), run("h2", 2, 2, 1.5, 4), run("h1", 1, 1, 2, 3)]
+    assert checks.safety(runs, 1, [LimitRound(1, 1, 1, 2)], {}, LEASE)[0] == []
+    assert checks.safety(runs, 1, rounds, {}, LEASE)[0] == []  # token 2 either way
+    [v] = checks.safety(runs, 1, [], {}, LEASE)[0]  # no raise: over the limit
+    assert "limit in force 1" in v.what
 
 
 def test_a_paused_mock_does_not_count_but_must_be_fenced_when_it_wakes() -> None:
@@ -115,13 +136,16 @@ def test_liveness_catches_a_stalled_queue_a_dead_owners_slot_and_a_crash() -> No
         {"t": 21.0, "kind": "slots", "holders": ["build_3@h2", "build_4@h1"]},
         {"t": 22.0, "kind": "daemon_died", "host": "h3"},
     ]
-    found = checks.liveness(history, None, [run("h1", 5, 5, 0, math.inf)], LEASE)
+    found = checks.liveness(history, None, [run("h1", 5, 5, 0, math.inf)], LEASE, 90.0)
     whats = [v.what for v in found]
     assert any("did not drain" in w for w in whats)
     assert any("slot build_3@h2 held 11.0 s" in w for w in whats)
     assert "a daemon died with no fault on it" in whats
     assert "a mock never ended" in whats
     assert len(found) == 4  # the sample at 12 s is within the lease
+    assert checks.liveness([], 100.0, [], LEASE, checks.drain_bound(20, 2)) == []
+    [v] = checks.liveness([], 100.0, [], LEASE, checks.drain_bound(2, 2))
+    assert v.what == "the queue did not drain within 93 s of the last fault"
 
 
 def test_consistency_catches_a_broken_store_a_bad_row_and_a_repository_that_lies() -> None:

@@ -1,6 +1,7 @@
 """The processes a chaos run drives: one redis-server it owns (TCP on loopback, appendonly
-so a restart "with its data" has some), three reqpmd daemons with the mock stand-in, and
-a small tmpfs as one daemon's state_dir. Like systemd's Restart=, a daemon that exits is
+so a restart "with its data" has some) or, with ``sentinel``, a master, two replicas and
+three Sentinels; three reqpmd daemons with the mock stand-in, and a small tmpfs as one
+daemon's state_dir. Like systemd's Restart=, a daemon that exits is
 started again; unlike it, the farm says so in the history, since nothing here should die
 on its own.
 """
@@ -20,11 +21,12 @@ import psutil
 
 from reqpmctl.client import Client
 from reqpmd.config.schema import Settings
+from reqpmd.slots.connection import open_redis
 from reqpmd.slots.keys import slot_keys
 from tests.chaos.history import History
 from tests.chaos.plan import HOSTS, SMALL_DISK_HOST
 from tests.daemon_harness import HELLO, Reqpmd
-from tests.redis_topologies import Node, free_port
+from tests.redis_topologies import MASTER, Node, SentinelSet, free_port
 
 LEASE = 5
 SMALL_DISK_MB = 48
@@ -74,11 +76,17 @@ def real_srpm(out: Path) -> Path | None:
 
 class Farm:
     def __init__(
-        self, root: Path, history: History, mock_sleep: float = 1.0, sabotage: str | None = None
+        self,
+        root: Path,
+        history: History,
+        mock_sleep: float = 1.0,
+        sabotage: str | None = None,
+        sentinel: bool = False,
     ) -> None:
         self.root = root
         self.history = history
         self.redis = Node(root / "redis", free_port(), ["appendonly yes", "appendfsync always"])
+        self.sentinels = SentinelSet(parent=root) if sentinel else None
         # redis-server dies with the thread that started it (PR_SET_PDEATHSIG follows the
         # thread): every start happens on this one, which lives as long as the farm
         self._keeper = ThreadPoolExecutor(1, thread_name_prefix="redis-keeper")
@@ -93,7 +101,7 @@ class Farm:
                 settings["state_dir"] = str(self.small / "state")
             self.daemons[host] = Reqpmd(
                 root / host,
-                redis_url=f"redis://127.0.0.1:{self.redis.port}/0",
+                redis_url="",  # set at start(): a Sentinel set's ports are chosen then
                 host_id=host,
                 settings=settings,
                 mock_sleep=mock_sleep,
@@ -114,9 +122,23 @@ class Farm:
 
     # -- Redis ------------------------------------------------------------------------
 
+    @property
+    def redis_url(self) -> str:
+        if self.sentinels is not None:
+            return self.sentinels.url()
+        return f"redis://127.0.0.1:{self.redis.port}/0"
+
+    def redis_client(self) -> Any:
+        """A client of the master now (a Sentinel set's, followed across failovers)."""
+        return open_redis(self.redis_url)
+
     def start(self) -> None:
-        self._keeper.submit(self.redis.start).result()
+        if self.sentinels is not None:
+            self._keeper.submit(self.sentinels.__enter__).result()
+        else:
+            self._keeper.submit(self.redis.start).result()
         for host, d in self.daemons.items():
+            d.configure(redis_url=self.redis_url)
             d.start(argv=self.argv[host])
 
     def redis_kill9(self) -> None:
@@ -132,10 +154,37 @@ class Farm:
                         entry.unlink()
         self._keeper.submit(self.redis.start).result()
 
+    def master_kill9(self) -> Node:
+        """kill -9 of the server the Sentinels name as master now: they promote a replica
+        after down-after (1 s), unless it is back first."""
+        assert self.sentinels is not None
+        node = self.sentinels.master()
+        node.kill9()
+        return node
+
+    def node_restart(self, node: Node) -> None:
+        """Back with no data (no persistence): a replica again if a failover happened
+        meanwhile (the Sentinels demote it), else an empty master, which its replicas copy."""
+        self._keeper.submit(node.start).result()
+
+    def switchover(self) -> str:
+        """SENTINEL FAILOVER: the operator's failover, with no server lost."""
+        assert self.sentinels is not None
+        with self.sentinels.sentinels[0].client(socket_timeout=2) as c:
+            return str(c.execute_command("SENTINEL", "FAILOVER", MASTER))
+
+    def master_port(self) -> int | None:
+        if self.sentinels is None:
+            return self.redis.port
+        try:
+            return self.sentinels.master().port
+        except Exception:  # no Sentinel answers now
+            return None
+
     def token(self) -> int | None:
         """The namespace's fencing-token counter (grants only ever raise it)."""
         try:
-            with self.redis.client(socket_timeout=2) as c:
+            with self.redis_client() as c:
                 value = c.hget(slot_keys(Settings().namespace).meta, "token")
         except Exception:  # a Redis fault meanwhile: the checks widen the window
             return None
@@ -231,6 +280,9 @@ class Farm:
                 d.stop(timeout=30)
             d.kill_all()
         self.redis.kill9()
+        if self.sentinels is not None:
+            for node in self.sentinels.all_nodes():
+                node.kill9()  # the files stay with the run's
         self._keeper.shutdown()
 
     def unmount(self) -> None:

@@ -18,6 +18,7 @@ from reqpmd.slots.limiter import BuildConcurrencyLimiter
 from tests.chaos.farm import LEASE, Farm, submit
 from tests.chaos.history import History
 from tests.chaos.plan import HOSTS, Fault
+from tests.redis_topologies import Node
 
 HOSTILE_ANSWER = 5.0  # seconds a daemon has to answer a ping after a hostile burst
 
@@ -31,6 +32,7 @@ class Injector:
     def __init__(self, farm: Farm, history: History, faults: list[Fault], t0: float) -> None:
         self.farm, self.history, self.faults, self.t0 = farm, history, faults, t0
         self.lock = threading.Lock()  # the supervisor leaves a host alone while held
+        self.killed: dict[float, Node] = {}  # a failover's dead master, by its fault's time
 
     def run(self, stop: threading.Event) -> None:
         steps = sorted(
@@ -106,6 +108,22 @@ class Injector:
     def heal_redis_wipe(self, f: Fault) -> None:
         self.farm.redis_restart(wipe=True)
         self._mark(f, "end")
+
+    def inject_failover(self, f: Fault) -> None:
+        node = self.farm.master_kill9()
+        self.killed[f.at] = node
+        self._mark(f, "start", master=node.port)
+
+    def heal_failover(self, f: Fault) -> None:
+        self.farm.node_restart(self.killed.pop(f.at))
+        self._mark(f, "end", master=self.farm.master_port())
+
+    def inject_switchover(self, f: Fault) -> None:
+        before = self.farm.master_port()
+        self._mark(f, "start", master=before, reply=self.farm.switchover())
+
+    def heal_switchover(self, f: Fault) -> None:
+        self._mark(f, "end", master=self.farm.master_port())
 
     def inject_disk_full(self, f: Fault) -> None:
         if not self.farm.small_disk:
@@ -286,7 +304,7 @@ def sample_slots(farm: Farm, history: History, stop: threading.Event) -> None:
                 # the daemons' lease: the first script after a restart starts the grace
                 # with its caller's, and the library's default (60 s) would stall the farm
                 limiter = BuildConcurrencyLimiter(
-                    farm.redis.client(socket_timeout=2), lease_ttl=LEASE, auto_renew=False
+                    farm.redis_client(), lease_ttl=LEASE, auto_renew=False
                 )
             holders, _ = limiter.snapshot()
         except Exception:

@@ -26,7 +26,13 @@ KINDS: dict[str, tuple[int, tuple[float, float]]] = {
     "disk_full": (2, (2.0, 8.0)),  # the small state_dir filled, then freed
     "hostile": (2, (0.5, 1.5)),  # a burst of hostile clients on a daemon's socket
     "limit": (3, (0.0, 0.0)),  # settings set max_concurrent_builds on every host
+    # with Sentinel (instead of the two above on Redis): kill -9 of the master, started
+    # again (empty) after the hold, before or after the Sentinels promote a replica
+    "failover": (3, (0.3, 6.0)),
+    "switchover": (1, (2.0, 5.0)),  # SENTINEL FAILOVER, as an operator runs it
 }
+SINGLE_REDIS_ONLY = ("redis_keep", "redis_wipe")
+SENTINEL_ONLY = ("failover", "switchover")
 SETTLE = 1.0  # seconds a target rests after a fault before the next one may touch it
 LIMITS = (1, 2, 3)
 
@@ -55,8 +61,13 @@ def resources(kind: str, target: str) -> set[str]:
     return {target}
 
 
+def default_kinds(sentinel: bool) -> tuple[str, ...]:
+    other = SINGLE_REDIS_ONLY if sentinel else SENTINEL_ONLY
+    return tuple(k for k in KINDS if k not in other)
+
+
 def _target(kind: str, rng: random.Random) -> str:
-    if kind.startswith("redis"):
+    if kind.startswith("redis") or kind in SENTINEL_ONLY:
         return "redis"
     if kind == "limit":
         return "all"
@@ -70,7 +81,7 @@ def plan(
 ) -> list[Fault]:
     """Faults starting every 0.5-3 s over ``seconds``; a pause lasts a lease and more."""
     rng = random.Random(seed)
-    names = [k for k in KINDS if kinds is None or k in kinds]
+    names = [k for k in KINDS if k in (kinds or default_kinds(sentinel=False))]
     weights = [KINDS[k][0] for k in names]
     busy: dict[str, float] = {}
     faults: list[Fault] = []

@@ -26,7 +26,7 @@ from tests.chaos import checks
 from tests.chaos.farm import LEASE, SETTINGS, Farm
 from tests.chaos.history import History, mock_events
 from tests.chaos.inject import Injector, Workload, sample_slots, supervise
-from tests.chaos.plan import HOSTS, KINDS, Fault, last_heal, plan
+from tests.chaos.plan import HOSTS, KINDS, Fault, default_kinds, last_heal, plan
 
 DRAIN_POLL = 0.5
 SHOW_PER_CHECK = 5  # violations printed per check
@@ -38,13 +38,14 @@ class Report:
     seconds: float
     root: Path
     faults: list[Fault]
+    options: str = ""  # what else reproduces it: --sentinel, --kinds, --sabotage
     violations: list[checks.Violation] = field(default_factory=list)
     figures: dict[str, Any] = field(default_factory=dict)
 
     def text(self, schedule: bool = False) -> str:
         lines = [
             f"chaos run: seed {self.seed}, {self.seconds:g} s of faults, history in {self.root}",
-            f"reproduce: ./dev chaos --seconds {self.seconds:g} --seed {self.seed}",
+            f"reproduce: ./dev chaos --seconds {self.seconds:g} --seed {self.seed}{self.options}",
         ]
         for key, value in self.figures.items():
             lines.append(f"  {key}: {value}")
@@ -73,15 +74,20 @@ def _builds(farm: Farm, host: str) -> dict[int, dict[str, Any]] | None:
     return {int(b["id"]): b for b in rows}
 
 
-def _drain(farm: Farm, workload: Workload, since: float) -> float | None:
+def _unended(farm: Farm) -> int | None:
+    """Builds not yet ended on all hosts, or None while a host does not answer."""
+    listed = [_builds(farm, h) for h in HOSTS]
+    if any(b is None for b in listed):
+        return None
+    return sum(row["state"] not in checks.FINAL for b in listed if b for row in b.values())
+
+
+def _drain(farm: Farm, workload: Workload, since: float, bound: float) -> float | None:
     """Seconds from ``since`` until every build on every host has ended, or None."""
-    deadline = since + checks.DRAIN_BOUND + 30
+    deadline = since + bound + 30
     while time.time() < deadline:
         workload.flush_cancels()
-        listed = [_builds(farm, h) for h in HOSTS]
-        if all(b is not None for b in listed) and all(
-            row["state"] in checks.FINAL for b in listed if b for row in b.values()
-        ):
+        if _unended(farm) == 0:
             return time.time() - since
         time.sleep(DRAIN_POLL)
     return None
@@ -127,14 +133,23 @@ def run_chaos(
     kinds: tuple[str, ...] | None = None,
     mock_sleep: float = 1.0,
     sabotage: str | None = None,
+    sentinel: bool = False,
 ) -> Report:
     history = History(root / "history.jsonl")
-    farm = Farm(root, history, mock_sleep, sabotage=sabotage)
+    farm = Farm(root, history, mock_sleep, sabotage=sabotage, sentinel=sentinel)
+    kinds = kinds or default_kinds(sentinel)
     if not farm.small_disk:
-        kinds = tuple(k for k in (kinds or tuple(KINDS)) if k != "disk_full")
+        kinds = tuple(k for k in kinds if k != "disk_full")
     faults = plan(seed, seconds, kinds, lease=LEASE)
-    report = Report(seed, seconds, root, faults)
-    history.add("plan", seed=seed, seconds=seconds, faults=[f.as_dict() for f in faults])
+    options = (
+        (" --sentinel" if sentinel else "")
+        + (f" --kinds {','.join(kinds)}" if kinds != default_kinds(sentinel) else "")
+        + (f" --sabotage {sabotage}" if sabotage else "")
+    )
+    report = Report(seed, seconds, root, faults, options)
+    history.add(
+        "plan", seed=seed, seconds=seconds, sentinel=sentinel, faults=[f.as_dict() for f in faults]
+    )
     farm.start()
     try:
         try:
@@ -175,7 +190,16 @@ def _run(
     for host in HOSTS:  # every host up for the drain
         if not farm.alive(host):
             farm.start_daemon(host)
-    report.figures["drained_after_s"] = drained = _drain(farm, workload, calm)
+    backlog = None
+    while backlog is None and time.time() < calm + 30:
+        backlog = _unended(farm)
+        if backlog is None:
+            time.sleep(DRAIN_POLL)
+    limit = next((f.value for f in reversed(faults) if f.kind == "limit"), None)
+    bound = checks.drain_bound(backlog or 0, limit or SETTINGS["max_concurrent_builds"])
+    report.figures["backlog_at_calm"] = backlog
+    report.figures["drain_bound_s"] = bound
+    report.figures["drained_after_s"] = drained = _drain(farm, workload, calm, bound)
     history.add("drained", after=drained)
     stop_all.set()
     for t in helpers:
@@ -206,7 +230,11 @@ def _judge(farm: Farm, history: History, report: Report) -> None:
     report.violations += found
     report.violations += checks.nothing_lost(events, final, all_runs)
     report.violations += checks.liveness(
-        events, report.figures.get("drained_after_s"), all_runs, LEASE
+        events,
+        report.figures.get("drained_after_s"),
+        all_runs,
+        LEASE,
+        report.figures["drain_bound_s"],
     )
     stores = {h: _store(d.state_dir) for h, d in farm.daemons.items()}
     repos = _repos(farm.repo_dir)
@@ -246,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kinds", help=f"comma-separated subset of: {', '.join(KINDS)}")
     p.add_argument("--root", type=Path, help="where the run's files go (kept)")
     p.add_argument("--sabotage", help="break the daemons on purpose (tests/chaos/sabotage.py)")
+    p.add_argument(
+        "--sentinel",
+        action="store_true",
+        help="a master, two replicas and three Sentinels (failover faults), not one server",
+    )
     p.add_argument("--schedule", action="store_true", help="print the fault schedule")
     a = p.parse_args(argv)
     seconds = a.seconds if a.seconds is not None else (a.minutes or 1.0) * 60
@@ -254,13 +287,14 @@ def main(argv: list[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     print(f"chaos: seed {seed}, {seconds:g} s, files in {root}", flush=True)
     kinds = tuple(a.kinds.split(",")) if a.kinds else None
-    report = run_chaos(seed, seconds, root, kinds, sabotage=a.sabotage)
+    report = run_chaos(seed, seconds, root, kinds, sabotage=a.sabotage, sentinel=a.sentinel)
     print(report.text(schedule=a.schedule))
     (root / "report.json").write_text(
         json.dumps(
             {
                 "seed": seed,
                 "seconds": seconds,
+                "sentinel": a.sentinel,
                 "figures": report.figures,
                 "violations": [v.show() for v in report.violations],
             },
