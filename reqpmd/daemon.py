@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -23,6 +24,7 @@ import redis
 from reqpmd import __version__
 from reqpmd.builds.autoscale import AutoScaler
 from reqpmd.builds.gates import Gates, disk_shortage
+from reqpmd.builds.guard import LeaseGuard
 from reqpmd.builds.layout import StateLayout
 from reqpmd.builds.process import Runner, Stopper, popen_runner
 from reqpmd.builds.scheduler import Scheduler
@@ -101,7 +103,12 @@ class Daemon:
             signal.signal(sig, self._on_stop_signal)
         signal.signal(signal.SIGHUP, self._on_hup)
         s.state_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store(s.state_dir)
+        try:
+            self.store = Store(s.state_dir)
+        except sqlite3.Error as exc:  # said in one line; systemd starts it again
+            raise RuntimeError(
+                f"cannot open the build queue in {s.state_dir}: {exc} (is it full or read-only?)"
+            ) from exc
         self.settings = SettingsService(self.config_path, s, audit=self.store)
         exposed = self.settings.exposure()
         if exposed:
@@ -130,6 +137,7 @@ class Daemon:
             s.host_id,
         )
         self.publisher = Publisher(self.store, current, on_failure=self.metrics.publish_failed)
+        self.guard = LeaseGuard(lambda: current().cancel_grace_seconds)
         self.scheduler = Scheduler(
             self.store,
             self.limiter,
@@ -140,6 +148,7 @@ class Daemon:
             on_end=self._build_ended,
             autoscaler=AutoScaler(current),
             ceiling=lambda: self.cluster.limit(),
+            guard=self.guard,
         )
         self.projects = Projects(self.store)
         self.syncer = ProjectSyncer(
@@ -296,6 +305,7 @@ class Daemon:
             with contextlib.suppress(OSError):
                 s.socket_path.unlink()
         self.scheduler.shutdown(timeout=4 * s.cancel_grace_seconds + 60)
+        self.guard.close()
         self.maintenance.stop(timeout=PUBLISHER_STOP)
         self.syncer.stop(timeout=PUBLISHER_STOP)  # a fetch in progress has its timeout
         self.publisher.stop(timeout=PUBLISHER_STOP)

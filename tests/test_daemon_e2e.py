@@ -280,6 +280,33 @@ def test_kill9_of_reqpmd_ends_its_mock_at_once_without_systemd(daemons: MakeDaem
     assert run["signal"] == "SIGTERM"  # mock's own clean-up ran (its chroot's processes)
 
 
+def test_a_reqpmd_stopped_alone_has_its_mock_stopped_when_the_lease_runs_out(
+    daemons: MakeDaemon,
+) -> None:
+    """kill -STOP of reqpmd alone: it renews nothing and stops nothing, while its mock
+    builds on past the lease, when another host may be granted the slot. The lease guard
+    stops that mock when the lease runs out; woken, reqpmd runs the build again."""
+    d = daemons(mock_sleep=8).start()  # lease 5 s
+    build_id = d.submit("stopped-1-1.src.rpm")
+    d.wait_state(build_id, "building")
+    wait_for(lambda: _mock_running(d, build_id))
+    assert d.proc is not None
+    os.kill(d.proc.pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        wait_for(lambda: [r for r in d.mock_runs() if r["mode"] == "rebuild"], timeout=5 + 3)
+        took = time.monotonic() - stopped_at
+        assert psutil.Process(d.proc.pid).status() == psutil.STATUS_STOPPED  # not reqpmd's doing
+    finally:
+        os.kill(d.proc.pid, signal.SIGCONT)
+    [first] = [r for r in d.mock_runs() if r["mode"] == "rebuild"]
+    assert first["exit"] == 7 and took <= 5 + 2, (first, took)  # SIGINT: mock's exit 7
+    assert "lease ran out unrenewed" in d.log()
+    done = d.wait_state(build_id, FINAL, timeout=60)
+    assert done["state"] == "succeeded", done  # run again, not failed for the signal
+    assert len([r for r in d.mock_runs() if r["mode"] == "rebuild"]) == 2
+
+
 def test_redis_down_keeps_builds_running_and_accepts_submissions(
     daemons: MakeDaemon, redis_server: RedisServer
 ) -> None:
@@ -534,3 +561,16 @@ def test_builds_make_real_packages_and_a_real_failed_log(daemons: MakeDaemon) ->
     mock_log = (Path(failed["result_dir"]) / "build.log").read_text()  # mock's, as mock writes it
     assert "this package is meant to fail" in mock_log and "Bad exit status" in mock_log
     assert "exited with 30" in failed["error"]
+
+
+def test_a_queue_that_cannot_be_opened_stops_the_start_in_one_line(daemons: MakeDaemon) -> None:
+    """A full or broken state_dir at start (the chaos suite's full disk): one line saying
+    where and why, exit 1 for systemd to try again, no traceback."""
+    d = daemons()
+    (d.state_dir / "reqpm.db").mkdir(parents=True)  # SQLite cannot open a directory
+    d.start(wait=False)
+    assert d.proc is not None
+    assert d.proc.wait(timeout=30) == 1
+    log = d.log()
+    assert f"cannot open the build queue in {d.state_dir}" in log
+    assert "Traceback" not in log

@@ -56,6 +56,17 @@ def rebuild_argv(mock: Path, chroot: str, build_id: int, result_dir: Path, srpm:
     return [*_base(mock, chroot, build_id), "--resultdir", str(result_dir), "--rebuild", str(srpm)]
 
 
+def result_dir_of(argv: list[str]) -> str | None:
+    """The --resultdir of a mock command line (as `ps` shows it), or None: how the lease
+    guard knows a build's mock among the host's processes."""
+    for i, arg in enumerate(argv):
+        if arg == "--resultdir" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--resultdir="):
+            return arg.partition("=")[2]
+    return None
+
+
 def scrub_argv(mock: Path, chroot: str, build_id: int, private_cache: Path) -> list[str]:
     return [
         *_base(mock, chroot, build_id),

@@ -19,6 +19,7 @@ from typing import IO
 
 from reqpmd.builds import mock
 from reqpmd.builds.events import build_event
+from reqpmd.builds.guard import Fence
 from reqpmd.builds.layout import BuildLayout
 from reqpmd.builds.lifecycle import Outcome, StopReason, StopRequest, step_outcome
 from reqpmd.builds.process import Process, Runner, Stopper, start_time
@@ -43,9 +44,11 @@ class BuildRun:
         stop: StopRequest,
         clock: Callable[[], float] = time.monotonic,
         env: Mapping[str, str] | None = None,
+        fence: Fence | None = None,
     ) -> None:
         self.build = build
         self.env = env  # for mock's steps, not its scrub
+        self.fence = fence  # the slot's lease, watched by the lease guard too
         self.layout = layout
         self.settings = settings
         self.runner = runner
@@ -96,18 +99,33 @@ class BuildRun:
         self, step: str, argv: list[str], logf: IO[bytes], deadline: float | None
     ) -> Outcome | None:
         """None when the step succeeded; otherwise how the build ends."""
+        if self.fence is not None and self.fence.lapsed():
+            # granted, then this daemon stalled past the lease: the slot may be another's
+            self.stop.request(StopReason.REQUEUE, "its slot's lease ran out; will run again")
         if self.stop.requested:
             return self.stop.outcome()
         note(logf, "running: " + " ".join(argv))
-        proc = self.runner(argv, logf, self.layout.root, self.env)
-        self.mock_started = True
+        fence, result = self.fence, self.layout.result
+        if fence is not None:
+            fence.watch(result)  # before mock exists: no moment unwatched
         try:
-            self.on_started(proc.pid, start_time(proc.pid))
-            code = self._wait(proc, deadline)
-        except BaseException:
-            # never leave mock running unsupervised: its slot is about to be released
-            self.stopper.stop(proc)
-            raise
+            proc = self.runner(argv, logf, self.layout.root, self.env)
+            self.mock_started = True
+            try:
+                self.on_started(proc.pid, start_time(proc.pid))
+                code = self._wait(proc, deadline)
+            except BaseException:
+                # never leave mock running unsupervised: its slot is about to be released
+                self.stopper.stop(proc)
+                raise
+            fenced = fence is not None and fence.expired(result)
+        finally:
+            if fence is not None:
+                fence.unwatch(result)
+        if fenced and not self.stop.requested:
+            # mock ended with no live lease (the guard stopped it while this daemon could
+            # not act, or it ran out): whatever mock said, it held no slot
+            self.stop.request(StopReason.REQUEUE, "its slot's lease ran out; will run again")
         if self.stop.requested:
             note(logf, f"stopped ({self.stop.reason}): mock exited with {code}")
             return self.stop.outcome(code)

@@ -23,6 +23,7 @@ from reqpmd.builds import gates as gates_mod
 from reqpmd.builds.autoscale import AutoScaler
 from reqpmd.builds.events import build_event
 from reqpmd.builds.gates import Gate, Gates
+from reqpmd.builds.guard import Fence, LeaseGuard, early_for
 from reqpmd.builds.lifecycle import (
     Outcome,
     StopReason,
@@ -108,7 +109,9 @@ class Scheduler:
         on_end: Callable[[Build], None] = lambda build: None,
         autoscaler: AutoScaler | None = None,
         ceiling: Callable[[], int] = lambda: 1,
+        guard: LeaseGuard | None = None,
     ) -> None:
+        self.guard = guard  # watches each build's mock against its slot's lease
         self.autoscaler = autoscaler  # used while auto_scale is on
         self.ceiling = ceiling  # the cluster limit in force (auto_scale never goes above)
         self.store = store
@@ -365,6 +368,14 @@ class Scheduler:
             stop=flight.stop,
             clock=self.clock,
             env=mock_env(build.id, slot.token),
+            fence=None
+            if self.guard is None
+            else Fence(
+                self.guard,
+                lambda: slot.lease_deadline,
+                slot.lost.is_set,
+                early_for(s.cancel_grace_seconds, s.slot_lease_seconds),
+            ),
         )
         outcome = run.run()
         # a gate that closed just after the grant, or a stop before mock ran, costs nothing
