@@ -13,8 +13,10 @@ Run from the repository root (``./dev bench queue`` does the same):
    ahead of the N. The holder releases; the RELEASE script grants the blocked waiter and
    publishes the grant. Hand-over = the waiter's CLOCK_MONOTONIC right after
    ``wait_for_slot`` returned minus the holder's right before ``release()``. Redis time
-   per grant = ``cmdstat_evalsha`` usec of INFO commandstats, reset before the release
-   (a sample in which anything else ran a script is dropped and counted). Every round
+   per grant = ``cmdstat_evalsha`` usec of INFO commandstats, reset before the release:
+   the granting RELEASE and the waiter's ACQUIRE that confirms the grant message (since
+   2026-11-29: a message is a reason to ask, not the answer); a sample in which anything
+   else ran a script is dropped and counted. Every round
    measures every N in turn. The seed's design (a SET, SCARD+SADD, waiters polling every
    0.5 s) keeps no queue; its comparable figures are measured beside: the hand-over of a
    lone poller, the Redis time of its release, and what N waiting builds cost Redis per
@@ -78,6 +80,7 @@ from reqpmd.slots.connection import connect  # noqa: E402
 from reqpmd.slots.server import RedisServer  # noqa: E402
 from reqpmd.slots.waiter import SAFETY_POLL  # noqa: E402 - a waiter asks Redis this often
 
+GRANT_CALLS = 2  # scripts per measured grant: the granting RELEASE, the confirming ACQUIRE
 SIZES = (10, 100, 1000, 10000)
 LEASE_TTL = 3600  # queue scenario: no holder or waiter lease runs out during a run
 CHURN_LEASE_TTL = 60  # as bench/limiter_bench.py
@@ -155,7 +158,7 @@ class Queue:
     holding: str = ""
     round: int = 0
     handover: list[float] = field(default_factory=list)  # seconds
-    server_us: list[int] = field(default_factory=list)  # Redis time of the granting RELEASE
+    server_us: list[int] = field(default_factory=list)  # Redis time of a grant's scripts
     release_rtt: list[float] = field(default_factory=list)  # the holder's release() call
     dropped: int = 0  # samples in which another script ran between reset and read
     refresh_us: list[int] = field(default_factory=list)  # one waiter's safety poll, Redis
@@ -229,7 +232,7 @@ def handover_round(
     if sample:
         q.handover.append(t_granted - t_release)
         q.release_rtt.append(t_reply - t_release)
-        if calls == 1:
+        if calls == GRANT_CALLS:
             q.server_us.append(usec)
         else:
             q.dropped += 1

@@ -577,3 +577,58 @@ def test_ending_the_grace_serves_the_queue_at_once(
         assert got and got[0] - ended_at < 1.0
     finally:
         server.kill()
+
+
+@pytest.mark.parametrize("late", [3.0, 7.0])
+def test_a_grant_heard_late_is_renewed_before_use_or_known_lost(
+    rclient: redis.Redis, make_limiter: MakeLimiter, late: float
+) -> None:
+    """A process stopped while its grant waited (SIGSTOP, a stall) must not trust the
+    grant's old lease: seen more than a third of a lease late, it is renewed first (3 s
+    of a 6 s lease), or, its lease over by then (7 s), lost and given back at once."""
+    now = [100.0]
+    lim = make_limiter(rclient, lease_ttl=6, clock=lambda: now[0], auto_renew=False)
+    attempt = lim._attempt
+
+    def heard_late(*args: object, **kwargs: object) -> object:
+        reply = attempt(*args, **kwargs)  # type: ignore[arg-type]
+        now[0] += late  # the grant is in; this process looks at it only now
+        return reply
+
+    lim._attempt = heard_late  # type: ignore[method-assign]
+    slot = lim.try_acquire("late")
+    assert slot is not None
+    if late < 6:
+        assert not slot.lost.is_set()
+        assert slot.lease_deadline == 100.0 + late + 6  # from the renewal, not the grant
+        assert lim.counts().active == 1
+    else:
+        assert slot.lost.is_set()
+        assert lim.counts().active == 0  # given back, not left to its lease
+
+
+def test_a_grant_message_is_checked_with_redis_not_trusted(
+    rclient: redis.Redis, make_limiter: MakeLimiter
+) -> None:
+    """A grant message can be old: a process stopped while the grant waited in its socket
+    wakes after the slot was reaped and given to another (the chaos suite: four builds
+    under a limit of two). Here a message for the waiter, with its owner, arrives while
+    Redis says it still waits: the waiter must go on waiting, and take the real grant."""
+    from reqpmd.slots.keys import slot_keys
+
+    keys = slot_keys("reqpm")
+    holder = make_limiter(rclient, lease_ttl=60)
+    first = holder.try_acquire("holder")
+    assert first is not None
+    lim = make_limiter(rclient, lease_ttl=60)
+    got: list[int] = []
+    t = threading.Thread(target=lambda: got.append(lim.wait_for_slot("next", timeout=30).token))
+    t.start()
+    record = wait_until(lambda: rclient.hget(keys.waiter_info, "next"), what="the waiter queued")
+    owner = record.decode().split()[0]
+    rclient.publish(keys.grants, f"next {owner} 999999")  # a grant Redis never made
+    time.sleep(0.5)  # were the message trusted, the waiter would hold a slot by now
+    assert not got and holder.counts().active == 1
+    holder.release("holder")
+    t.join(10)
+    assert got and got[0] != 999999 and got[0] > first.token

@@ -440,17 +440,23 @@ def test_waiter_granted_on_the_first_attempt() -> None:
     assert steps.withdrawn == 0
 
 
-def test_waiter_waits_for_the_notification_and_returns_its_token() -> None:
-    steps = FakeSteps([Attempt(None)])
+def test_a_notification_makes_the_waiter_ask_at_once_and_only_redis_grants() -> None:
+    """A grant message may be old (its process stopped while it waited in the socket):
+    the waiter asks Redis at once, and takes the token Redis answers, not the message's."""
+    steps = FakeSteps([Attempt(None), Attempt(None), Attempt(42)])
     run = Run(make_waiter(steps))
     wait_until(lambda: steps.attempts == 1, what="the first attempt")
     pending = steps.listened[0]
+    pending.token = 41  # an old grant: Redis still says wait
+    pending.event.set()
+    wait_until(lambda: steps.attempts == 2, what="asked at once, not at the safety poll")
+    assert run.thread.is_alive()  # still waiting
     pending.token = 42
     pending.event.set()
     run.join()
     assert run.error is None
     assert run.result is not None and run.result[0] == 42
-    assert steps.attempts == 1  # the notification, not a poll, brought it
+    assert steps.attempts == 3  # each message brought one question, no poll
     assert steps.unlistened == 1
     assert steps.withdrawn == 0
 

@@ -231,6 +231,8 @@ def follow_master(client: redis.Redis) -> None:
     call, every caller reaches the new master within its grace. Costs one Sentinel round
     trip then (up to SENTINEL_TIMEOUT per Sentinel when they do not answer). Other
     clients: nothing to do."""
+    if isinstance(client, _LazyCluster):
+        return  # (its attributes are the cluster client's, made at first use)
     pool = getattr(client, "connection_pool", None)
     if isinstance(pool, redis.sentinel.SentinelConnectionPool):
         with contextlib.suppress(*REDIS_ERRORS):  # the next call says what is wrong

@@ -431,9 +431,25 @@ class BuildConcurrencyLimiter:
         )
         with self._lock:
             self._held[name] = slot
+        if self._clock() - sent_at > self.lease_ttl / 3:
+            # heard late (this process was stopped, or starved, while the grant waited
+            # in its socket): renewed before use, or known lost, rather than trusted
+            self._renew_late_grant(slot)
         if self.auto_renew:
             self._heartbeat.watch(slot, self.lease_ttl / 3)
         return slot
+
+    def _renew_late_grant(self, slot: Slot) -> None:
+        try:
+            with slot.lock:
+                self._renew_locked(slot)
+        except SlotLost as exc:
+            log.error("slot %s lost before use: %s", slot.name, exc)
+            self._mark_lost(slot)
+            with contextlib.suppress(RedisUnavailable):  # else its lease frees it
+                self._release_name(slot.name, slot.owner)
+        except RedisUnavailable as exc:  # its deadline stands; the heartbeat retries
+            log.warning("slot %s granted long ago, not renewed yet: %s", slot.name, exc)
 
     def try_acquire(
         self,

@@ -131,9 +131,13 @@ class Waiter:
                 attempt = self.steps.attempt(self.name, self.owner, self.priority, self.info)
                 if attempt.token is not None:
                     return attempt.token, sent_at
-                token = self._wait_for_grant(pending, attempt.wake_hint)
-                if token is not None:
-                    return token, sent_at
+                if self._wait_for_grant(pending, attempt.wake_hint) is not None:
+                    # A grant message is a reason to ask, not the answer: it may be old
+                    # (this process stopped while it waited in the socket, the slot lost
+                    # meanwhile, even the server replaced). Asked again, Redis grants it
+                    # only if it still holds, and starts its lease from now.
+                    pending.token = None
+                    pending.event.clear()
         finally:
             self.steps.unlisten(pending)
 
