@@ -16,6 +16,7 @@ import itertools
 import math
 import re
 from collections import defaultdict
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,7 +81,7 @@ def _run(start: dict[str, Any], end: dict[str, Any] | None) -> Run:
         int(start["build"]),
         int(start["token"]),
         start["mode"],
-        start["t"],
+        start.get("forked", start["t"]),  # it runs from its fork, before its start line
         end["t"] if end else math.inf,
         end.get("exit") if end else None,
         end.get("signal") if end else None,
@@ -141,6 +142,23 @@ def pauses(history: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]
     return out
 
 
+def fenced(
+    all_runs: list[Run], paused: dict[str, list[tuple[float, float]]], lease: float
+) -> set[tuple[str, int, float]]:
+    """The runs (by key) that a pause longer than the lease cut: their slot was gone when
+    they woke, so nothing they did counts as a result."""
+    return {
+        run_key(r)
+        for r in all_runs
+        for p0, p1 in paused.get(r.host, [])
+        if p1 - p0 >= lease and p0 < r.end and p1 > r.start
+    }
+
+
+def run_key(r: Run) -> tuple[str, int, float]:
+    return (r.host, r.pid, r.start)
+
+
 def safety(
     all_runs: list[Run],
     initial_limit: int,
@@ -150,8 +168,9 @@ def safety(
 ) -> tuple[list[Violation], dict[str, Any]]:
     """Sweep the runs' starts and ends. A run on a paused host is not running while it
     is paused; after a pause longer than the lease its slot is gone, so it must be
-    stopped (FENCE_BOUND) and must not succeed: that remainder is checked on its own and
-    not counted against the limit."""
+    stopped (FENCE_BOUND): that remainder is checked on its own and not counted against
+    the limit. (Its mock may still exit 0 in the moment before anyone can stop it, the
+    host's guard frozen with it: nothing_lost checks that no success is taken from it.)"""
     violations: list[Violation] = []
     segments: list[tuple[float, float, Run]] = []
     fenced = []
@@ -171,15 +190,6 @@ def safety(
                             "safety",
                             f"a mock woken after a {p1 - p0:.1f} s pause (lease {lease:g} s) "
                             f"ran {r.end - p1:.2f} s on (bound {FENCE_BOUND} s)",
-                            [r.brief()],
-                        )
-                    )
-                if r.exit == 0:
-                    violations.append(
-                        Violation(
-                            "safety",
-                            "a mock woken after its lease ran out finished as if it "
-                            "still held its slot",
                             [r.brief()],
                         )
                     )
@@ -235,8 +245,10 @@ def nothing_lost(
     history: list[dict[str, Any]],
     final: dict[str, dict[int, dict[str, Any]]],
     all_runs: list[Run],
+    cut: AbstractSet[tuple[str, int, float]] = frozenset(),
 ) -> list[Violation]:
-    """``final``: per host, every build its store holds at the end, by id."""
+    """``final``: per host, every build its store holds at the end, by id. ``cut``: the
+    fenced runs (see fenced()): a success of theirs is none."""
     violations = []
     acked = [e for e in history if e["kind"] == "submit" and e["ok"]]
     seen: set[tuple[str, int]] = set()
@@ -263,18 +275,37 @@ def nothing_lost(
                     Violation("nothing lost", f"a build never ended ({build['state']})", [build])
                 )
     # success at most once: a successful run may be followed by another only when its
-    # daemon died before it could record the success (kill -9 or a stop in between)
-    crashes = defaultdict(list)
+    # daemon could not record the success: killed or stopped in between, or stopped alone
+    # when the run ended (it woke past the lease: the run held no slot when it looked)
+    crashes: dict[str, list[float]] = defaultdict(list)
+    stopped: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    began: dict[str, float] = {}
     for e in history:
-        if e["kind"] == "fault" and e.get("fault") in CRASH_KINDS and e["phase"] == "start":
+        if e["kind"] != "fault":
+            continue
+        if e.get("fault") in CRASH_KINDS and e["phase"] == "start":
             crashes[e["target"]].append(e["t"])
+        elif e.get("fault") == "stop_alone" and e["phase"] == "start":
+            began[e["target"]] = e["t"]
+        elif e.get("fault") == "stop_alone" and e["phase"] == "end" and e["target"] in began:
+            stopped[e["target"]].append((began.pop(e["target"]), e["t"]))
+
+    def unrecorded(host: str, first: Run, later: Run) -> bool:
+        return any(first.end <= t <= later.start for t in crashes[host]) or any(
+            a <= first.end <= b for a, b in stopped[host]
+        )
+
     by_build: dict[tuple[str, int], list[Run]] = defaultdict(list)
     for r in all_runs:
         if r.mode == "rebuild":
             by_build[(r.host, r.build)].append(r)
+
+    def succeeded(r: Run) -> bool:
+        return r.exit == 0 and run_key(r) not in cut
+
     for (host, build_id), rs in by_build.items():
         for first, later in itertools.pairwise(rs):
-            if first.exit == 0 and not any(first.end <= t <= later.start for t in crashes[host]):
+            if succeeded(first) and not unrecorded(host, first, later):
                 violations.append(
                     Violation(
                         "nothing lost",
@@ -283,10 +314,12 @@ def nothing_lost(
                     )
                 )
         build = final.get(host, {}).get(build_id)
-        if build is not None and build["state"] == "succeeded" and not any(r.exit == 0 for r in rs):
+        if build is not None and build["state"] == "succeeded" and not any(map(succeeded, rs)):
             violations.append(
                 Violation(
-                    "nothing lost", "a build succeeded without a successful mock run", [build]
+                    "nothing lost",
+                    "a build succeeded without a successful mock run that held its slot",
+                    [build, *(r.brief() for r in rs)],
                 )
             )
     for host, builds in final.items():
@@ -336,7 +369,7 @@ def liveness(
     # a slot of a dead or paused owner must be gone within a lease and SLOT_BOUND
     away: dict[str, float] = {}
     for e in sorted(history, key=lambda e: e["t"]):
-        if e["kind"] == "fault" and e.get("fault") in (*CRASH_KINDS, "pause"):
+        if e["kind"] == "fault" and e.get("fault") in (*CRASH_KINDS, "pause", "stop_alone"):
             if e["phase"] == "start":
                 away[e["target"]] = e["t"]
             elif e["phase"] == "end":

@@ -115,6 +115,7 @@ class Farm:
             for h, d in self.daemons.items()
         }
         self.down: set[str] = set()  # hosts a fault took down on purpose
+        self.disk_is_full = False  # the small disk, filled by a fault now
         self.frozen: dict[str, list[psutil.Process]] = {}
 
     def events_file(self, host: str) -> Path:
@@ -217,15 +218,16 @@ class Farm:
             d.kill9()
             return None
 
-    def freeze(self, host: str) -> list[int]:
-        """SIGSTOP the daemon, then everything under it (mock, rpmbuild): a paused host."""
+    def freeze(self, host: str, alone: bool = False) -> list[int]:
+        """SIGSTOP the daemon, then everything under it (mock, rpmbuild): a paused host;
+        or the daemon ``alone`` (kill -STOP of its pid), its mock building on."""
         proc = self.daemons[host].proc
         assert proc is not None
         daemon = psutil.Process(proc.pid)
         daemon.suspend()
         tree = [daemon]
         with contextlib.suppress(psutil.Error):
-            for child in daemon.children(recursive=True):
+            for child in [] if alone else daemon.children(recursive=True):
                 with contextlib.suppress(psutil.Error):
                     child.suspend()
                     tree.append(child)
@@ -252,6 +254,7 @@ class Farm:
 
     def fill_disk(self) -> int:
         """Fill the tmpfs to the last byte; how many bytes it took."""
+        self.disk_is_full = True
         filler = self.small / "filler"
         written = 0
         with contextlib.suppress(OSError), open(filler, "ab") as f:
@@ -269,6 +272,7 @@ class Farm:
         for name in ("filler", "filler2"):
             with contextlib.suppress(FileNotFoundError):
                 (self.small / name).unlink()
+        self.disk_is_full = False
 
     # -- the end --------------------------------------------------------------------------
 
@@ -286,7 +290,10 @@ class Farm:
         self._keeper.shutdown()
 
     def unmount(self) -> None:
+        """The tmpfs goes; its state_dir is kept beside the host's files, to judge again."""
         if self.small_disk:
+            with contextlib.suppress(OSError):
+                shutil.copytree(self.small / "state", self.root / SMALL_DISK_HOST / "state-kept")
             subprocess.run(["umount", "-l", str(self.small)], check=False)
 
 

@@ -29,6 +29,11 @@ class History:
                 f.write(line + "\n")
         return event
 
+    @staticmethod
+    def read(path: Path) -> list[dict[str, Any]]:
+        """A finished run's history, from its file."""
+        return [json.loads(line) for line in path.read_text().splitlines() if line]
+
     def of(self, kind: str) -> list[dict[str, Any]]:
         with self._lock:
             return [e for e in self.events if e["kind"] == kind]

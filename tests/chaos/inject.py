@@ -17,10 +17,11 @@ from reqpmctl.client import ClientError
 from reqpmd.slots.limiter import BuildConcurrencyLimiter
 from tests.chaos.farm import LEASE, Farm, submit
 from tests.chaos.history import History
-from tests.chaos.plan import HOSTS, Fault
+from tests.chaos.plan import HOSTS, SMALL_DISK_HOST, Fault
 from tests.redis_topologies import Node
 
 HOSTILE_ANSWER = 5.0  # seconds a daemon has to answer a ping after a hostile burst
+START_TRIES = 3.0  # seconds of tries to start a daemon, the injector's lock held
 
 
 def _sleep_until(deadline: float, stop: threading.Event) -> bool:
@@ -69,8 +70,8 @@ class Injector:
             self.farm.kill9(f.target)
 
     def heal_kill9(self, f: Fault) -> None:
-        with self.lock:
-            ok = self.farm.start_daemon(f.target)
+        with self.lock:  # briefly: a start the full disk refuses is the supervisor's then
+            ok = self.farm.start_daemon(f.target, deadline=START_TRIES)
             self.farm.down.discard(f.target)
             self._mark(f, "end", started=ok)
 
@@ -92,6 +93,13 @@ class Injector:
         with self.lock:
             self.farm.thaw(f.target)
             self._mark(f, "end")
+
+    def inject_stop_alone(self, f: Fault) -> None:
+        with self.lock:
+            pids = self.farm.freeze(f.target, alone=True)
+            self._mark(f, "start", pids=pids)
+
+    heal_stop_alone = heal_pause
 
     # -- Redis and the disk -----------------------------------------------------------
 
@@ -217,6 +225,9 @@ class Workload:
     planned. Names ask the stand-in to misbehave: fail (exit 30), exit60, crash, hang."""
 
     MIX = (("ok", 60), ("fail", 8), ("exit60", 3), ("crash", 4), ("hang", 3))
+    # a host's builds not yet running, past which its submitter waits: a stream the farm
+    # can drain, as a farm's producers are (unbounded, a long run only grows the queue)
+    BACKLOG = 10
 
     def __init__(self, farm: Farm, history: History, seed: int) -> None:
         self.farm, self.history = farm, history
@@ -229,6 +240,8 @@ class Workload:
         rng = self.rngs[host]
         while not stop.wait(rng.uniform(0.4, 1.6)):
             self._due_cancels(host)
+            if self._backlog(host) >= self.BACKLOG:
+                continue
             with self._lock:
                 self._n += 1
                 n = self._n
@@ -256,6 +269,13 @@ class Workload:
                 delay = rng.uniform(2.0, 6.0) if what == "hang" else rng.uniform(0.0, 4.0)
                 with self._lock:
                     self.cancels.append((time.monotonic() + delay, host, build_id))
+
+    def _backlog(self, host: str) -> int:
+        try:
+            status = self.farm.call(host, "status")
+        except ClientError:
+            return 0  # down or busy: the submission says so itself
+        return int(status.get("queued") or 0) + int(status.get("waiting_here") or 0)
 
     def _due_cancels(self, host: str, everything: bool = False) -> None:
         now = time.monotonic()
@@ -286,13 +306,14 @@ def supervise(farm: Farm, history: History, injector: Injector, stop: threading.
                 if host in farm.down or host in farm.frozen or farm.alive(host):
                     continue
                 proc = farm.daemons[host].proc
+                full = host == SMALL_DISK_HOST and farm.disk_is_full
                 history.add(
-                    "daemon_died",
+                    "daemon_exit_on_full_disk" if full else "daemon_died",
                     host=host,
                     code=proc.returncode if proc else None,
                     log=farm.daemons[host].log()[-1500:],
                 )
-                farm.start_daemon(host)
+                farm.start_daemon(host, deadline=START_TRIES)
 
 
 def sample_slots(farm: Farm, history: History, stop: threading.Event) -> None:

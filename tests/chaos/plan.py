@@ -21,6 +21,7 @@ KINDS: dict[str, tuple[int, tuple[float, float]]] = {
     "kill9": (4, (0.2, 8.0)),  # kill -9 of a daemon, started again after the hold
     "term": (2, (0.2, 3.0)),  # SIGTERM (a clean stop), started again after the hold
     "pause": (2, (1.5, 4.0)),  # SIGSTOP of a daemon and its mock for a lease PLUS this
+    "stop_alone": (2, (1.5, 4.0)),  # SIGSTOP of the daemon only (its mock runs on), as pause
     "redis_keep": (2, (0.3, 4.0)),  # kill -9 of Redis, restarted on its data
     "redis_wipe": (2, (0.3, 4.0)),  # kill -9 of Redis, restarted with an empty data dir
     "disk_full": (2, (2.0, 8.0)),  # the small state_dir filled, then freed
@@ -32,6 +33,7 @@ KINDS: dict[str, tuple[int, tuple[float, float]]] = {
     "switchover": (1, (2.0, 5.0)),  # SENTINEL FAILOVER, as an operator runs it
 }
 SINGLE_REDIS_ONLY = ("redis_keep", "redis_wipe")
+PAST_A_LEASE = ("pause", "stop_alone")  # held for a lease and more
 SENTINEL_ONLY = ("failover", "switchover")
 SETTLE = 1.0  # seconds a target rests after a fault before the next one may touch it
 LIMITS = (1, 2, 3)
@@ -91,7 +93,7 @@ def plan(
         kind = rng.choices(names, weights)[0]
         target = _target(kind, rng)
         low, high = KINDS[kind][1]
-        hold = rng.uniform(low, high) + (lease if kind == "pause" else 0.0)
+        hold = rng.uniform(low, high) + (lease if kind in PAST_A_LEASE else 0.0)
         value = 0
         if kind == "limit":
             value = rng.choice([v for v in LIMITS if v != limit])

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from reqpmctl.client import ClientError
 from reqpmd.builds.layout import StateLayout
 from reqpmd.repos import metadata
@@ -156,7 +158,7 @@ def run_chaos(
             _run(farm, history, faults, seed, seconds, report)
         finally:
             farm.stop()
-        _judge(farm, history, report)
+        _judge(RunFiles(root), history.events, report)
     finally:
         farm.unmount()
     return report
@@ -199,6 +201,7 @@ def _run(
     bound = checks.drain_bound(backlog or 0, limit or SETTINGS["max_concurrent_builds"])
     report.figures["backlog_at_calm"] = backlog
     report.figures["drain_bound_s"] = bound
+    history.add("calm", backlog=backlog, bound=bound)
     report.figures["drained_after_s"] = drained = _drain(farm, workload, calm, bound)
     history.add("drained", after=drained)
     stop_all.set()
@@ -207,10 +210,32 @@ def _run(
     report.figures["_final"] = {h: _builds(farm, h) or {} for h in HOSTS}
 
 
-def _judge(farm: Farm, history: History, report: Report) -> None:
-    events = history.events
-    final = report.figures.pop("_final", {})
-    mocks = [e for h in HOSTS for e in mock_events(farm.events_file(h), h)]
+@dataclass(frozen=True)
+class RunFiles:
+    """What a run leaves in its directory, all the checks read: enough to judge a run
+    again after the checks change (``--judge DIR``)."""
+
+    root: Path
+
+    def events(self, host: str) -> Path:
+        return self.root / host / "events.jsonl"
+
+    def state_dir(self, host: str) -> Path:
+        config = yaml.safe_load((self.root / host / "reqpmd.yaml").read_text())
+        kept = self.root / host / "state-kept"  # a tmpfs's, copied before it went
+        return kept if kept.is_dir() else Path(config["state_dir"])
+
+    def log(self, host: str) -> str:
+        path = self.root / host / "reqpmd.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _judge(files: RunFiles, events: list[dict[str, Any]], report: Report) -> None:
+    final = report.figures.pop("_final", None)
+    stores = {h: _store(files.state_dir(h)) for h in HOSTS}
+    if final is None:  # judged again: the stores say how each build ended
+        final = {h: {int(b["id"]): b for b in s["builds"]} for h, s in stores.items()}
+    mocks = [e for h in HOSTS for e in mock_events(files.events(h), h)]
     all_runs = checks.runs(mocks)
     rounds = []
     old = SETTINGS["max_concurrent_builds"]
@@ -224,11 +249,13 @@ def _judge(farm: Farm, history: History, report: Report) -> None:
                     checks.LimitRound(starts[e["at"]].get("token"), e.get("token"), old, e["value"])
                 )
                 old = e["value"]
+    paused = checks.pauses(events)
     found, safety_figures = checks.safety(
-        all_runs, SETTINGS["max_concurrent_builds"], rounds, checks.pauses(events), LEASE
+        all_runs, SETTINGS["max_concurrent_builds"], rounds, paused, LEASE
     )
     report.violations += found
-    report.violations += checks.nothing_lost(events, final, all_runs)
+    fenced = checks.fenced(all_runs, paused, LEASE)
+    report.violations += checks.nothing_lost(events, final, all_runs, fenced)
     report.violations += checks.liveness(
         events,
         report.figures.get("drained_after_s"),
@@ -236,12 +263,11 @@ def _judge(farm: Farm, history: History, report: Report) -> None:
         LEASE,
         report.figures["drain_bound_s"],
     )
-    stores = {h: _store(d.state_dir) for h, d in farm.daemons.items()}
-    repos = _repos(farm.repo_dir)
+    repos = _repos(files.root / "repos")
     report.violations += checks.consistency(
         stores,
         repos,
-        {h: d.log() for h, d in farm.daemons.items()},
+        {h: files.log(h) for h in HOSTS},
         SETTINGS["max_build_retries"],
     )
     submits = [e for e in events if e["kind"] == "submit"]
@@ -265,6 +291,20 @@ def _judge(farm: Farm, history: History, report: Report) -> None:
     )
 
 
+def judge_again(root: Path) -> Report:
+    """A finished run judged by the checks as they are now."""
+    events = History.read(root / "history.jsonl")
+    plan_event = events[0]
+    faults = [Fault(**f) for f in plan_event["faults"]]
+    report = Report(plan_event["seed"], plan_event["seconds"], root, faults)
+    drained = [e for e in events if e["kind"] == "drained"]
+    calm = [e for e in events if e["kind"] == "calm"]
+    report.figures["drained_after_s"] = drained[-1]["after"] if drained else None
+    report.figures["drain_bound_s"] = calm[-1]["bound"] if calm else checks.drain_bound(0, 1)
+    _judge(RunFiles(root), events, report)
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="./dev chaos", description=__doc__)
     length = p.add_mutually_exclusive_group()
@@ -280,7 +320,12 @@ def main(argv: list[str] | None = None) -> int:
         help="a master, two replicas and three Sentinels (failover faults), not one server",
     )
     p.add_argument("--schedule", action="store_true", help="print the fault schedule")
+    p.add_argument("--judge", type=Path, metavar="DIR", help="judge a finished run's files again")
     a = p.parse_args(argv)
+    if a.judge:
+        report = judge_again(a.judge)
+        print(report.text(schedule=a.schedule))
+        return 1 if report.violations else 0
     seconds = a.seconds if a.seconds is not None else (a.minutes or 1.0) * 60
     seed = a.seed if a.seed is not None else random.SystemRandom().randrange(1, 10**6)
     root = a.root or Path(tempfile.mkdtemp(prefix="chaos-", dir="/tmp"))

@@ -5,6 +5,7 @@
   none         nothing patched (the harness's own control)
   no_grace     no restart grace after Redis lost its data       -> safety
   no_fencing   a paused holder never notices its lease ran out  -> safety (fencing)
+  no_guard     no lease guard: a daemon stopped alone leaves its mock building on -> safety
   drop_submit  every 4th submission is acknowledged, not kept    -> nothing lost
   no_recovery  builds a crashed daemon left are never requeued   -> liveness, nothing lost
   no_metadata  packages are published without a metadata run   -> consistency
@@ -43,6 +44,12 @@ def _no_fencing() -> None:
     limiter.BuildConcurrencyLimiter._renew_due = renew  # type: ignore[method-assign]
 
 
+def _no_guard() -> None:
+    from reqpmd.builds import guard
+
+    guard.LeaseGuard.watch = lambda self, pgid, started, deadline: None  # type: ignore[method-assign]
+
+
 def _drop_submit() -> None:
     from reqpmd.builds import store
 
@@ -75,6 +82,7 @@ SABOTAGES: dict[str, Callable[[], None]] = {
     "none": lambda: None,
     "no_grace": _no_grace,
     "no_fencing": _no_fencing,
+    "no_guard": _no_guard,
     "drop_submit": _drop_submit,
     "no_recovery": _no_recovery,
     "no_metadata": _no_metadata,
