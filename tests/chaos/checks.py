@@ -24,11 +24,11 @@ FINAL = {"succeeded", "failed", "cancelled", "timed_out"}
 BUILD_MODES = {"rebuild", "buildsrpm"}
 FENCE_BOUND = 2.0  # seconds a mock woken after a pause past its lease may run before it is stopped
 # From the last fault's end until every build has ended: DRAIN_BASE (a build that mock
-# ends with exit 60 is retried max_build_retries times, backing off) and DRAIN_PER_BUILD
-# for each build still to end then, per slot of the limit in force: the queue must keep
-# moving at least that fast
+# ends with exit 60 is retried max_build_retries times, backing off) and, for each build
+# still to end then, per slot of the limit in force, two mock steps and DRAIN_HAND_OVER:
+# the queue must keep moving at least that fast
 DRAIN_BASE = 90.0
-DRAIN_PER_BUILD = 3.0  # seconds: two mock steps of 1 s each, and the hand-over
+DRAIN_HAND_OVER = 1.0  # seconds per build beside its two mock steps
 SLOT_BOUND = 5.0  # seconds past a lease a dead or paused owner's slot may still show
 CRASH_KINDS = {"kill9", "term"}
 
@@ -334,8 +334,8 @@ def nothing_lost(
 # -- 3. liveness ----------------------------------------------------------------------------
 
 
-def drain_bound(backlog: int, limit: int) -> float:
-    return DRAIN_BASE + DRAIN_PER_BUILD * backlog / max(1, limit)
+def drain_bound(backlog: int, limit: int, mock_seconds: float = 1.0) -> float:
+    return DRAIN_BASE + (2 * mock_seconds + DRAIN_HAND_OVER) * backlog / max(1, limit)
 
 
 def liveness(

@@ -85,6 +85,7 @@ class Farm:
     ) -> None:
         self.root = root
         self.history = history
+        self.mock_sleep = mock_sleep  # seconds each mock step builds
         self.redis = Node(root / "redis", free_port(), ["appendonly yes", "appendfsync always"])
         self.sentinels = SentinelSet(parent=root) if sentinel else None
         # redis-server dies with the thread that started it (PR_SET_PDEATHSIG follows the

@@ -225,12 +225,12 @@ class Workload:
     planned. Names ask the stand-in to misbehave: fail (exit 30), exit60, crash, hang."""
 
     MIX = (("ok", 60), ("fail", 8), ("exit60", 3), ("crash", 4), ("hang", 3))
-    # a host's builds not yet running, past which its submitter waits: a stream the farm
-    # can drain, as a farm's producers are (unbounded, a long run only grows the queue)
-    BACKLOG = 10
 
-    def __init__(self, farm: Farm, history: History, seed: int) -> None:
+    def __init__(self, farm: Farm, history: History, seed: int, backlog: int) -> None:
         self.farm, self.history = farm, history
+        # a host's builds not yet running, past which its submitter waits: a stream the
+        # farm can drain, as a farm's producers are (unbounded, a long run only grows it)
+        self.backlog = backlog
         self.rngs = {h: random.Random(f"{seed}-{h}") for h in HOSTS}
         self.cancels: list[tuple[float, str, int]] = []  # (monotonic due, host, id)
         self._lock = threading.Lock()
@@ -240,7 +240,7 @@ class Workload:
         rng = self.rngs[host]
         while not stop.wait(rng.uniform(0.4, 1.6)):
             self._due_cancels(host)
-            if self._backlog(host) >= self.BACKLOG:
+            if self._backlog(host) >= self.backlog:
                 continue
             with self._lock:
                 self._n += 1

@@ -136,6 +136,7 @@ def run_chaos(
     mock_sleep: float = 1.0,
     sabotage: str | None = None,
     sentinel: bool = False,
+    backlog: int = 10,
 ) -> Report:
     history = History(root / "history.jsonl")
     farm = Farm(root, history, mock_sleep, sabotage=sabotage, sentinel=sentinel)
@@ -147,6 +148,7 @@ def run_chaos(
         (" --sentinel" if sentinel else "")
         + (f" --kinds {','.join(kinds)}" if kinds != default_kinds(sentinel) else "")
         + (f" --sabotage {sabotage}" if sabotage else "")
+        + (f" --mock-seconds {mock_sleep:g}" if mock_sleep != 1.0 else "")
     )
     report = Report(seed, seconds, root, faults, options)
     history.add(
@@ -155,7 +157,7 @@ def run_chaos(
     farm.start()
     try:
         try:
-            _run(farm, history, faults, seed, seconds, report)
+            _run(farm, history, faults, seed, seconds, report, backlog)
         finally:
             farm.stop()
         _judge(RunFiles(root), history.events, report)
@@ -165,12 +167,18 @@ def run_chaos(
 
 
 def _run(
-    farm: Farm, history: History, faults: list[Fault], seed: int, seconds: float, report: Report
+    farm: Farm,
+    history: History,
+    faults: list[Fault],
+    seed: int,
+    seconds: float,
+    report: Report,
+    backlog: int,
 ) -> None:
     t0 = time.monotonic()
     stop_faults, stop_submit, stop_all = threading.Event(), threading.Event(), threading.Event()
     injector = Injector(farm, history, faults, t0)
-    workload = Workload(farm, history, seed)
+    workload = Workload(farm, history, seed, backlog)
     threads = [threading.Thread(target=injector.run, args=(stop_faults,), name="faults")]
     submitters = [
         threading.Thread(target=workload.run, args=(h, stop_submit), name=f"submit-{h}")
@@ -192,16 +200,18 @@ def _run(
     for host in HOSTS:  # every host up for the drain
         if not farm.alive(host):
             farm.start_daemon(host)
-    backlog = None
-    while backlog is None and time.time() < calm + 30:
-        backlog = _unended(farm)
-        if backlog is None:
+    left = None
+    while left is None and time.time() < calm + 30:
+        left = _unended(farm)
+        if left is None:
             time.sleep(DRAIN_POLL)
     limit = next((f.value for f in reversed(faults) if f.kind == "limit"), None)
-    bound = checks.drain_bound(backlog or 0, limit or SETTINGS["max_concurrent_builds"])
-    report.figures["backlog_at_calm"] = backlog
+    bound = checks.drain_bound(
+        left or 0, limit or SETTINGS["max_concurrent_builds"], farm.mock_sleep
+    )
+    report.figures["backlog_at_calm"] = left
     report.figures["drain_bound_s"] = bound
-    history.add("calm", backlog=backlog, bound=bound)
+    history.add("calm", backlog=left, bound=bound)
     report.figures["drained_after_s"] = drained = _drain(farm, workload, calm, bound)
     history.add("drained", after=drained)
     stop_all.set()
@@ -321,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--schedule", action="store_true", help="print the fault schedule")
     p.add_argument("--judge", type=Path, metavar="DIR", help="judge a finished run's files again")
+    p.add_argument(
+        "--mock-seconds", type=float, default=1.0, help="how long each mock step builds (1)"
+    )
     a = p.parse_args(argv)
     if a.judge:
         report = judge_again(a.judge)
@@ -332,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     print(f"chaos: seed {seed}, {seconds:g} s, files in {root}", flush=True)
     kinds = tuple(a.kinds.split(",")) if a.kinds else None
-    report = run_chaos(seed, seconds, root, kinds, sabotage=a.sabotage, sentinel=a.sentinel)
+    report = run_chaos(
+        seed, seconds, root, kinds, a.mock_seconds, sabotage=a.sabotage, sentinel=a.sentinel
+    )
     print(report.text(schedule=a.schedule))
     (root / "report.json").write_text(
         json.dumps(

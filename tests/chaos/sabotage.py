@@ -4,7 +4,8 @@
 
   none         nothing patched (the harness's own control)
   no_grace     no restart grace after Redis lost its data       -> safety
-  no_fencing   a paused holder never notices its lease ran out  -> safety (fencing)
+  no_fencing   a paused holder never notices its lease ran out (no fence at all)
+                                                              -> safety (fencing)
   no_guard     no lease guard: a daemon stopped alone leaves its mock building on -> safety
   drop_submit  every 4th submission is acknowledged, not kept    -> nothing lost
   no_recovery  builds a crashed daemon left are never requeued   -> liveness, nothing lost
@@ -32,6 +33,8 @@ def _no_grace() -> None:
 
 
 def _no_fencing() -> None:
+    """Every layer: the sweep, on_lost, the lease guard and the run's own lease check."""
+    from reqpmd.builds import guard
     from reqpmd.slots import limiter
 
     limiter.BuildConcurrencyLimiter._sweep_expired = lambda self: None  # type: ignore[method-assign]
@@ -42,6 +45,9 @@ def _no_fencing() -> None:
         return original(self, slot)
 
     limiter.BuildConcurrencyLimiter._renew_due = renew  # type: ignore[method-assign]
+    _no_guard()
+    guard.Fence.lapsed = lambda self: False  # type: ignore[method-assign]
+    guard.Fence.expired = lambda self, result_dir: False  # type: ignore[method-assign]
 
 
 def _no_guard() -> None:
