@@ -127,6 +127,10 @@ def test_nothing_lost_catches_a_dropped_an_unended_and_a_twice_run_build() -> No
     killed = [*history, fault(1.5, "kill9", "h1", "start")]
     found = {v.what for v in checks.nothing_lost(killed, final, runs)}
     assert "a build ran to success twice" not in found
+    # a SIGTERM in the run's last instant requeues it although mock exits 0: allowed
+    stopped = [*history, fault(0.99, "term", "h1", "start")]
+    found = {v.what for v in checks.nothing_lost(stopped, final, runs)}
+    assert "a build ran to success twice" not in found
     # or when it ended while its daemon was stopped alone (woken past the lease): allowed
     alone = [*history, fault(0.5, "stop_alone", "h1", "start")]
     assert "a build ran to success twice" in {

@@ -275,7 +275,8 @@ def nothing_lost(
                     Violation("nothing lost", f"a build never ended ({build['state']})", [build])
                 )
     # success at most once: a successful run may be followed by another only when its
-    # daemon could not record the success: killed or stopped in between, or stopped alone
+    # daemon could not record the success: killed or stopped while it ran or after (a
+    # stop in its last instant requeues it, mock's exit 0 notwithstanding), or stopped alone
     # when the run ended (it woke past the lease: the run held no slot when it looked)
     crashes: dict[str, list[float]] = defaultdict(list)
     stopped: dict[str, list[tuple[float, float]]] = defaultdict(list)
@@ -291,7 +292,8 @@ def nothing_lost(
             stopped[e["target"]].append((began.pop(e["target"]), e["t"]))
 
     def unrecorded(host: str, first: Run, later: Run) -> bool:
-        return any(first.end <= t <= later.start for t in crashes[host]) or any(
+        # a kill or stop from the run's start on: one in its last instant can still win
+        return any(first.start <= t <= later.start for t in crashes[host]) or any(
             a <= first.end <= b for a, b in stopped[host]
         )
 
