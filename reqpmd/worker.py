@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import threading
 
+from reqpmd.errors import disk_full
+
 log = logging.getLogger(__name__)
 
 FAILED_PAUSE = 5.0  # seconds before the pass after one that raised
@@ -41,8 +43,11 @@ class Worker:
         while not self._stop.is_set():
             try:
                 self._pass()
-            except Exception:  # the thread outlives any one failure
-                log.exception("%s: pass failed; trying again", self.name)
+            except Exception as exc:  # the thread outlives any one failure
+                if disk_full(exc):  # an operator's matter, said in one line
+                    log.error("%s: state_dir is full (%s); trying again", self.name, exc)
+                else:
+                    log.exception("%s: pass failed; trying again", self.name)
                 self._stop.wait(FAILED_PAUSE)
             self._wake.wait(self._idle())
             self._wake.clear()

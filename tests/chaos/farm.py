@@ -118,6 +118,7 @@ class Farm:
         self.down: set[str] = set()  # hosts a fault took down on purpose
         self.disk_is_full = False  # the small disk, filled by a fault now
         self.frozen: dict[str, list[psutil.Process]] = {}
+        self.frozen_at: dict[str, float] = {}
 
     def events_file(self, host: str) -> Path:
         return self.root / host / "events.jsonl"
@@ -226,6 +227,7 @@ class Farm:
         assert proc is not None
         daemon = psutil.Process(proc.pid)
         daemon.suspend()
+        self.frozen_at[host] = time.time()  # surely stopped from here (the history's start)
         tree = [daemon]
         with contextlib.suppress(psutil.Error):
             for child in [] if alone else daemon.children(recursive=True):
@@ -235,10 +237,14 @@ class Farm:
         self.frozen[host] = tree
         return [p.pid for p in tree]
 
-    def thaw(self, host: str) -> None:
+    def thaw(self, host: str) -> float:
+        """When the daemon was still surely stopped: the end the history records (it may
+        fork a mock the moment it resumes, before the history hears of it)."""
+        last_stopped = time.time()
         for p in self.frozen.pop(host, []):  # the daemon first: it fences its woken mock
             with contextlib.suppress(psutil.Error):
                 p.resume()
+        return last_stopped
 
     def alive(self, host: str) -> bool:
         proc = self.daemons[host].proc

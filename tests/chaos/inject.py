@@ -87,17 +87,16 @@ class Injector:
     def inject_pause(self, f: Fault) -> None:
         with self.lock:
             pids = self.farm.freeze(f.target)
-            self._mark(f, "start", pids=pids)
+            self._mark(f, "start", pids=pids, t=self.farm.frozen_at[f.target])
 
     def heal_pause(self, f: Fault) -> None:
         with self.lock:
-            self.farm.thaw(f.target)
-            self._mark(f, "end")
+            self._mark(f, "end", t=self.farm.thaw(f.target))
 
     def inject_stop_alone(self, f: Fault) -> None:
         with self.lock:
             pids = self.farm.freeze(f.target, alone=True)
-            self._mark(f, "start", pids=pids)
+            self._mark(f, "start", pids=pids, t=self.farm.frozen_at[f.target])
 
     heal_stop_alone = heal_pause
 
