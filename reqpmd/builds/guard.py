@@ -90,6 +90,7 @@ class LeaseGuard:
     def unwatch(self, result_dir: Path) -> None:
         key = str(result_dir)
         with self._lock:
+            self._fired = {f for f in self._fired if f[0] != key}  # no later step's concern
             if self._watched.pop(key, None) is not None:
                 self._sent.pop(key, None)
                 self._write({"disarm": key})
@@ -330,7 +331,9 @@ def _mocks_of(result_dir: str, before: float | None) -> list[tuple[int, float]]:
 def _now_as_create_time() -> float:
     """Now, on the clock of psutil's create_time (boot time, whole seconds, plus the time
     since boot): time.time() may differ from it by up to a second."""
-    return float(psutil.boot_time()) + time.clock_gettime(time.CLOCK_BOOTTIME)
+    # less two clock ticks: create_time counts whole ticks, so a process started just
+    # after reqpmd went can show a time a tick before it
+    return float(psutil.boot_time()) + time.clock_gettime(time.CLOCK_BOOTTIME) - 0.02
 
 
 def _say(text: str) -> None:
