@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -411,3 +412,29 @@ def test_exit60_and_crash_by_name(env: dict[str, str], tmp_path: Path) -> None:
         res = run(["-r", CFG, "--rebuild", str(tmp_path / name)], env, FAKEMOCK_EVENTS=str(path))
         assert res.returncode == code, res.stderr
         assert events(path)[-1]["exit"] == code
+
+
+@pytest.mark.parametrize("first", [signal.SIGTERM, signal.SIGINT])
+def test_a_storm_of_signals_still_leaves_one_end_line(
+    env: dict[str, str], tmp_path: Path, procs: list[subprocess.Popen[str]], first: int
+) -> None:
+    """The chaos suite reads a run without an end line as a mock that never ended: a second
+    signal that lands while the first one's exit is under way (the kernel's parent-death
+    SIGTERM, then the guard's or the next reqpmd's ladder) must not cost the line."""
+    for attempt in range(10):
+        path, out = tmp_path / f"events{attempt}.jsonl", tmp_path / f"out{attempt}"
+        item = tmp_path / "ok-1-1.src.rpm"
+        item.write_bytes(b"x")
+        argv = ["-r", CFG, "--resultdir", str(out), "--rebuild", str(item)]
+        proc = start(argv, env, procs, FAKEMOCK_EVENTS=str(path), FAKEMOCK_SLEEP="30")
+        wait_for((out / "build.log").exists)
+        storm = [first, signal.SIGTERM, signal.SIGHUP, signal.SIGINT]
+        sent = 0
+        while proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, storm[sent % len(storm)])
+            sent += 1
+        proc.wait()
+        ends = [e for e in events(path) if e["event"] == "end"]
+        assert len(ends) == 1, (attempt, sent, proc.returncode, events(path))
+        assert ends[0]["exit"] == proc.returncode
