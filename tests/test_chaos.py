@@ -166,6 +166,18 @@ def test_liveness_catches_a_stalled_queue_a_dead_owners_slot_and_a_crash() -> No
     assert v.what == "the queue did not drain within 93 s of the last fault"
 
 
+def test_a_daemon_may_end_on_the_full_disk_only_by_refusing_to_start() -> None:
+    refused = "<6>stopped\n<2>reqpmd cannot run: cannot open the build queue in /s: disk I/O error"
+    crashed = "<6>build 3: building\nTraceback (most recent call last):\nsqlite3.OperationalError"
+    exits = [
+        {"t": 1.0, "kind": "daemon_exit_on_full_disk", "host": "h3", "log": refused},
+        {"t": 2.0, "kind": "daemon_exit_on_full_disk", "host": "h3", "log": crashed},
+    ]
+    [v] = checks.liveness(exits, 1.0, [], LEASE, 90.0)
+    assert v.what == "a daemon died on the full disk, not refusing a start"
+    assert v.evidence == [exits[1]]
+
+
 def test_consistency_catches_a_broken_store_a_bad_row_and_a_repository_that_lies() -> None:
     good = {
         "id": 1,

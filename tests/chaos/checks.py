@@ -340,6 +340,11 @@ def drain_bound(backlog: int, limit: int, mock_seconds: float = 1.0) -> float:
     return DRAIN_BASE + (2 * mock_seconds + DRAIN_HAND_OVER) * backlog / max(1, limit)
 
 
+# The one way a daemon may end on a full state_dir: it refuses to start, in one line (a
+# running one waits for room); dying any other way while the disk is full is a crash.
+FULL_DISK_REFUSAL = "cannot open the build queue"
+
+
 def liveness(
     history: list[dict[str, Any]],
     drained_after: float | None,
@@ -359,6 +364,10 @@ def liveness(
     for e in history:
         if e["kind"] == "daemon_died":
             violations.append(Violation("liveness", "a daemon died with no fault on it", [e]))
+        if e["kind"] == "daemon_exit_on_full_disk" and FULL_DISK_REFUSAL not in e.get("log", ""):
+            violations.append(
+                Violation("liveness", "a daemon died on the full disk, not refusing a start", [e])
+            )
         if e["kind"] == "fault" and e.get("fault") == "hostile" and e.get("answered") is False:
             violations.append(
                 Violation("liveness", "a daemon stopped answering after hostile clients", [e])

@@ -117,6 +117,9 @@ class Farm:
         }
         self.down: set[str] = set()  # hosts a fault took down on purpose
         self.disk_is_full = False  # the small disk, filled by a fault now
+        # hosts whose last start was tried on the full disk: a daemon that cannot open its
+        # queue there exits, and the disk may be freed before that exit is seen
+        self.started_on_full_disk: set[str] = set()
         self.frozen: dict[str, list[psutil.Process]] = {}
         self.frozen_at: dict[str, float] = {}
 
@@ -200,6 +203,10 @@ class Farm:
         d = self.daemons[host]
         end = time.monotonic() + deadline
         while time.monotonic() < end:
+            if host == SMALL_DISK_HOST and self.disk_is_full:
+                self.started_on_full_disk.add(host)
+            else:
+                self.started_on_full_disk.discard(host)
             try:
                 d.start(argv=self.argv[host])
                 return True

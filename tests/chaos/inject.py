@@ -149,11 +149,13 @@ class Injector:
         hostile_burst(self.farm.daemons[f.target].socket, f.hold)
 
     def heal_hostile(self, f: Fault) -> None:
-        """The daemon must still answer at once (unless another fault holds it down)."""
+        """The daemon must still answer at once, unless another fault holds it down or it
+        is not running (a start refused on the full disk). Had the burst killed it, the
+        supervisor records a death with no fault on it."""
         host = f.target
         end = time.monotonic() + HOSTILE_ANSWER
         while time.monotonic() < end:
-            if host in self.farm.down or host in self.farm.frozen:
+            if host in self.farm.down or host in self.farm.frozen or not self.farm.alive(host):
                 self._mark(f, "end", answered=None)
                 return
             try:
@@ -306,6 +308,7 @@ def supervise(farm: Farm, history: History, injector: Injector, stop: threading.
                     continue
                 proc = farm.daemons[host].proc
                 full = host == SMALL_DISK_HOST and farm.disk_is_full
+                full = full or host in farm.started_on_full_disk
                 history.add(
                     "daemon_exit_on_full_disk" if full else "daemon_died",
                     host=host,
