@@ -93,7 +93,7 @@ class LeaseGuard:
             self._fired = {f for f in self._fired if f[0] != key}  # no later step's concern
             if self._watched.pop(key, None) is not None:
                 self._sent.pop(key, None)
-                self._write({"disarm": key})
+                self._write(_line({"disarm": key}))
 
     def fired(self, result_dir: Path) -> bool:
         """Whether the guard stopped (is stopping) this build's mock. It says so before
@@ -140,7 +140,7 @@ class LeaseGuard:
             with self._lock:
                 self._send_due()
                 if self._proc is not None:
-                    self._write({"alive": 1})
+                    self._write(_line({"alive": 1}))
                 self._read_replies()
 
     def _send_due(self) -> None:
@@ -162,10 +162,10 @@ class LeaseGuard:
                 "seq": seq,
             }
             line = _line(message)
-            if self._sent.get(key) != line and self._write(message):
+            if self._sent.get(key) != line and self._write(line):
                 self._sent[key] = line
 
-    def _write(self, message: dict[str, Any]) -> bool:
+    def _write(self, line: bytes) -> bool:
         """Under the lock. False when the guard cannot be reached (the next tick starts
         it again)."""
         if self._closed.is_set():
@@ -183,7 +183,7 @@ class LeaseGuard:
         try:
             # shorter than PIPE_BUF: written whole or not at all, and never waited for
             # (a guard that stops reading must not hang a build's thread)
-            os.write(stdin.fileno(), _line(message))
+            os.write(stdin.fileno(), line)
             return True
         except OSError:  # died (the next tick starts another) or its pipe is full
             return False
@@ -266,7 +266,7 @@ def serve(pipe: IO[bytes], out: IO[bytes], clock: Callable[[], float] = time.mon
         for key in [k for k, a in armed.items() if _due(a, now, silent)]:
             a = armed.pop(key)
             with contextlib.suppress(OSError):  # reqpmd gone: nobody to tell
-                out.write(json.dumps({"fired": key, "seq": a.seq}).encode() + b"\n")
+                out.write(_line({"fired": key, "seq": a.seq}))
                 out.flush()
             for pid, started in _mocks_of(key, before=gone_at):
                 _say(f"stopping mock {pid} ({key}): its slot's lease ran out unrenewed")
@@ -333,7 +333,8 @@ def _now_as_create_time() -> float:
     since boot): time.time() may differ from it by up to a second."""
     # less two clock ticks: create_time counts whole ticks, so a process started just
     # after reqpmd went can show a time a tick before it
-    return float(psutil.boot_time()) + time.clock_gettime(time.CLOCK_BOOTTIME) - 0.02
+    ticks = 2 / os.sysconf("SC_CLK_TCK")
+    return float(psutil.boot_time()) + time.clock_gettime(time.CLOCK_BOOTTIME) - ticks
 
 
 def _say(text: str) -> None:

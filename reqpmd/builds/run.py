@@ -101,7 +101,7 @@ class BuildRun:
         """None when the step succeeded; otherwise how the build ends."""
         if self.fence is not None and self.fence.lapsed():
             # granted, then this daemon stalled past the lease: the slot may be another's
-            self.stop.request(StopReason.REQUEUE, "its slot's lease ran out; will run again")
+            self._requeue_lapsed()
         if self.stop.requested:
             return self.stop.outcome()
         note(logf, "running: " + " ".join(argv))
@@ -125,7 +125,7 @@ class BuildRun:
         if fenced and not self.stop.requested:
             # mock ended with no live lease (the guard stopped it while this daemon could
             # not act, or it ran out): whatever mock said, it held no slot
-            self.stop.request(StopReason.REQUEUE, "its slot's lease ran out; will run again")
+            self._requeue_lapsed()
         if self.stop.requested:
             note(logf, f"stopped ({self.stop.reason}): mock exited with {code}")
             return self.stop.outcome(code)
@@ -142,6 +142,9 @@ class BuildRun:
             note(logf, "the last lines of result/build.log (mock's rpmbuild output):")
             with contextlib.suppress(OSError):
                 logf.write(tail if tail.endswith(b"\n") else tail + b"\n")
+
+    def _requeue_lapsed(self) -> None:
+        self.stop.request(StopReason.REQUEUE, "its slot's lease ran out; will run again")
 
     def _wait(self, proc: Process, deadline: float | None) -> int:
         while True:

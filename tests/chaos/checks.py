@@ -128,12 +128,15 @@ def limit_for(token: int, initial: int, rounds: list[LimitRound]) -> int:
     return limit
 
 
-def pauses(history: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
-    """Per host, the intervals it was paused (SIGSTOP of the daemon and its mock)."""
+def pauses(
+    history: list[dict[str, Any]], kind: str = "pause"
+) -> dict[str, list[tuple[float, float]]]:
+    """Per host, the intervals it was paused (SIGSTOP of the daemon and its mock; with
+    ``kind`` "stop_alone", of the daemon only)."""
     out: dict[str, list[tuple[float, float]]] = defaultdict(list)
     began: dict[str, float] = {}
     for e in history:
-        if e["kind"] != "fault" or e.get("fault") != "pause":
+        if e["kind"] != "fault" or e.get("fault") != kind:
             continue
         if e["phase"] == "start":
             began[e["target"]] = e["t"]
@@ -279,17 +282,10 @@ def nothing_lost(
     # stop in its last instant requeues it, mock's exit 0 notwithstanding), or stopped alone
     # when the run ended (it woke past the lease: the run held no slot when it looked)
     crashes: dict[str, list[float]] = defaultdict(list)
-    stopped: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    began: dict[str, float] = {}
     for e in history:
-        if e["kind"] != "fault":
-            continue
-        if e.get("fault") in CRASH_KINDS and e["phase"] == "start":
+        if e["kind"] == "fault" and e.get("fault") in CRASH_KINDS and e["phase"] == "start":
             crashes[e["target"]].append(e["t"])
-        elif e.get("fault") == "stop_alone" and e["phase"] == "start":
-            began[e["target"]] = e["t"]
-        elif e.get("fault") == "stop_alone" and e["phase"] == "end" and e["target"] in began:
-            stopped[e["target"]].append((began.pop(e["target"]), e["t"]))
+    stopped = pauses(history, "stop_alone")
 
     def unrecorded(host: str, first: Run, later: Run) -> bool:
         # a kill or stop from the run's start on: one in its last instant can still win

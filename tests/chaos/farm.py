@@ -203,7 +203,7 @@ class Farm:
         d = self.daemons[host]
         end = time.monotonic() + deadline
         while time.monotonic() < end:
-            if host == SMALL_DISK_HOST and self.disk_is_full:
+            if self.on_full_disk(host):
                 self.started_on_full_disk.add(host)
             else:
                 self.started_on_full_disk.discard(host)
@@ -265,6 +265,10 @@ class Farm:
             return c.call(op, args)
 
     # -- the small disk -----------------------------------------------------------------
+
+    def on_full_disk(self, host: str) -> bool:
+        """The host's state_dir is on the small disk, and a fault has filled it now."""
+        return host == SMALL_DISK_HOST and self.disk_is_full
 
     def fill_disk(self) -> int:
         """Fill the tmpfs to the last byte; how many bytes it took."""

@@ -17,7 +17,7 @@ from reqpmctl.client import ClientError
 from reqpmd.slots.limiter import BuildConcurrencyLimiter
 from tests.chaos.farm import LEASE, Farm, submit
 from tests.chaos.history import History
-from tests.chaos.plan import HOSTS, SMALL_DISK_HOST, Fault
+from tests.chaos.plan import HOSTS, Fault
 from tests.redis_topologies import Node
 
 HOSTILE_ANSWER = 5.0  # seconds a daemon has to answer a ping after a hostile burst
@@ -84,9 +84,9 @@ class Injector:
 
     heal_term = heal_kill9
 
-    def inject_pause(self, f: Fault) -> None:
+    def inject_pause(self, f: Fault, alone: bool = False) -> None:
         with self.lock:
-            pids = self.farm.freeze(f.target)
+            pids = self.farm.freeze(f.target, alone)
             self._mark(f, "start", pids=pids, t=self.farm.frozen_at[f.target])
 
     def heal_pause(self, f: Fault) -> None:
@@ -94,9 +94,7 @@ class Injector:
             self._mark(f, "end", t=self.farm.thaw(f.target))
 
     def inject_stop_alone(self, f: Fault) -> None:
-        with self.lock:
-            pids = self.farm.freeze(f.target, alone=True)
-            self._mark(f, "start", pids=pids, t=self.farm.frozen_at[f.target])
+        self.inject_pause(f, alone=True)
 
     heal_stop_alone = heal_pause
 
@@ -307,8 +305,7 @@ def supervise(farm: Farm, history: History, injector: Injector, stop: threading.
                 if host in farm.down or host in farm.frozen or farm.alive(host):
                     continue
                 proc = farm.daemons[host].proc
-                full = host == SMALL_DISK_HOST and farm.disk_is_full
-                full = full or host in farm.started_on_full_disk
+                full = farm.on_full_disk(host) or host in farm.started_on_full_disk
                 history.add(
                     "daemon_exit_on_full_disk" if full else "daemon_died",
                     host=host,

@@ -53,7 +53,7 @@ def _no_fencing() -> None:
 def _no_guard() -> None:
     from reqpmd.builds import guard
 
-    guard.LeaseGuard.watch = lambda self, pgid, started, deadline: None  # type: ignore[method-assign]
+    guard.LeaseGuard.watch = lambda self, result_dir, deadline, early: None  # type: ignore[method-assign]
 
 
 def _drop_submit() -> None:
