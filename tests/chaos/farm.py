@@ -23,7 +23,7 @@ from reqpmctl.client import Client
 from reqpmd.config.schema import Settings
 from reqpmd.slots.connection import open_redis
 from reqpmd.slots.keys import slot_keys
-from tests.chaos.history import History
+from tests.chaos.history import History, events_file
 from tests.chaos.plan import HOSTS, SMALL_DISK_HOST
 from tests.daemon_harness import HELLO, Reqpmd
 from tests.redis_topologies import MASTER, Node, SentinelSet, free_port
@@ -106,7 +106,7 @@ class Farm:
                 host_id=host,
                 settings=settings,
                 mock_sleep=mock_sleep,
-                env={"FAKEMOCK_EVENTS": str(self.events_file(host))},
+                env={"FAKEMOCK_EVENTS": str(events_file(root, host))},
             )
         # the daemons' command: reqpmd itself, or reqpmd broken on purpose (sabotage.py)
         self.argv = {
@@ -122,9 +122,6 @@ class Farm:
         self.started_on_full_disk: set[str] = set()
         self.frozen: dict[str, list[psutil.Process]] = {}
         self.frozen_at: dict[str, float] = {}
-
-    def events_file(self, host: str) -> Path:
-        return self.root / host / "events.jsonl"
 
     # -- Redis ------------------------------------------------------------------------
 

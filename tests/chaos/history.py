@@ -39,6 +39,11 @@ class History:
             return [e for e in self.events if e["kind"] == kind]
 
 
+def events_file(root: Path, host: str) -> Path:
+    """Where a run's stand-in mock writes one host's lines (FAKEMOCK_EVENTS)."""
+    return root / host / "events.jsonl"
+
+
 def mock_events(path: Path, host: str) -> list[dict[str, Any]]:
     """The stand-in's lines of one host, each tagged with it. A torn last line (the
     writer killed mid-write cannot tear one: a single O_APPEND write) is reported."""

@@ -27,7 +27,7 @@ from reqpmd.repos.layout import RepoLayout
 from reqpmd.repos.retired import Retired
 from tests.chaos import checks
 from tests.chaos.farm import LEASE, SETTINGS, Farm
-from tests.chaos.history import History, mock_events
+from tests.chaos.history import History, events_file, mock_events
 from tests.chaos.inject import Injector, Workload, sample_slots, supervise
 from tests.chaos.plan import HOSTS, KINDS, Fault, default_kinds, last_heal, plan
 
@@ -231,9 +231,6 @@ class RunFiles:
 
     root: Path
 
-    def events(self, host: str) -> Path:
-        return self.root / host / "events.jsonl"
-
     def state_dir(self, host: str) -> Path:
         config = yaml.safe_load((self.root / host / "reqpmd.yaml").read_text())
         kept = self.root / host / "state-kept"  # a tmpfs's, copied before it went
@@ -249,7 +246,7 @@ def _judge(files: RunFiles, events: list[dict[str, Any]], report: Report) -> Non
     stores = {h: _store(files.state_dir(h)) for h in HOSTS}
     if final is None:  # judged again: the stores say how each build ended
         final = {h: {int(b["id"]): b for b in s["builds"]} for h, s in stores.items()}
-    mocks = [e for h in HOSTS for e in mock_events(files.events(h), h)]
+    mocks = [e for h in HOSTS for e in mock_events(events_file(files.root, h), h)]
     all_runs = checks.runs(mocks)
     rounds = []
     old = SETTINGS["max_concurrent_builds"]
